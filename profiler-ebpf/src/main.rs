@@ -1,0 +1,260 @@
+//! Kernel side of the profiler: on-CPU stack sampling on the software cpu-clock event.
+//!
+//! Samples are counted in the kernel per (process, thread, user stack, kernel stack). The counts
+//! and stacks live in two generations of maps: user space flips `GENERATION`, then reads and
+//! clears the generation that was flipped away one whole drain interval earlier. A program that
+//! read the old generation number has long finished by then, so no sample taken during a read
+//! is lost or half-written. Double-buffered maps were chosen over a ring buffer of samples because
+//! aggregation in the kernel keeps the data volume proportional to distinct stacks, not to the
+//! sampling rate.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, perf_event},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, PerfEventContext},
+    EbpfContext, Global,
+};
+use profiler_common::{
+    filter, Counter, ProcessEvent, SampleKey, Stack, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
+};
+
+#[unsafe(no_mangle)]
+static FILTER_MODE: Global<u32> = Global::new(filter::MODE_ALL);
+#[unsafe(no_mangle)]
+static KERNEL_STACKS: Global<u32> = Global::new(1);
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+
+// Sizes here are defaults; user space sets the real ones at load time.
+#[map]
+static COUNTS_0: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, 0);
+#[map]
+static COUNTS_1: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, 0);
+#[map]
+static STACKS_0: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
+#[map]
+static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
+#[map]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+#[map]
+static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+#[map]
+static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+#[map]
+static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+/// Scratch space for one stack: too large for the 512-byte BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot, and perf-event programs do not nest on one CPU: a plain add is exact.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[perf_event]
+pub fn sample(ctx: PerfEventContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if tid == 0 {
+        count(Counter::Idle);
+        return 0;
+    }
+    if !wanted(tgid) {
+        count(Counter::FilteredOut);
+        return 0;
+    }
+    announce(tgid);
+
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    let (counts, stacks) = if generation == 0 {
+        (&COUNTS_0, &STACKS_0)
+    } else {
+        (&COUNTS_1, &STACKS_1)
+    };
+
+    let user_stack = match store_stack(&ctx, stacks, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(counter) => {
+            count(counter);
+            return 0;
+        }
+    };
+    if user_stack == NO_STACK {
+        count(Counter::UserStackMissing);
+    }
+    let kernel_stack = if KERNEL_STACKS.load() != 0 {
+        match store_stack(&ctx, stacks, 0) {
+            Ok(id) => id,
+            Err(counter) => {
+                count(counter);
+                return 0;
+            }
+        }
+    } else {
+        NO_STACK
+    };
+
+    let key = SampleKey {
+        pid: tgid,
+        tid,
+        user_stack,
+        kernel_stack,
+    };
+    if let Some(value) = counts.get_ptr_mut(&key) {
+        // The key holds the thread id and a thread is on one CPU at a time: no racing writer.
+        unsafe { *value += 1 };
+    } else {
+        match counts.insert(&key, &1, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(err) if err == -EEXIST => {
+                if let Some(value) = counts.get_ptr_mut(&key) {
+                    unsafe { *value += 1 };
+                }
+            }
+            Err(_) => {
+                count(Counter::LostCountsMapFull);
+                return 0;
+            }
+        }
+    }
+    count(Counter::Samples);
+    0
+}
+
+#[inline(always)]
+fn wanted(tgid: u32) -> bool {
+    let mark = unsafe { PID_FILTER.get(&tgid) }.copied().unwrap_or(0);
+    if FILTER_MODE.load() == filter::MODE_INCLUDED {
+        mark == filter::INCLUDE
+    } else {
+        mark != filter::EXCLUDE && mark != filter::FOLLOW_ONLY
+    }
+}
+
+/// Tells user space about a process the first time it is sampled, so that it reads the
+/// process's mappings while the process still exists.
+#[inline(always)]
+fn announce(tgid: u32) {
+    if KNOWN_PIDS.get_ptr(&tgid).is_some() {
+        return;
+    }
+    if KNOWN_PIDS.insert(&tgid, &1, BPF_NOEXIST as u64).is_err() {
+        return;
+    }
+    let event = ProcessEvent {
+        pid: tgid,
+        kind: EVENT_NEW_PROCESS,
+    };
+    if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+        count(Counter::LostProcessEvents);
+        // Let the next sample try again.
+        let _ = KNOWN_PIDS.remove(&tgid);
+    }
+}
+
+/// Reads one stack into the stacks map and returns its id: a hash of its addresses.
+#[inline(always)]
+fn store_stack(
+    ctx: &PerfEventContext,
+    stacks: &HashMap<u64, Stack>,
+    flags: u64,
+) -> Result<u64, Counter> {
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        return Err(Counter::LostStackReadError);
+    };
+    let buf = unsafe { &mut *buf };
+    let size = core::mem::size_of::<[u64; MAX_STACK_DEPTH]>() as u32;
+    let read = unsafe { bpf_get_stack(ctx.as_ptr(), buf.addrs.as_mut_ptr().cast(), size, flags) };
+    if read < 0 {
+        // A kernel thread, or a task in exit, has no user stack: not a lost sample.
+        if flags != 0 {
+            return Ok(NO_STACK);
+        }
+        return Err(Counter::LostStackReadError);
+    }
+    let len = (read as usize / 8).min(MAX_STACK_DEPTH);
+    if len == 0 {
+        return Ok(NO_STACK);
+    }
+    if len == MAX_STACK_DEPTH {
+        count(Counter::StacksTruncated);
+    }
+    buf.len = len as u64;
+
+    // FNV-1a over the addresses; user and kernel stacks start from different seeds.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ flags;
+    for i in 0..MAX_STACK_DEPTH {
+        if i >= len {
+            break;
+        }
+        hash ^= buf.addrs[i];
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if hash == NO_STACK {
+        hash = 1;
+    }
+    if stacks.get_ptr(&hash).is_none() {
+        match stacks.insert(&hash, &*buf, BPF_NOEXIST as u64) {
+            Ok(()) => {}
+            Err(err) if err == -EEXIST => {}
+            Err(_) => return Err(Counter::LostStacksMapFull),
+        }
+    }
+    Ok(hash)
+}
+
+/// Follows forks: a child of a filtered process joins the filter before it can run.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let mark = unsafe { PID_FILTER.get(&parent) }.copied().unwrap_or(0);
+    if mark != filter::INCLUDE && mark != filter::FOLLOW_ONLY {
+        return 0;
+    }
+    let child: *const u8 = ctx.arg(1);
+    let offset = TASK_TGID_OFFSET.load() as usize;
+    let Ok(child_tgid) = (unsafe { bpf_probe_read_kernel(child.add(offset).cast::<i32>()) }) else {
+        return 0;
+    };
+    let child_tgid = child_tgid as u32;
+    // A new thread shares its parent's tgid and is already covered.
+    if child_tgid != parent
+        && PID_FILTER
+            .insert(&child_tgid, &filter::INCLUDE, 0)
+            .is_ok()
+    {
+        count(Counter::ForksFollowed);
+    }
+    0
+}
+
+/// After exec a process has new mappings: forget that it was announced, so that its next sample
+/// announces it again and user space rereads its mappings.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = KNOWN_PIDS.remove(&tgid);
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

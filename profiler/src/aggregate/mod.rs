@@ -1,0 +1,218 @@
+//! Aggregate: folds resolved samples into a pprof profile (profile.proto), interning strings,
+//! functions, locations and mappings as the spec asks: string_table[0] is "", ids are non-zero
+//! and unique, and identical stacks with identical labels share one sample.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use profiler_proto::pprof::{
+    Function, Label, Line as PprofLine, Location, Mapping as PprofMapping, Profile, Sample,
+    ValueType,
+};
+
+use crate::resolve::{Frame, Mapping, ResolvedSample};
+
+/// Builds one pprof profile from any number of batches of resolved samples.
+pub struct ProfileBuilder {
+    strings: HashMap<String, i64>,
+    string_table: Vec<String>,
+    functions: HashMap<(i64, i64), u64>,
+    function_table: Vec<Function>,
+    mappings: HashMap<u64, u64>,
+    mapping_table: Vec<PprofMapping>,
+    locations: HashMap<(u64, u64), u64>,
+    location_table: Vec<Location>,
+    samples: HashMap<(Vec<u64>, [i64; 4]), u64>,
+    period_ns: i64,
+    start: SystemTime,
+}
+
+impl ProfileBuilder {
+    /// A builder for samples taken at `frequency` Hz, starting now.
+    pub fn new(frequency: u64) -> Self {
+        let mut builder = Self {
+            strings: HashMap::new(),
+            string_table: Vec::new(),
+            functions: HashMap::new(),
+            function_table: Vec::new(),
+            mappings: HashMap::new(),
+            mapping_table: Vec::new(),
+            locations: HashMap::new(),
+            location_table: Vec::new(),
+            samples: HashMap::new(),
+            period_ns: 1_000_000_000 / frequency.max(1) as i64,
+            start: SystemTime::now(),
+        };
+        builder.string("");
+        builder
+    }
+
+    /// Number of distinct samples so far.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// True when nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Total sample count so far.
+    pub fn total(&self) -> u64 {
+        self.samples.values().sum()
+    }
+
+    fn string(&mut self, text: &str) -> i64 {
+        if let Some(id) = self.strings.get(text) {
+            return *id;
+        }
+        let id = self.string_table.len() as i64;
+        self.string_table.push(text.to_owned());
+        self.strings.insert(text.to_owned(), id);
+        id
+    }
+
+    fn function(&mut self, name: &str, file: Option<&str>) -> u64 {
+        let name = self.string(name);
+        let file = self.string(file.unwrap_or(""));
+        let next = self.function_table.len() as u64 + 1;
+        let id = *self.functions.entry((name, file)).or_insert(next);
+        if id == next {
+            self.function_table.push(Function {
+                id,
+                name,
+                system_name: name,
+                filename: file,
+                start_line: 0,
+            });
+        }
+        id
+    }
+
+    fn mapping(&mut self, mapping: &Mapping) -> u64 {
+        if let Some(id) = self.mappings.get(&mapping.id) {
+            return *id;
+        }
+        let id = self.mapping_table.len() as u64 + 1;
+        let filename = self.string(&mapping.path);
+        let build_id = self.string(&mapping.build_id);
+        self.mapping_table.push(PprofMapping {
+            id,
+            memory_start: mapping.start,
+            memory_limit: mapping.end,
+            file_offset: mapping.offset,
+            filename,
+            build_id,
+            has_functions: mapping.file.is_some() || mapping.id == 1,
+            has_filenames: false,
+            has_line_numbers: false,
+            has_inline_frames: false,
+        });
+        self.mappings.insert(mapping.id, id);
+        id
+    }
+
+    fn location(&mut self, frame: &Frame) -> u64 {
+        let mapping_id = frame.mapping.as_ref().map_or(0, |m| self.mapping(m));
+        let key = (mapping_id, frame.address);
+        if let Some(id) = self.locations.get(&key) {
+            return *id;
+        }
+        let id = self.location_table.len() as u64 + 1;
+        let mut lines = Vec::with_capacity(frame.lines.len());
+        for line in frame.lines.iter() {
+            let function_id = self.function(&line.function, line.file.as_deref());
+            lines.push(PprofLine {
+                function_id,
+                line: i64::from(line.line),
+                column: 0,
+            });
+        }
+        if let Some(m) = mapping_id.checked_sub(1) {
+            let mapping = &mut self.mapping_table[m as usize];
+            mapping.has_filenames |= frame.lines.iter().any(|l| l.file.is_some());
+            mapping.has_line_numbers |= frame.lines.iter().any(|l| l.line != 0);
+            mapping.has_inline_frames |= frame.lines.len() > 1;
+        }
+        self.location_table.push(Location {
+            id,
+            mapping_id,
+            address: frame.address,
+            line: lines,
+            is_folded: false,
+        });
+        self.locations.insert(key, id);
+        id
+    }
+
+    /// Adds samples. Labels: pid, tid, comm (process name) and thread (thread name).
+    pub fn add(&mut self, samples: &[ResolvedSample]) {
+        for sample in samples {
+            let locations: Vec<u64> = sample.frames.iter().map(|f| self.location(f)).collect();
+            let comm = self.string(&sample.comm);
+            let thread = self.string(&sample.thread);
+            let labels = [i64::from(sample.pid), i64::from(sample.tid), comm, thread];
+            *self.samples.entry((locations, labels)).or_default() += sample.count;
+        }
+    }
+
+    /// The profile as it stands, covering `duration_nanos` of recording.
+    pub fn build(&mut self, duration_nanos: i64) -> Profile {
+        let samples_type = ValueType {
+            r#type: self.string("samples"),
+            unit: self.string("count"),
+        };
+        let cpu_type = ValueType {
+            r#type: self.string("cpu"),
+            unit: self.string("nanoseconds"),
+        };
+        let keys = [
+            self.string("pid"),
+            self.string("tid"),
+            self.string("comm"),
+            self.string("thread"),
+        ];
+        let mut samples: Vec<Sample> = Vec::with_capacity(self.samples.len());
+        let mut entries: Vec<_> = self.samples.iter().collect();
+        // Deterministic output: the same input always encodes to the same bytes.
+        entries.sort();
+        for ((locations, labels), count) in entries {
+            let label = |key: i64, str: i64, num: i64| Label {
+                key,
+                str,
+                num,
+                num_unit: 0,
+            };
+            samples.push(Sample {
+                location_id: locations.clone(),
+                value: vec![*count as i64, *count as i64 * self.period_ns],
+                label: vec![
+                    label(keys[0], 0, labels[0]),
+                    label(keys[1], 0, labels[1]),
+                    label(keys[2], labels[2], 0),
+                    label(keys[3], labels[3], 0),
+                ],
+            });
+        }
+        let time_nanos = self
+            .start
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        Profile {
+            sample_type: vec![samples_type, cpu_type],
+            sample: samples,
+            mapping: self.mapping_table.clone(),
+            location: self.location_table.clone(),
+            function: self.function_table.clone(),
+            string_table: self.string_table.clone(),
+            drop_frames: 0,
+            keep_frames: 0,
+            time_nanos,
+            duration_nanos,
+            period_type: Some(cpu_type),
+            period: self.period_ns,
+            comment: vec![],
+            default_sample_type: cpu_type.r#type,
+            doc_url: 0,
+        }
+    }
+}

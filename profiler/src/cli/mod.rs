@@ -1,0 +1,98 @@
+//! Command-line wiring: parses arguments and turns every failure into one line on stderr and
+//! an exit code, never a panic or a backtrace.
+
+mod privileges;
+mod record;
+
+use std::{fmt, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+pub use record::RecordArgs;
+
+/// A continuous eBPF CPU profiler.
+#[derive(Parser, Debug)]
+#[command(name = "profiler", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Record on-CPU stacks of processes, a command, or the whole machine into a profile.
+    Record(RecordArgs),
+}
+
+/// An error that carries the exit code it should end the process with.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    /// Bad input from the user: exit code 2.
+    pub fn usage(message: impl Into<String>) -> anyhow::Error {
+        Exit {
+            code: 2,
+            message: message.into(),
+        }
+        .into()
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(err.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = err.print();
+                return ExitCode::from(if err.use_stderr() { 2 } else { 0 });
+            }
+            // clap's first line says what is wrong; the usage text after it is noise here.
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Record(args) => record::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let code = err.downcast_ref::<Exit>().map_or(1, |e| e.code);
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}").replace('\n', " ")
+}

@@ -1,0 +1,296 @@
+//! `profiler record`: samples until the duration ends, a signal arrives, or the targets exit,
+//! then writes one profile and prints a summary.
+
+use std::{
+    ffi::OsString,
+    fs::File,
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    process::Child,
+    signal::unix::{signal, SignalKind},
+};
+
+use super::{privileges::missing_capabilities, Exit};
+use crate::{
+    aggregate::ProfileBuilder,
+    collect::{CollectConfig, Collector, Counters, Targets},
+    export::{self, Format},
+    resolve::{is_alive, Resolver},
+};
+
+/// How often the kernel maps are drained.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
+
+#[derive(Args, Debug)]
+pub struct RecordArgs {
+    /// Process to record (repeatable); what it forks is recorded too.
+    #[arg(short = 'p', long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Record every process on the machine.
+    #[arg(short = 'a', long, conflicts_with_all = ["pids", "command"])]
+    all: bool,
+    /// Samples per second on each CPU (1 to 10000).
+    #[arg(short = 'F', long, value_name = "HZ", default_value_t = 99,
+          value_parser = clap::value_parser!(u64).range(1..=10000))]
+    frequency: u64,
+    /// Stop after this long: 500ms, 10s, 2m.
+    #[arg(short = 'd', long, value_name = "DUR", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Where to write the profile.
+    #[arg(short = 'o', long, value_name = "PATH", default_value = "profile.pb.gz")]
+    output: PathBuf,
+    /// pprof, folded or svg; by default from the output's extension (.svg, .folded/.txt, else pprof).
+    #[arg(long, value_name = "F")]
+    format: Option<Format>,
+    /// Leave kernel frames out.
+    #[arg(long)]
+    no_kernel: bool,
+    /// Extra directory of separate debug info (.build-id/ or debug-link files); repeatable.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    debug_dirs: Vec<PathBuf>,
+    /// Command to start and record, with its arguments, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 500ms, 10s or 2m ({e})"))?;
+    if duration.is_zero() {
+        return Err("the duration must be longer than 0".into());
+    }
+    Ok(duration)
+}
+
+/// What ended the recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Duration,
+    Signal,
+    TargetsExited,
+}
+
+/// Records, writes the profile, and returns the exit code: CMD's with `-- CMD`, else 0.
+pub async fn run(args: RecordArgs) -> Result<u8> {
+    if args.pids.is_empty() && !args.all && args.command.is_empty() {
+        return Err(Exit::usage(
+            "nothing to record: give --pid PID, --all, or a command after --",
+        ));
+    }
+    let format = args.format.unwrap_or_else(|| Format::from_path(&args.output));
+    let output = File::create(&args.output).map_err(|e| {
+        Exit::usage(format!("cannot write {}: {e}", args.output.display()))
+    })?;
+    for pid in &args.pids {
+        if !is_alive(*pid) {
+            return Err(Exit::usage(format!("no process with pid {pid}")));
+        }
+    }
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "recording needs root or the capabilities CAP_BPF and CAP_PERFMON (missing: {})",
+            missing.join(", ")
+        );
+    }
+
+    let targets = if args.all {
+        Targets::All
+    } else {
+        Targets::Pids(args.pids.clone())
+    };
+    let config = CollectConfig {
+        targets,
+        frequency: args.frequency,
+        kernel_stacks: !args.no_kernel,
+        ..Default::default()
+    };
+    let mut collector = Collector::start(&config)?;
+    let mut resolver = Resolver::new(&args.debug_dirs);
+    let mut builder = ProfileBuilder::new(args.frequency);
+    let started = Instant::now();
+
+    let mut child = match args.command.split_first() {
+        Some((program, rest)) => Some(spawn(&mut collector, program, rest)?),
+        None => None,
+    };
+    let mut child_status: Option<u8> = None;
+
+    let events_fd = collector.events_fd().context("watching the process events")?;
+    // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
+    let events = unsafe { AsyncFd::register_with_interest(events_fd, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the process events: {e}"))?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let progress = std::io::stderr().is_terminal();
+    let watch_targets = !args.all;
+
+    let stop = loop {
+        let sleep_until_deadline = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let child_exit = async {
+            match child.as_mut() {
+                Some(c) => c.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep_until_deadline => break Stop::Duration,
+            _ = interrupt.recv() => break Stop::Signal,
+            _ = terminate.recv() => break Stop::Signal,
+            status = child_exit => {
+                child_status = Some(exit_code(status?));
+                child = None;
+            }
+            guard = events.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+                for pid in collector.new_processes() {
+                    resolver.observe(pid);
+                }
+            }
+            _ = tick.tick() => {
+                let samples = collector.drain()?;
+                builder.add(&resolver.resolve(&samples));
+                if progress {
+                    show_progress(started, &collector.counters()?);
+                }
+                if watch_targets && child.is_none() && !any_target_alive(&mut collector) {
+                    break Stop::TargetsExited;
+                }
+            }
+        }
+    };
+    if progress {
+        eprint!("\r\x1b[2K");
+    }
+
+    // Samples of processes announced but not yet observed still need their mappings.
+    for pid in collector.new_processes() {
+        resolver.observe(pid);
+    }
+    let samples = collector.drain_all()?;
+    builder.add(&resolver.resolve(&samples));
+    let elapsed = started.elapsed();
+    let profile = builder.build(elapsed.as_nanos() as i64);
+    export::write(&profile, format, output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+
+    let counters = collector.counters()?;
+    print_summary(&args, format, stop, elapsed, &profile, &counters, &resolver);
+
+    // With -- CMD, exit as CMD did; stopped early, wait for it unless it was signalled.
+    if let Some(mut child) = child {
+        if stop == Stop::Signal {
+            let _ = child.start_kill();
+        }
+        child_status = Some(exit_code(child.wait().await?));
+    }
+    Ok(child_status.unwrap_or(0))
+}
+
+/// Starts CMD so that it and everything it forks are in the filter before they run: the
+/// kernel follows forks of the profiler itself only for as long as the spawn takes.
+fn spawn(collector: &mut Collector, program: &OsString, args: &[OsString]) -> Result<Child> {
+    let me = std::process::id();
+    collector.follow_children_of(me)?;
+    let spawned = tokio::process::Command::new(program).args(args).spawn();
+    collector.exclude(me)?;
+    let child = spawned.map_err(|e| Exit {
+        code: 127,
+        message: format!("cannot start `{}`: {e}", program.to_string_lossy()),
+    })?;
+    if let Some(pid) = child.id() {
+        // In case the fork was not seen (it always should be), include CMD explicitly.
+        collector.include(pid)?;
+    }
+    Ok(child)
+}
+
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128u8.saturating_add(signal as u8),
+        (None, None) => 1,
+    }
+}
+
+/// Whether any process in the filter is still running; drops exited ones from the filter.
+fn any_target_alive(collector: &mut Collector) -> bool {
+    let mut alive = false;
+    for pid in collector.included() {
+        if is_alive(pid) {
+            alive = true;
+        } else {
+            collector.forget(pid);
+        }
+    }
+    alive
+}
+
+fn show_progress(started: Instant, counters: &Counters) {
+    use profiler_common::Counter;
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r\x1b[2Krecording {:.1}s  {} samples  {} lost",
+        started.elapsed().as_secs_f64(),
+        counters.get(Counter::Samples),
+        counters.lost()
+    );
+    let _ = err.flush();
+}
+
+fn print_summary(
+    args: &RecordArgs,
+    format: Format,
+    stop: Stop,
+    elapsed: Duration,
+    profile: &profiler_proto::pprof::Profile,
+    counters: &Counters,
+    resolver: &Resolver,
+) {
+    use profiler_common::Counter;
+    let why = match stop {
+        Stop::Duration => "duration reached",
+        Stop::Signal => "interrupted",
+        Stop::TargetsExited => "targets exited",
+    };
+    let stats = resolver.stats();
+    let mut out = String::new();
+    out.push_str(&format!(
+        "recorded {} samples from {} processes in {:.2}s at {} Hz ({why}); {} lost\n",
+        counters.get(Counter::Samples),
+        stats.processes,
+        elapsed.as_secs_f64(),
+        args.frequency,
+        counters.lost(),
+    ));
+    out.push_str(&export::top_table(profile, 10));
+    let counts: Vec<String> = counters
+        .all()
+        .iter()
+        .map(|(name, value, _)| format!("{name}={value}"))
+        .collect();
+    out.push_str(&format!("counters: {}\n", counts.join(" ")));
+    out.push_str(&format!(
+        "wrote {} ({:?})\n",
+        args.output.display(),
+        format
+    ));
+    eprint!("{out}");
+}

@@ -1,0 +1,368 @@
+//! Collect: loads and attaches the kernel programs, keeps the process filter, and drains the
+//! in-kernel counts into [`RawSample`]s, counting every sample that was lost on the way.
+
+mod btf;
+
+use std::{
+    collections::HashMap as StdHashMap,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        BtfTracePoint, PerfEvent,
+    },
+    Btf, Ebpf, EbpfLoader,
+};
+use profiler_common::{
+    filter, globals, maps, Counter, ProcessEvent, SampleKey, Stack, EVENT_NEW_PROCESS, NO_STACK,
+};
+
+pub use btf::require_btf;
+
+/// Which processes to sample.
+#[derive(Clone, Debug)]
+pub enum Targets {
+    /// Every process but the profiler itself.
+    All,
+    /// Only these processes and what they fork (more can be added while sampling).
+    Pids(Vec<u32>),
+}
+
+/// How the kernel side samples.
+#[derive(Clone, Debug)]
+pub struct CollectConfig {
+    pub targets: Targets,
+    /// Samples per second per CPU.
+    pub frequency: u64,
+    /// Record kernel stacks as well as user stacks.
+    pub kernel_stacks: bool,
+    /// Distinct (pid, tid, stacks) per drain interval before samples are lost.
+    pub counts_capacity: u32,
+    /// Distinct stacks per drain interval before samples are lost.
+    pub stacks_capacity: u32,
+}
+
+impl Default for CollectConfig {
+    fn default() -> Self {
+        Self {
+            targets: Targets::All,
+            frequency: 99,
+            kernel_stacks: true,
+            counts_capacity: 32 * 1024,
+            stacks_capacity: 16 * 1024,
+        }
+    }
+}
+
+/// One (process, thread, stack) and how many times it was sampled. Stacks are leaf first.
+#[derive(Clone, Debug)]
+pub struct RawSample {
+    pub pid: u32,
+    pub tid: u32,
+    pub user: Arc<[u64]>,
+    pub kernel: Arc<[u64]>,
+    pub count: u64,
+}
+
+/// Kernel-side counters summed over CPUs, plus what user space lost while draining.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    kernel: [u64; Counter::COUNT as usize],
+    /// Samples whose stack vanished before it could be read (should stay 0).
+    pub lost_stack_missing: u64,
+}
+
+impl Counters {
+    /// The value of one kernel-side counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.kernel[counter as usize]
+    }
+
+    /// Every counter as (name, value, is a loss), for reports and metrics.
+    pub fn all(&self) -> Vec<(&'static str, u64, bool)> {
+        let mut all: Vec<_> = Counter::ALL
+            .iter()
+            .map(|c| (c.name(), self.get(*c), c.is_loss()))
+            .collect();
+        all.push(("stack_missing_at_drain", self.lost_stack_missing, true));
+        all
+    }
+
+    /// Samples missing from the profile, all reasons together.
+    pub fn lost(&self) -> u64 {
+        self.all().iter().filter(|c| c.2).map(|c| c.1).sum()
+    }
+}
+
+/// One generation of the double-buffered maps.
+struct Generation {
+    counts: HashMap<MapData, SampleKey, u64>,
+    stacks: HashMap<MapData, u64, Stack>,
+}
+
+/// The loaded and attached kernel programs and their maps.
+pub struct Collector {
+    // Kept alive: dropping it detaches the programs.
+    _ebpf: Ebpf,
+    generations: [Generation; 2],
+    active: u32,
+    generation: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    filter: HashMap<MapData, u32, u8>,
+    events: RingBuf<MapData>,
+    lost_stack_missing: u64,
+}
+
+const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+
+impl Collector {
+    /// Loads the programs, fills the filter and attaches to the cpu-clock event on every online
+    /// CPU. Samples flow from the moment this returns.
+    pub fn start(config: &CollectConfig) -> Result<Self> {
+        require_btf()?;
+        let tgid_offset = btf::member_offset("task_struct", "tgid")?;
+        let mode = match config.targets {
+            Targets::All => filter::MODE_ALL,
+            Targets::Pids(_) => filter::MODE_INCLUDED,
+        };
+        let kernel_stacks = u32::from(config.kernel_stacks);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::FILTER_MODE, &mode, true)
+            .override_global(globals::KERNEL_STACKS, &kernel_stacks, true)
+            .override_global(globals::TASK_TGID_OFFSET, &tgid_offset, true)
+            .map_max_entries(maps::COUNTS_0, config.counts_capacity)
+            .map_max_entries(maps::COUNTS_1, config.counts_capacity)
+            .map_max_entries(maps::STACKS_0, config.stacks_capacity)
+            .map_max_entries(maps::STACKS_1, config.stacks_capacity)
+            .load(EBPF_OBJECT)
+            .map_err(explain_bpf_error)
+            .context("loading the eBPF programs")?;
+
+        let mut filter: HashMap<MapData, u32, u8> = take_map(&mut ebpf, maps::PID_FILTER)?;
+        let me = std::process::id();
+        filter.insert(me, filter::EXCLUDE, 0)?;
+        if let Targets::Pids(pids) = &config.targets {
+            for pid in pids {
+                filter.insert(*pid, filter::INCLUDE, 0)?;
+            }
+        }
+
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+        for tracepoint in ["sched_process_fork", "sched_process_exec"] {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(tracepoint)
+                .ok_or_else(|| anyhow!("program {tracepoint} missing from the eBPF object"))?
+                .try_into()?;
+            program
+                .load(tracepoint, &btf)
+                .map_err(explain_program_error)
+                .with_context(|| format!("loading {tracepoint}"))?;
+            program
+                .attach()
+                .with_context(|| format!("attaching to tracepoint {tracepoint}"))?;
+        }
+
+        let generations = [
+            Generation {
+                counts: take_map(&mut ebpf, maps::COUNTS_0)?,
+                stacks: take_map(&mut ebpf, maps::STACKS_0)?,
+            },
+            Generation {
+                counts: take_map(&mut ebpf, maps::COUNTS_1)?,
+                stacks: take_map(&mut ebpf, maps::STACKS_1)?,
+            },
+        ];
+        let generation = take_map(&mut ebpf, maps::GENERATION)?;
+        let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let events = take_map(&mut ebpf, maps::PROCESS_EVENTS)?;
+
+        let program: &mut PerfEvent = ebpf
+            .program_mut("sample")
+            .ok_or_else(|| anyhow!("program `sample` missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load()
+            .map_err(explain_program_error)
+            .context("loading the sampling program")?;
+        let cpus = aya::util::online_cpus()
+            .map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        for cpu in cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(config.frequency),
+                    false,
+                )
+                .with_context(|| format!("attaching to the cpu-clock event on CPU {cpu}"))?;
+        }
+
+        Ok(Self {
+            _ebpf: ebpf,
+            generations,
+            active: 0,
+            generation,
+            counters,
+            filter,
+            events,
+            lost_stack_missing: 0,
+        })
+    }
+
+    /// Adds a process (and, from now on, what it forks) to the filter.
+    pub fn include(&mut self, pid: u32) -> Result<()> {
+        Ok(self.filter.insert(pid, filter::INCLUDE, 0)?)
+    }
+
+    /// Follows what `pid` forks from now on without sampling `pid` itself.
+    pub fn follow_children_of(&mut self, pid: u32) -> Result<()> {
+        Ok(self.filter.insert(pid, filter::FOLLOW_ONLY, 0)?)
+    }
+
+    /// Stops following or sampling `pid`; the profiler marks itself excluded again.
+    pub fn exclude(&mut self, pid: u32) -> Result<()> {
+        Ok(self.filter.insert(pid, filter::EXCLUDE, 0)?)
+    }
+
+    /// Removes a process from the filter, e.g. once it has exited.
+    pub fn forget(&mut self, pid: u32) {
+        let _ = self.filter.remove(&pid);
+    }
+
+    /// Processes currently marked for sampling, forks followed by the kernel included.
+    pub fn included(&self) -> Vec<u32> {
+        self.filter
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, mark)| *mark == filter::INCLUDE)
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// A descriptor of our own that becomes readable when processes are announced.
+    pub fn events_fd(&self) -> std::io::Result<OwnedFd> {
+        self.events.as_fd().try_clone_to_owned()
+    }
+
+    /// Processes sampled for the first time since the last call (or first since their exec).
+    pub fn new_processes(&mut self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() >= std::mem::size_of::<ProcessEvent>() {
+                // SAFETY: the kernel side writes whole `ProcessEvent`s; read_unaligned copes with
+                // the ring buffer's 8-byte alignment.
+                let event: ProcessEvent =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                if event.kind == EVENT_NEW_PROCESS {
+                    pids.push(event.pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Reads and clears the generation that has been inactive since the previous drain, then
+    /// makes it the active one. Samples reach user space one drain interval after they are taken.
+    pub fn drain(&mut self) -> Result<Vec<RawSample>> {
+        let inactive = 1 - self.active;
+        let samples = self.read_generation(inactive)?;
+        self.generation.set(0, inactive, 0)?;
+        self.active = inactive;
+        Ok(samples)
+    }
+
+    /// Drains both generations: for the end of a recording.
+    pub fn drain_all(&mut self) -> Result<Vec<RawSample>> {
+        let mut samples = self.drain()?;
+        // Programs that read the old generation number finish within microseconds.
+        std::thread::sleep(Duration::from_millis(20));
+        samples.extend(self.drain()?);
+        Ok(samples)
+    }
+
+    fn read_generation(&mut self, index: u32) -> Result<Vec<RawSample>> {
+        let generation = &mut self.generations[index as usize];
+        let keys: Vec<SampleKey> = generation.counts.keys().filter_map(|k| k.ok()).collect();
+        let mut stacks: StdHashMap<u64, Arc<[u64]>> = StdHashMap::new();
+        let empty: Arc<[u64]> = Arc::from(Vec::new());
+        stacks.insert(NO_STACK, empty.clone());
+        let mut samples = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Ok(count) = generation.counts.get(&key, 0) else {
+                continue;
+            };
+            let _ = generation.counts.remove(&key);
+            let mut lookup = |id: u64| -> Option<Arc<[u64]>> {
+                if let Some(stack) = stacks.get(&id) {
+                    return Some(stack.clone());
+                }
+                let stack: Arc<[u64]> = Arc::from(generation.stacks.get(&id, 0).ok()?.frames());
+                stacks.insert(id, stack.clone());
+                Some(stack)
+            };
+            match (lookup(key.user_stack), lookup(key.kernel_stack)) {
+                (Some(user), Some(kernel)) => samples.push(RawSample {
+                    pid: key.pid,
+                    tid: key.tid,
+                    user,
+                    kernel,
+                    count,
+                }),
+                _ => self.lost_stack_missing += count,
+            }
+        }
+        let stack_ids: Vec<u64> = generation.stacks.keys().filter_map(|k| k.ok()).collect();
+        for id in stack_ids {
+            let _ = generation.stacks.remove(&id);
+        }
+        Ok(samples)
+    }
+
+    /// Current totals of every counter.
+    pub fn counters(&self) -> Result<Counters> {
+        let mut counters = Counters {
+            lost_stack_missing: self.lost_stack_missing,
+            ..Default::default()
+        };
+        for counter in Counter::ALL {
+            let per_cpu = self.counters.get(&(counter as u32), 0)?;
+            counters.kernel[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(counters)
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Turns the kernel's EPERM into the missing capabilities' names.
+fn explain_bpf_error(err: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{err:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        anyhow!("{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities")
+    } else {
+        anyhow::Error::new(err)
+    }
+}
+
+fn explain_program_error(err: aya::programs::ProgramError) -> anyhow::Error {
+    let text = format!("{err:#}");
+    if text.contains("Operation not permitted") {
+        anyhow!("{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities")
+    } else {
+        anyhow::Error::new(err)
+    }
+}

@@ -1,0 +1,10 @@
+//! A continuous eBPF CPU profiler. The modules follow the data flow: the kernel side samples
+//! stacks (`profiler-ebpf`), [`collect`] drains them, [`resolve`] names processes and functions,
+//! [`aggregate`] folds them into pprof, [`export`] writes files; [`cli`] wires the stages into
+//! commands.
+
+pub mod aggregate;
+pub mod cli;
+pub mod collect;
+pub mod export;
+pub mod resolve;

@@ -1,0 +1,276 @@
+//! Symbolization through blazesym, with one cache entry per binary (keyed by device and inode)
+//! and per address, so each binary is parsed once however many processes map it.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use blazesym::symbolize::{
+    source::{Elf, Kernel, Source},
+    Input, Symbolized, Symbolizer,
+};
+
+use super::{demangle::demangle, process::FileKey};
+
+/// One function in a frame: where an address is, or where an inlined call was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub function: Arc<str>,
+    pub file: Option<Arc<str>>,
+    /// 0 when unknown.
+    pub line: u32,
+}
+
+/// The functions at one address, innermost inlined function first, the real function last:
+/// pprof's order. Empty when the address could not be symbolized.
+pub type Lines = Arc<[Line]>;
+
+/// A binary kept open for as long as its samples may need it, so that it symbolizes after
+/// the process exits or the file is deleted or replaced.
+struct Object {
+    file: File,
+    build_id: String,
+    addrs: HashMap<u64, Lines>,
+}
+
+impl Object {
+    /// The path blazesym opens: our own descriptor, valid as long as `file` is.
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Symbol look-ups and their caches.
+pub struct Symbols {
+    symbolizer: Symbolizer,
+    objects: HashMap<FileKey, Object>,
+    kernel: HashMap<u64, Lines>,
+    strings: HashMap<Box<str>, Arc<str>>,
+    empty: Lines,
+    /// Look-ups answered from the cache.
+    pub hits: u64,
+    /// Look-ups that went to blazesym.
+    pub misses: u64,
+}
+
+impl Symbols {
+    /// `debug_dirs` are searched for separate debug info (by build ID and debug link), in
+    /// addition to blazesym's defaults (/usr/lib/debug, /lib/debug).
+    pub fn new(debug_dirs: &[PathBuf]) -> Self {
+        let mut dirs: Vec<PathBuf> = debug_dirs.to_vec();
+        dirs.extend([PathBuf::from("/usr/lib/debug"), PathBuf::from("/lib/debug")]);
+        let symbolizer = Symbolizer::builder()
+            .enable_demangling(false)
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .set_debug_dirs(Some(&dirs))
+            .build();
+        Self {
+            symbolizer,
+            objects: HashMap::new(),
+            kernel: HashMap::new(),
+            strings: HashMap::new(),
+            empty: Arc::from(Vec::new()),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// Whether the binary `key` is already open.
+    pub fn has_object(&self, key: &FileKey) -> bool {
+        self.objects.contains_key(key)
+    }
+
+    /// Keeps `file` (the binary with this key) open for later symbolization.
+    pub fn add_object(&mut self, key: FileKey, file: File) {
+        let mut object = Object {
+            file,
+            build_id: String::new(),
+            addrs: HashMap::new(),
+        };
+        object.build_id = blazesym::helper::read_elf_build_id(&object.path())
+            .ok()
+            .flatten()
+            .map(|id| hex(&id))
+            .unwrap_or_default();
+        self.objects.insert(key, object);
+    }
+
+    /// Hex build ID of binary `key`, or an empty string when it has none or is not open.
+    pub fn build_id(&self, key: &FileKey) -> String {
+        self.objects
+            .get(key)
+            .map(|o| o.build_id.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `offset` in binary `key` is cached; counts the hit or miss.
+    pub fn is_cached(&mut self, key: &FileKey, offset: u64) -> bool {
+        let cached = self
+            .objects
+            .get(key)
+            .is_none_or(|o| o.addrs.contains_key(&offset));
+        if cached {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        cached
+    }
+
+    /// Whether kernel address `addr` is cached; counts the hit or miss.
+    pub fn is_kernel_cached(&mut self, addr: u64) -> bool {
+        let cached = self.kernel.contains_key(&addr);
+        if cached {
+            self.hits += 1;
+        } else {
+            self.misses += 1;
+        }
+        cached
+    }
+
+    /// Symbolizes file offsets of binary `key` into the cache.
+    pub fn load_file_offsets(&mut self, key: &FileKey, offsets: &[u64]) {
+        let Some(object) = self.objects.get(key) else {
+            return;
+        };
+        let source = Source::Elf(Elf::new(object.path()));
+        let results = self
+            .symbolizer
+            .symbolize(&source, Input::FileOffset(offsets))
+            .unwrap_or_default();
+        let lines: Vec<Lines> = results
+            .iter()
+            .map(|result| to_lines(result, &mut self.strings, &self.empty))
+            .collect();
+        let object = self.objects.get_mut(key).expect("looked up above");
+        for (offset, lines) in offsets.iter().zip(lines) {
+            object.addrs.insert(*offset, lines);
+        }
+        for offset in offsets.iter().skip(results.len()) {
+            object.addrs.insert(*offset, self.empty.clone());
+        }
+    }
+
+    /// Symbolizes kernel addresses into the cache, from /proc/kallsyms.
+    pub fn load_kernel(&mut self, addrs: &[u64]) {
+        let kernel = Kernel {
+            vmlinux: blazesym::MaybeDefault::None,
+            // kallsyms holds run-time addresses; no KASLR offset applies (and /proc/kcore, from
+            // which blazesym would read one, may not exist).
+            kaslr_offset: Some(0),
+            debug_syms: false,
+            ..Default::default()
+        };
+        let results = self
+            .symbolizer
+            .symbolize(&Source::Kernel(kernel), Input::AbsAddr(addrs))
+            .unwrap_or_default();
+        for (i, addr) in addrs.iter().enumerate() {
+            let lines = results
+                .get(i)
+                .map(|r| to_lines(r, &mut self.strings, &self.empty))
+                .unwrap_or_else(|| self.empty.clone());
+            self.kernel.insert(*addr, lines);
+        }
+    }
+
+    /// The cached functions at `offset` in binary `key` (empty when unknown).
+    pub fn file_lines(&self, key: &FileKey, offset: u64) -> Lines {
+        self.objects
+            .get(key)
+            .and_then(|o| o.addrs.get(&offset))
+            .cloned()
+            .unwrap_or_else(|| self.empty.clone())
+    }
+
+    /// The cached functions at kernel address `addr` (empty when unknown).
+    pub fn kernel_lines(&self, addr: u64) -> Lines {
+        self.kernel
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| self.empty.clone())
+    }
+
+    /// Number of binaries open.
+    pub fn objects(&self) -> usize {
+        self.objects.len()
+    }
+}
+
+fn intern(strings: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {
+    if let Some(s) = strings.get(text) {
+        return s.clone();
+    }
+    let s: Arc<str> = Arc::from(text);
+    strings.insert(Box::from(text), s.clone());
+    s
+}
+
+fn to_lines(
+    result: &Symbolized<'_>,
+    strings: &mut HashMap<Box<str>, Arc<str>>,
+    empty: &Lines,
+) -> Lines {
+    let Symbolized::Sym(sym) = result else {
+        return empty.clone();
+    };
+    let mut lines = Vec::with_capacity(sym.inlined.len() + 1);
+    let mut line = |name: &str, info: Option<&blazesym::symbolize::CodeInfo<'_>>| Line {
+        function: intern(strings, &demangle(name)),
+        file: info.map(|info| {
+            let path = info.to_path();
+            intern(strings, &path.to_string_lossy())
+        }),
+        line: info.and_then(|info| info.line).unwrap_or(0),
+    };
+    for inlined in sym.inlined.iter().rev() {
+        lines.push(line(&inlined.name, inlined.code_info.as_ref()));
+    }
+    lines.push(line(&sym.name, sym.code_info.as_deref()));
+    Arc::from(lines)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The running kernel's build ID, from the ELF notes in /sys/kernel/notes.
+pub fn kernel_build_id() -> String {
+    let Ok(notes) = std::fs::read("/sys/kernel/notes") else {
+        return String::new();
+    };
+    let mut rest = notes.as_slice();
+    const NT_GNU_BUILD_ID: u32 = 3;
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let align = |n: usize| n.div_ceil(4) * 4;
+    while rest.len() >= 12 {
+        let (namesz, descsz, kind) = (
+            word(rest) as usize,
+            word(&rest[4..]) as usize,
+            word(&rest[8..]),
+        );
+        let desc_start = 12 + align(namesz);
+        let end = desc_start + align(descsz);
+        if rest.len() < desc_start + descsz {
+            break;
+        }
+        if kind == NT_GNU_BUILD_ID && rest[12..12 + namesz].starts_with(b"GNU") {
+            return hex(&rest[desc_start..desc_start + descsz]);
+        }
+        rest = rest.get(end..).unwrap_or_default();
+    }
+    String::new()
+}
+
+/// The file name at the end of `path`, for frames no symbol covers.
+pub fn basename(path: &str) -> &str {
+    Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(path)
+}
