@@ -230,11 +230,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     };
     let child_tgid = child_tgid as u32;
     // A new thread shares its parent's tgid and is already covered.
-    if child_tgid != parent
-        && PID_FILTER
-            .insert(&child_tgid, &filter::INCLUDE, 0)
-            .is_ok()
-    {
+    if child_tgid != parent && PID_FILTER.insert(&child_tgid, &filter::INCLUDE, 0).is_ok() {
         count(Counter::ForksFollowed);
     }
     0

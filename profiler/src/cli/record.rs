@@ -44,7 +44,12 @@ pub struct RecordArgs {
     #[arg(short = 'd', long, value_name = "DUR", value_parser = parse_duration)]
     duration: Option<Duration>,
     /// Where to write the profile.
-    #[arg(short = 'o', long, value_name = "PATH", default_value = "profile.pb.gz")]
+    #[arg(
+        short = 'o',
+        long,
+        value_name = "PATH",
+        default_value = "profile.pb.gz"
+    )]
     output: PathBuf,
     /// pprof, folded or svg; by default from the output's extension (.svg, .folded/.txt, else pprof).
     #[arg(long, value_name = "F")]
@@ -84,10 +89,11 @@ pub async fn run(args: RecordArgs) -> Result<u8> {
             "nothing to record: give --pid PID, --all, or a command after --",
         ));
     }
-    let format = args.format.unwrap_or_else(|| Format::from_path(&args.output));
-    let output = File::create(&args.output).map_err(|e| {
-        Exit::usage(format!("cannot write {}: {e}", args.output.display()))
-    })?;
+    let format = args
+        .format
+        .unwrap_or_else(|| Format::from_path(&args.output));
+    let output = File::create(&args.output)
+        .map_err(|e| Exit::usage(format!("cannot write {}: {e}", args.output.display())))?;
     for pid in &args.pids {
         if !is_alive(*pid) {
             return Err(Exit::usage(format!("no process with pid {pid}")));
@@ -123,7 +129,9 @@ pub async fn run(args: RecordArgs) -> Result<u8> {
     };
     let mut child_status: Option<u8> = None;
 
-    let events_fd = collector.events_fd().context("watching the process events")?;
+    let events_fd = collector
+        .events_fd()
+        .context("watching the process events")?;
     // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
     let events = unsafe { AsyncFd::register_with_interest(events_fd, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the process events: {e}"))?;
@@ -287,10 +295,6 @@ fn print_summary(
         .map(|(name, value, _)| format!("{name}={value}"))
         .collect();
     out.push_str(&format!("counters: {}\n", counts.join(" ")));
-    out.push_str(&format!(
-        "wrote {} ({:?})\n",
-        args.output.display(),
-        format
-    ));
+    out.push_str(&format!("wrote {} ({:?})\n", args.output.display(), format));
     eprint!("{out}");
 }

@@ -33,5 +33,7 @@ pub fn member_offset(strukt: &str, member: &str) -> Result<u32> {
             }
         }
     }
-    Err(anyhow!("no member `{member}` in `struct {strukt}` in the kernel's BTF"))
+    Err(anyhow!(
+        "no member `{member}` in `struct {strukt}` in the kernel's BTF"
+    ))
 }

@@ -190,8 +190,8 @@ impl Collector {
             .load()
             .map_err(explain_program_error)
             .context("loading the sampling program")?;
-        let cpus = aya::util::online_cpus()
-            .map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
         for cpu in cpus {
             program
                 .attach(
@@ -257,8 +257,7 @@ impl Collector {
             if item.len() >= std::mem::size_of::<ProcessEvent>() {
                 // SAFETY: the kernel side writes whole `ProcessEvent`s; read_unaligned copes with
                 // the ring buffer's 8-byte alignment.
-                let event: ProcessEvent =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let event: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 if event.kind == EVENT_NEW_PROCESS {
                     pids.push(event.pid);
                 }
@@ -352,7 +351,9 @@ where
 fn explain_bpf_error(err: aya::EbpfError) -> anyhow::Error {
     let text = format!("{err:#}");
     if text.contains("Operation not permitted") || text.contains("EPERM") {
-        anyhow!("{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities")
+        anyhow!(
+            "{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities"
+        )
     } else {
         anyhow::Error::new(err)
     }
@@ -361,7 +362,9 @@ fn explain_bpf_error(err: aya::EbpfError) -> anyhow::Error {
 fn explain_program_error(err: aya::programs::ProgramError) -> anyhow::Error {
     let text = format!("{err:#}");
     if text.contains("Operation not permitted") {
-        anyhow!("{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities")
+        anyhow!(
+            "{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities"
+        )
     } else {
         anyhow::Error::new(err)
     }

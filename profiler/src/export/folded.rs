@@ -61,7 +61,13 @@ pub fn folded_stacks(profile: &Profile) -> Vec<FoldedStack> {
                 .line
                 .iter()
                 .rev()
-                .map(|l| functions.get(&l.function_id).copied().unwrap_or("").to_owned())
+                .map(|l| {
+                    functions
+                        .get(&l.function_id)
+                        .copied()
+                        .unwrap_or("")
+                        .to_owned()
+                })
                 .collect();
             if names.is_empty() {
                 names.push(match mappings.get(&loc.mapping_id) {

@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use flate2::{write::GzEncoder, Compression};
-use prost::Message as _;
 use profiler_proto::pprof::Profile;
+use prost::Message as _;
 
 pub use folded::{folded_stacks, FoldedStack};
 pub use top::{top_functions, top_table, TopEntry};

@@ -42,13 +42,11 @@ pub fn top_functions(profile: &Profile) -> (Vec<TopEntry>, u64) {
 }
 
 fn entry<'a>(entries: &'a mut HashMap<String, TopEntry>, name: &str) -> &'a mut TopEntry {
-    entries
-        .entry(name.to_owned())
-        .or_insert_with(|| TopEntry {
-            name: name.to_owned(),
-            self_count: 0,
-            total_count: 0,
-        })
+    entries.entry(name.to_owned()).or_insert_with(|| TopEntry {
+        name: name.to_owned(),
+        self_count: 0,
+        total_count: 0,
+    })
 }
 
 /// A text table of the `n` most expensive functions.

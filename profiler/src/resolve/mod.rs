@@ -155,9 +155,8 @@ impl Resolver {
         let by_map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", raw.start, raw.end);
         let file = File::open(&by_map_files).or_else(|err| match (&raw.path, raw.deleted) {
             (Some(path), false) => {
-                let rooted = PathBuf::from(format!("/proc/{pid}/root")).join(
-                    path.strip_prefix("/").unwrap_or(path),
-                );
+                let rooted = PathBuf::from(format!("/proc/{pid}/root"))
+                    .join(path.strip_prefix("/").unwrap_or(path));
                 File::open(rooted)
             }
             _ => Err(err),
@@ -189,9 +188,9 @@ impl Resolver {
         let stale: HashSet<u32> = samples
             .iter()
             .filter(|s| {
-                self.processes.get(&s.pid).is_some_and(|p| {
-                    s.user.iter().any(|addr| p.mapping_for(*addr).is_none())
-                })
+                self.processes
+                    .get(&s.pid)
+                    .is_some_and(|p| s.user.iter().any(|addr| p.mapping_for(*addr).is_none()))
             })
             .map(|s| s.pid)
             .collect();

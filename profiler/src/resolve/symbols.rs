@@ -34,6 +34,9 @@ pub type Lines = Arc<[Line]>;
 struct Object {
     file: File,
     build_id: String,
+    /// Separate debug info found by build ID (`DIR/.build-id/xx/rest.debug`), which blazesym
+    /// only follows by itself when the binary carries a debug link.
+    debug_file: Option<PathBuf>,
     addrs: HashMap<u64, Lines>,
 }
 
@@ -47,6 +50,7 @@ impl Object {
 /// Symbol look-ups and their caches.
 pub struct Symbols {
     symbolizer: Symbolizer,
+    debug_dirs: Vec<PathBuf>,
     objects: HashMap<FileKey, Object>,
     kernel: HashMap<u64, Lines>,
     strings: HashMap<Box<str>, Arc<str>>,
@@ -71,6 +75,7 @@ impl Symbols {
             .build();
         Self {
             symbolizer,
+            debug_dirs: dirs,
             objects: HashMap::new(),
             kernel: HashMap::new(),
             strings: HashMap::new(),
@@ -90,6 +95,7 @@ impl Symbols {
         let mut object = Object {
             file,
             build_id: String::new(),
+            debug_file: None,
             addrs: HashMap::new(),
         };
         object.build_id = blazesym::helper::read_elf_build_id(&object.path())
@@ -97,6 +103,18 @@ impl Symbols {
             .flatten()
             .map(|id| hex(&id))
             .unwrap_or_default();
+        if object.build_id.len() > 2 {
+            let (head, rest) = object.build_id.split_at(2);
+            object.debug_file = self
+                .debug_dirs
+                .iter()
+                .map(|dir| {
+                    dir.join(".build-id")
+                        .join(head)
+                        .join(format!("{rest}.debug"))
+                })
+                .find(|path| path.exists());
+        }
         self.objects.insert(key, object);
     }
 
@@ -138,11 +156,31 @@ impl Symbols {
         let Some(object) = self.objects.get(key) else {
             return;
         };
-        let source = Source::Elf(Elf::new(object.path()));
-        let results = self
-            .symbolizer
-            .symbolize(&source, Input::FileOffset(offsets))
-            .unwrap_or_default();
+        let results = match &object.debug_file {
+            Some(debug_file) => {
+                // The debug file has the binary's addresses but not its file layout: translate
+                // file offsets to virtual ones through the binary's program headers.
+                let virt = to_virtual_offsets(&object.path(), offsets);
+                let source = Source::Elf(Elf::new(debug_file));
+                let mut results = self
+                    .symbolizer
+                    .symbolize(&source, Input::VirtOffset(&virt))
+                    .unwrap_or_default();
+                for (result, addr) in results.iter_mut().zip(&virt) {
+                    if *addr == 0 {
+                        *result =
+                            Symbolized::Unknown(blazesym::symbolize::Reason::InvalidFileOffset);
+                    }
+                }
+                results
+            }
+            None => {
+                let source = Source::Elf(Elf::new(object.path()));
+                self.symbolizer
+                    .symbolize(&source, Input::FileOffset(offsets))
+                    .unwrap_or_default()
+            }
+        };
         let lines: Vec<Lines> = results
             .iter()
             .map(|result| to_lines(result, &mut self.strings, &self.empty))
@@ -200,6 +238,24 @@ impl Symbols {
     pub fn objects(&self) -> usize {
         self.objects.len()
     }
+}
+
+/// Virtual offsets of `offsets` in the binary at `path`; 0 where an offset maps to no segment.
+fn to_virtual_offsets(path: &Path, offsets: &[u64]) -> Vec<u64> {
+    use blazesym::symbolize::TranslateFileOffset as _;
+    let Ok(binary) = blazesym::helper::ElfResolver::open(path) else {
+        return vec![0; offsets.len()];
+    };
+    offsets
+        .iter()
+        .map(|off| {
+            binary
+                .file_offset_to_virt_offset(*off)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 fn intern(strings: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {

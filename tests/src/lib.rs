@@ -1,0 +1,187 @@
+//! Helpers for the end-to-end tests: build the C workloads, run the real profiler binary, and
+//! decode what it wrote.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{Mutex, MutexGuard, OnceLock},
+};
+
+use profiler_proto::pprof::Profile;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The profiler binary under test: `$PROFILER_BIN`, else the release build.
+pub fn profiler_bin() -> PathBuf {
+    let path = std::env::var_os("PROFILER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/release/profiler"));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// Whether BPF tests can run here. In CI (CI=true) they must, so a missing privilege fails
+/// the test instead of skipping it.
+pub fn bpf_available() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("BPF tests need root, and CI=true forbids skipping them");
+    }
+    eprintln!("skipped: BPF tests need root");
+    false
+}
+
+/// Serializes tests that sample, so that they do not fight over the machine's two CPUs.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The C workload (workloads/workload.c), compiled once per test binary with frame pointers
+/// and debug info.
+pub fn workload() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| compile("workload", &["-O0", "-g"]))
+        .clone()
+}
+
+/// Compiles workloads/workload.c with extra flags into target/test-workloads/NAME.
+pub fn compile(name: &str, flags: &[&str]) -> PathBuf {
+    let dir = root().join("target/test-workloads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    // Each test binary compiles its own copy under a unique name, then renames it into place.
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
+    let status = Command::new("gcc")
+        .args(flags)
+        .args([
+            "-fno-omit-frame-pointer",
+            "-mno-omit-leaf-frame-pointer",
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(root().join("tests/workloads/workload.c"))
+        .status()
+        .expect("gcc must be installed (cargo xtask setup installs it)");
+    assert!(status.success(), "compiling the workload failed");
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+/// Runs `profiler ARGS` and returns its output.
+pub fn profiler(args: &[&str]) -> Output {
+    Command::new(profiler_bin())
+        .args(args)
+        .output()
+        .expect("running the profiler")
+}
+
+/// Runs `profiler ARGS`, asserting success, and returns its stderr.
+pub fn profiler_ok(args: &[&str]) -> String {
+    let out = profiler(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "profiler {args:?} failed with {:?}: {stderr}",
+        out.status
+    );
+    stderr
+}
+
+/// Reads a gzipped (or plain) pprof file.
+pub fn load_pprof(path: &Path) -> Profile {
+    let bytes = std::fs::read(path).unwrap();
+    let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes.as_slice())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    } else {
+        bytes
+    };
+    prost::Message::decode(raw.as_slice()).expect("a valid pprof protobuf")
+}
+
+/// One decoded sample: function names leaf first (inlined frames expanded), its count and
+/// its string labels.
+#[derive(Debug, Clone)]
+pub struct DecodedSample {
+    pub functions: Vec<String>,
+    pub count: i64,
+    pub labels: HashMap<String, String>,
+}
+
+/// Every sample of `profile`, decoded.
+pub fn samples(profile: &Profile) -> Vec<DecodedSample> {
+    let s = |i: i64| profile.string_table[i as usize].clone();
+    let functions: HashMap<u64, String> =
+        profile.function.iter().map(|f| (f.id, s(f.name))).collect();
+    let locations: HashMap<u64, Vec<String>> = profile
+        .location
+        .iter()
+        .map(|l| {
+            let names = l
+                .line
+                .iter()
+                .map(|line| functions[&line.function_id].clone());
+            (l.id, names.collect())
+        })
+        .collect();
+    profile
+        .sample
+        .iter()
+        .map(|sample| DecodedSample {
+            functions: sample
+                .location_id
+                .iter()
+                .flat_map(|id| locations[id].clone())
+                .collect(),
+            count: sample.value[0],
+            labels: sample
+                .label
+                .iter()
+                .map(|l| {
+                    let value = if l.str != 0 {
+                        s(l.str)
+                    } else {
+                        l.num.to_string()
+                    };
+                    (s(l.key), value)
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Inclusive share (0–100) of each function among the samples that `keep` accepts.
+pub fn inclusive_shares(
+    samples: &[DecodedSample],
+    keep: impl Fn(&DecodedSample) -> bool,
+) -> HashMap<String, f64> {
+    let mut counts: HashMap<String, i64> = HashMap::new();
+    let mut total = 0;
+    for sample in samples.iter().filter(|s| keep(s)) {
+        total += sample.count;
+        let unique: HashSet<&String> = sample.functions.iter().collect();
+        for name in unique {
+            *counts.entry(name.clone()).or_default() += sample.count;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(name, count)| (name, 100.0 * count as f64 / total.max(1) as f64))
+        .collect()
+}

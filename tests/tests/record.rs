@@ -1,0 +1,393 @@
+//! `profiler record` end to end: real workloads with known call trees, the real BPF programs,
+//! and the output decoded.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    thread::sleep,
+    time::Duration,
+};
+
+use profiler_tests::*;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The workload's own samples: its process name is "workload".
+fn is_workload(s: &DecodedSample) -> bool {
+    s.labels.get("comm").map(String::as_str) == Some("workload")
+}
+
+#[test]
+fn known_shares_and_leaf_first_order() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let out = dir.path().join("shares.pb.gz");
+    let workload = workload();
+    profiler_ok(&[
+        "record",
+        "-F",
+        "999",
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(&workload),
+        "shares",
+        "3",
+    ]);
+    let profile = load_pprof(&out);
+    let samples = samples(&profile);
+    let shares = inclusive_shares(&samples, is_workload);
+    let total: i64 = samples
+        .iter()
+        .filter(|s| is_workload(s))
+        .map(|s| s.count)
+        .sum();
+    assert!(total > 1000, "too few samples: {total}");
+    // Truth from the unit counts: heavy 6, light 3, leaf_c 1 of every 10 units.
+    for (function, truth) in [
+        ("main", 100.0),
+        ("heavy", 60.0),
+        ("light", 30.0),
+        ("middle", 10.0),
+        ("leaf_c", 10.0),
+    ] {
+        let got = shares.get(function).copied().unwrap_or(0.0);
+        assert!(
+            (got - truth).abs() <= 5.0,
+            "{function}: {got:.1}% recorded, {truth}% true; all: {shares:?}"
+        );
+    }
+    // Leaf first: leaf_c, then middle, then main.
+    let stack = samples
+        .iter()
+        .find(|s| s.functions.first().map(String::as_str) == Some("leaf_c"))
+        .expect("a sample with leaf_c as its leaf");
+    let pos = |name: &str| stack.functions.iter().position(|f| f == name).unwrap();
+    assert!(
+        pos("leaf_c") < pos("middle") && pos("middle") < pos("main"),
+        "{stack:?}"
+    );
+}
+
+#[test]
+fn syscalls_show_symbolized_kernel_frames() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let out = dir.path().join("sys.pb.gz");
+    profiler_ok(&[
+        "record",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(&workload()),
+        "syscalls",
+        "2",
+    ]);
+    let recorded = samples(&load_pprof(&out));
+    let with_kernel = recorded.iter().find(|s| {
+        is_workload(s)
+            && s.functions.iter().any(|f| f == "syscall_loop")
+            && s.functions.iter().any(|f| f.contains("sys_write"))
+    });
+    assert!(
+        with_kernel.is_some(),
+        "no sample with a symbolized kernel frame under syscall_loop: {:?}",
+        &recorded[..recorded.len().min(5)]
+    );
+    // Kernel frames come before (are deeper than) the user frames they serve.
+    let s = with_kernel.unwrap();
+    let kernel = s
+        .functions
+        .iter()
+        .position(|f| f.contains("sys_write"))
+        .unwrap();
+    let user = s
+        .functions
+        .iter()
+        .position(|f| f == "syscall_loop")
+        .unwrap();
+    assert!(kernel < user, "{s:?}");
+
+    // --no-kernel leaves them out.
+    let out = dir.path().join("nokernel.pb.gz");
+    profiler_ok(&[
+        "record",
+        "--no-kernel",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(&workload()),
+        "syscalls",
+        "1",
+    ]);
+    let without = samples(&load_pprof(&out));
+    assert!(without
+        .iter()
+        .any(|s| s.functions.iter().any(|f| f == "syscall_loop")));
+    assert!(!without
+        .iter()
+        .any(|s| s.functions.iter().any(|f| f.contains("sys_write"))));
+}
+
+#[test]
+fn command_children_are_followed_and_exit_code_passed_through() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let out = dir.path().join("fork.pb.gz");
+    let output = profiler(&[
+        "record",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(&workload()),
+        "fork",
+        "1.5",
+        "7",
+    ]);
+    assert_eq!(output.status.code(), Some(7), "CMD's exit code: {output:?}");
+    let samples = samples(&load_pprof(&out));
+    let child: Vec<_> = samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| f == "child_burn"))
+        .collect();
+    assert!(!child.is_empty(), "the forked child was not recorded");
+    let child_count: i64 = child.iter().map(|s| s.count).sum();
+    assert!(child_count > 300, "child samples: {child_count}");
+}
+
+#[test]
+fn a_process_that_exits_mid_recording_is_symbolized() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let out = dir.path().join("short.pb.gz");
+    let script = format!("{} burn 0.5; sleep 1.5", workload().display());
+    profiler_ok(&[
+        "record",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let samples = samples(&load_pprof(&out));
+    let burn = samples
+        .iter()
+        .find(|s| s.functions.iter().any(|f| f == "burn_inner"))
+        .expect("the short-lived process's frames were not symbolized");
+    assert!(burn.functions.iter().any(|f| f == "burn_outer"));
+}
+
+#[test]
+fn binary_only_in_a_private_mount_namespace_is_symbolized() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let hidden = dir.path().join("hidden");
+    std::fs::create_dir(&hidden).unwrap();
+    let out = dir.path().join("ns.pb.gz");
+    // The binary is copied into a tmpfs mounted only inside the new mount namespace: from
+    // outside, `hidden` stays empty, and only /proc/PID/root or map_files reach the file.
+    let script = format!(
+        "mount -t tmpfs none {h} && cp {w} {h}/nsworkload && exec {h}/nsworkload burn 1.5",
+        h = hidden.display(),
+        w = workload().display()
+    );
+    profiler_ok(&[
+        "record",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    assert!(std::fs::read_dir(&hidden).unwrap().next().is_none());
+    let samples = samples(&load_pprof(&out));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.functions.iter().any(|f| f == "burn_inner")),
+        "the namespaced binary's frames were not symbolized"
+    );
+}
+
+#[test]
+fn binary_deleted_after_start_is_symbolized() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let copy = dir.path().join("doomed");
+    std::fs::copy(workload(), &copy).unwrap();
+    let mut child = Command::new(&copy).args(["burn", "2.5"]).spawn().unwrap();
+    sleep(Duration::from_millis(200));
+    std::fs::remove_file(&copy).unwrap();
+    let pid = child.id().to_string();
+    let out = dir.path().join("deleted.pb.gz");
+    profiler_ok(&[
+        "record",
+        "-p",
+        &pid,
+        "-d",
+        "1s",
+        "-F",
+        "499",
+        "-o",
+        path_str(&out),
+    ]);
+    let _ = child.wait();
+    let profile = load_pprof(&out);
+    let samples = samples(&profile);
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.functions.iter().any(|f| f == "burn_inner")),
+        "the deleted binary's frames were not symbolized"
+    );
+    assert!(samples.iter().all(|s| s.labels["pid"] == pid));
+}
+
+#[test]
+fn recording_a_pid_stops_when_it_exits() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let mut child = Command::new(workload())
+        .args(["burn", "1"])
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let out = dir.path().join("pid.pb.gz");
+    let started = std::time::Instant::now();
+    // No duration: the recording must end by itself when the target exits (reaped below by a
+    // thread, as a parent would).
+    let waiter = std::thread::spawn(move || child.wait());
+    let stderr = profiler_ok(&["record", "-p", &pid, "-o", path_str(&out)]);
+    waiter.join().unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
+    assert!(stderr.contains("targets exited"), "{stderr}");
+    assert!(samples(&load_pprof(&out))
+        .iter()
+        .any(|s| s.functions.iter().any(|f| f == "burn_inner")));
+}
+
+#[test]
+fn inlined_frames_and_separate_debug_info() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    // -O2 with DWARF: inlined_leaf is inlined into with_inline.
+    let full = compile("workload-inline", &["-O2", "-g", "-Wl,--build-id"]);
+    let stripped = dir.path().join("workload");
+    let debug_dir = dir.path().join("debug");
+    // Separate debug info under .build-id/, the binary stripped of all symbols.
+    let build_id = read_build_id(&full);
+    let target = debug_dir
+        .join(".build-id")
+        .join(&build_id[..2])
+        .join(format!("{}.debug", &build_id[2..]));
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    run(Command::new("objcopy")
+        .args(["--only-keep-debug"])
+        .arg(&full)
+        .arg(&target));
+    run(Command::new("objcopy")
+        .args(["--strip-all"])
+        .arg(&full)
+        .arg(&stripped));
+    let out = dir.path().join("inline.pb.gz");
+    profiler_ok(&[
+        "record",
+        "-F",
+        "499",
+        "--debug-dir",
+        path_str(&debug_dir),
+        "-o",
+        path_str(&out),
+        "--",
+        path_str(&stripped),
+        "inline",
+        "1.5",
+    ]);
+    let profile = load_pprof(&out);
+    let samples = samples(&profile);
+    let s = samples
+        .iter()
+        .find(|s| s.functions.iter().any(|f| f == "inlined_leaf"))
+        .expect("no inlined frame: separate debug info was not used");
+    let leaf = s
+        .functions
+        .iter()
+        .position(|f| f == "inlined_leaf")
+        .unwrap();
+    assert_eq!(
+        s.functions.get(leaf + 1).map(String::as_str),
+        Some("with_inline")
+    );
+    // The mapping carries the build ID.
+    let strings = &profile.string_table;
+    assert!(profile
+        .mapping
+        .iter()
+        .any(|m| strings[m.build_id as usize] == build_id));
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd.status().unwrap();
+    assert!(status.success(), "{cmd:?} failed");
+}
+
+fn read_build_id(binary: &Path) -> String {
+    let out = Command::new("readelf")
+        .args(["-n"])
+        .arg(binary)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("the workload has a build ID")
+        .trim()
+        .to_owned()
+}
