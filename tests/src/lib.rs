@@ -59,6 +59,11 @@ pub fn workload() -> PathBuf {
 
 /// Compiles workloads/workload.c with extra flags into target/test-workloads/NAME.
 pub fn compile(name: &str, flags: &[&str]) -> PathBuf {
+    compile_source("workload.c", name, flags)
+}
+
+/// Compiles workloads/SOURCE with frame pointers and extra flags into target/test-workloads/NAME.
+pub fn compile_source(source: &str, name: &str, flags: &[&str]) -> PathBuf {
     let dir = root().join("target/test-workloads");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
@@ -72,7 +77,7 @@ pub fn compile(name: &str, flags: &[&str]) -> PathBuf {
             "-o",
         ])
         .arg(&tmp)
-        .arg(root().join("tests/workloads/workload.c"))
+        .arg(root().join("tests/workloads").join(source))
         .status()
         .expect("gcc must be installed (cargo xtask setup installs it)");
     assert!(status.success(), "compiling the workload failed");

@@ -391,3 +391,105 @@ fn read_build_id(binary: &Path) -> String {
         .trim()
         .to_owned()
 }
+
+#[test]
+fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let pprof = dir.path().join("p.pb.gz");
+    let folded = dir.path().join("p.folded");
+    let svg = dir.path().join("p.svg");
+    let forced = dir.path().join("forced.out");
+    let workload = workload();
+    for (out, extra) in [
+        (&pprof, None),
+        (&folded, None),
+        (&svg, None),
+        (&forced, Some("folded")),
+    ] {
+        let mut args = vec!["record", "-F", "499", "-o", path_str(out)];
+        if let Some(format) = extra {
+            args.extend(["--format", format]);
+        }
+        args.extend(["--", path_str(&workload), "shares", "1"]);
+        profiler_ok(&args);
+    }
+
+    // pprof: Go's own reader, with our symbols (no re-symbolization).
+    let top = std::process::Command::new("go")
+        .args(["tool", "pprof", "-symbolize=none", "-top", "-nodecount=5"])
+        .arg(&pprof)
+        .env("HOME", dir.path())
+        .output()
+        .expect("go (golang-go) must be installed: cargo xtask setup installs it");
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let rows: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("flat%"))
+        .skip(1)
+        .collect();
+    assert!(rows[0].ends_with(" heavy"), "{text}");
+    assert!(rows[1].ends_with(" light"), "{text}");
+    assert!(text.contains("Type: cpu"), "{text}");
+    assert!(
+        text.contains("File: workload"),
+        "the main binary should be the first mapping: {text}"
+    );
+
+    // The pprof follows the spec.
+    let profile = load_pprof(&pprof);
+    assert_eq!(profile.string_table[0], "");
+    let types: Vec<_> = profile
+        .sample_type
+        .iter()
+        .map(|t| {
+            (
+                &profile.string_table[t.r#type as usize],
+                &profile.string_table[t.unit as usize],
+            )
+        })
+        .collect();
+    assert_eq!(types[0], (&"samples".to_owned(), &"count".to_owned()));
+    assert_eq!(types[1], (&"cpu".to_owned(), &"nanoseconds".to_owned()));
+    assert_eq!(profile.period, 1_000_000_000 / 499);
+    assert!(profile.time_nanos > 0 && profile.duration_nanos > 0);
+    for sample in &profile.sample {
+        assert_eq!(sample.value[1], sample.value[0] * profile.period);
+    }
+
+    // Folded: `frames count` lines, process name at the root.
+    for path in [&folded, &forced] {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(!text.is_empty());
+        for line in text.lines() {
+            let (stack, count) = line.rsplit_once(' ').expect("`stack count`");
+            assert!(count.parse::<u64>().is_ok(), "{line}");
+            assert!(!stack.is_empty(), "{line}");
+        }
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("workload;") && l.contains(";main;heavy ")),
+            "{text}"
+        );
+    }
+
+    // SVG: parses as XML and names the workload's functions.
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(&text, options).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    assert!(doc
+        .descendants()
+        .any(|n| n.text().is_some_and(|t| t.contains("heavy"))));
+}

@@ -19,6 +19,8 @@ pub struct ProfileBuilder {
     function_table: Vec<Function>,
     mappings: HashMap<u64, u64>,
     mapping_table: Vec<PprofMapping>,
+    /// Order of each pprof mapping in the output: main executables, libraries, the kernel.
+    mapping_rank: HashMap<u64, u8>,
     locations: HashMap<(u64, u64), u64>,
     location_table: Vec<Location>,
     samples: HashMap<(Vec<u64>, [i64; 4]), u64>,
@@ -36,6 +38,7 @@ impl ProfileBuilder {
             function_table: Vec::new(),
             mappings: HashMap::new(),
             mapping_table: Vec::new(),
+            mapping_rank: HashMap::new(),
             locations: HashMap::new(),
             location_table: Vec::new(),
             samples: HashMap::new(),
@@ -102,12 +105,18 @@ impl ProfileBuilder {
             file_offset: mapping.offset,
             filename,
             build_id,
-            has_functions: mapping.file.is_some() || mapping.id == 1,
+            has_functions: mapping.file.is_some() || mapping.is_kernel(),
             has_filenames: false,
             has_line_numbers: false,
             has_inline_frames: false,
         });
         self.mappings.insert(mapping.id, id);
+        let rank = match (mapping.is_main, mapping.is_kernel()) {
+            (true, _) => 0,
+            (false, false) => 1,
+            (false, true) => 2,
+        };
+        self.mapping_rank.insert(id, rank);
         id
     }
 
@@ -197,10 +206,13 @@ impl ProfileBuilder {
             .start
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
+        // Tools take the first mapping for the main binary (ids are explicit; order is free).
+        let mut mapping = self.mapping_table.clone();
+        mapping.sort_by_key(|m| self.mapping_rank[&m.id]);
         Profile {
             sample_type: vec![samples_type, cpu_type],
             sample: samples,
-            mapping: self.mapping_table.clone(),
+            mapping,
             location: self.location_table.clone(),
             function: self.function_table.clone(),
             string_table: self.string_table.clone(),

@@ -89,11 +89,25 @@ pub async fn run(args: RecordArgs) -> Result<u8> {
             "nothing to record: give --pid PID, --all, or a command after --",
         ));
     }
+    // Opened without truncating, so that a recording that fails to start destroys nothing.
+    let existed = args.output.exists();
+    let output = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&args.output)
+        .map_err(|e| Exit::usage(format!("cannot write {}: {e}", args.output.display())))?;
+    let result = record(&args, output).await;
+    if result.is_err() && !existed {
+        let _ = std::fs::remove_file(&args.output);
+    }
+    result
+}
+
+async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     let format = args
         .format
         .unwrap_or_else(|| Format::from_path(&args.output));
-    let output = File::create(&args.output)
-        .map_err(|e| Exit::usage(format!("cannot write {}: {e}", args.output.display())))?;
     for pid in &args.pids {
         if !is_alive(*pid) {
             return Err(Exit::usage(format!("no process with pid {pid}")));
@@ -194,11 +208,12 @@ pub async fn run(args: RecordArgs) -> Result<u8> {
     builder.add(&resolver.resolve(&samples));
     let elapsed = started.elapsed();
     let profile = builder.build(elapsed.as_nanos() as i64);
+    output.set_len(0).context("truncating the output")?;
     export::write(&profile, format, output)
         .with_context(|| format!("writing {}", args.output.display()))?;
 
     let counters = collector.counters()?;
-    print_summary(&args, format, stop, elapsed, &profile, &counters, &resolver);
+    print_summary(args, format, stop, elapsed, &profile, &counters, &resolver);
 
     // With -- CMD, exit as CMD did; stopped early, wait for it unless it was signalled.
     if let Some(mut child) = child {
@@ -295,6 +310,6 @@ fn print_summary(
         .map(|(name, value, _)| format!("{name}={value}"))
         .collect();
     out.push_str(&format!("counters: {}\n", counts.join(" ")));
-    out.push_str(&format!("wrote {} ({:?})\n", args.output.display(), format));
+    out.push_str(&format!("wrote {} ({format})\n", args.output.display()));
     eprint!("{out}");
 }

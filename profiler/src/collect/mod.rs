@@ -125,14 +125,17 @@ impl Collector {
     /// Loads the programs, fills the filter and attaches to the cpu-clock event on every online
     /// CPU. Samples flow from the moment this returns.
     pub fn start(config: &CollectConfig) -> Result<Self> {
-        require_btf()?;
-        let tgid_offset = btf::member_offset("task_struct", "tgid")?;
+        let btf_path = require_btf()?;
+        let tgid_offset = btf::member_offset(&btf_path, "task_struct", "tgid")?;
+        let btf = Btf::parse_file(&btf_path, aya::Endianness::default())
+            .with_context(|| format!("reading {}", btf_path.display()))?;
         let mode = match config.targets {
             Targets::All => filter::MODE_ALL,
             Targets::Pids(_) => filter::MODE_INCLUDED,
         };
         let kernel_stacks = u32::from(config.kernel_stacks);
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
             .override_global(globals::FILTER_MODE, &mode, true)
             .override_global(globals::KERNEL_STACKS, &kernel_stacks, true)
             .override_global(globals::TASK_TGID_OFFSET, &tgid_offset, true)
@@ -141,7 +144,7 @@ impl Collector {
             .map_max_entries(maps::STACKS_0, config.stacks_capacity)
             .map_max_entries(maps::STACKS_1, config.stacks_capacity)
             .load(EBPF_OBJECT)
-            .map_err(explain_bpf_error)
+            .map_err(explain)
             .context("loading the eBPF programs")?;
 
         let mut filter: HashMap<MapData, u32, u8> = take_map(&mut ebpf, maps::PID_FILTER)?;
@@ -153,7 +156,6 @@ impl Collector {
             }
         }
 
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
         for tracepoint in ["sched_process_fork", "sched_process_exec"] {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(tracepoint)
@@ -161,7 +163,7 @@ impl Collector {
                 .try_into()?;
             program
                 .load(tracepoint, &btf)
-                .map_err(explain_program_error)
+                .map_err(explain)
                 .with_context(|| format!("loading {tracepoint}"))?;
             program
                 .attach()
@@ -188,7 +190,7 @@ impl Collector {
             .try_into()?;
         program
             .load()
-            .map_err(explain_program_error)
+            .map_err(explain)
             .context("loading the sampling program")?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
@@ -347,25 +349,19 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Turns the kernel's EPERM into the missing capabilities' names.
-fn explain_bpf_error(err: aya::EbpfError) -> anyhow::Error {
-    let text = format!("{err:#}");
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
+/// Names the cause of the kernel errors users can act on: no BPF at all, or no permission.
+fn explain(err: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+    let text = format!("{:#}", anyhow::Error::new(err));
+    if text.contains("Function not implemented") {
+        anyhow!(
+            "this kernel has no BPF support (the bpf system call is not implemented; \
+             CONFIG_BPF_SYSCALL=y is needed): {text}"
+        )
+    } else if text.contains("Operation not permitted") {
         anyhow!(
             "{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities"
         )
     } else {
-        anyhow::Error::new(err)
-    }
-}
-
-fn explain_program_error(err: aya::programs::ProgramError) -> anyhow::Error {
-    let text = format!("{err:#}");
-    if text.contains("Operation not permitted") {
-        anyhow!(
-            "{text}: loading BPF programs needs root or the CAP_BPF and CAP_PERFMON capabilities"
-        )
-    } else {
-        anyhow::Error::new(err)
+        anyhow!(text)
     }
 }

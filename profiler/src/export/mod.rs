@@ -42,6 +42,16 @@ impl FromStr for Format {
     }
 }
 
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Pprof => "pprof",
+            Format::Folded => "folded",
+            Format::Svg => "svg",
+        })
+    }
+}
+
 impl Format {
     /// The format a path's extension implies: .svg, .folded/.txt, else pprof.
     pub fn from_path(path: &Path) -> Format {

@@ -61,17 +61,21 @@ pub struct Resolver {
 
 const UNKNOWN_PROCESS: &str = "[unknown]";
 
+/// File name of the kernel's mapping, as perf names it.
+pub const KERNEL_MAPPING_NAME: &str = "[kernel.kallsyms]";
+
 impl Resolver {
     /// `debug_dirs` hold separate debug info (`.build-id/xx/rest.debug` or debug-link targets).
     pub fn new(debug_dirs: &[PathBuf]) -> Self {
         let kernel = Arc::new(Mapping {
-            id: 1,
+            id: process::KERNEL_MAPPING_ID,
             start: 0xffff_8000_0000_0000,
             end: u64::MAX,
             offset: 0,
-            path: "[kernel.kallsyms]".into(),
+            path: KERNEL_MAPPING_NAME.into(),
             file: None,
             build_id: kernel_build_id(),
+            is_main: false,
         });
         Self {
             processes: HashMap::new(),
@@ -107,6 +111,7 @@ impl Resolver {
                 path,
                 file,
                 build_id,
+                is_main: raw.is_main,
             }));
         }
         mappings.sort_by_key(|m| m.start);

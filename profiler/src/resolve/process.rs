@@ -23,6 +23,18 @@ pub struct Mapping {
     pub file: Option<FileKey>,
     /// Hex build ID, when the file has one.
     pub build_id: String,
+    /// True for the process's main executable (/proc/PID/exe).
+    pub is_main: bool,
+}
+
+/// [`Mapping::id`] of the kernel's one mapping.
+pub const KERNEL_MAPPING_ID: u64 = 1;
+
+impl Mapping {
+    /// True for the kernel's mapping (`[kernel.kallsyms]`).
+    pub fn is_kernel(&self) -> bool {
+        self.id == KERNEL_MAPPING_ID
+    }
 }
 
 /// A process's metadata.
@@ -52,6 +64,7 @@ pub struct RawMapping {
     pub is_vdso: bool,
     pub file: Option<FileKey>,
     pub deleted: bool,
+    pub is_main: bool,
 }
 
 /// Reads the process's name and executable mappings; `None` once it has exited.
@@ -59,6 +72,7 @@ pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
     let process = ProcProcess::new(pid as i32).ok()?;
     let comm = process.stat().ok()?.comm;
     let maps = process.maps().ok()?;
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
     let mut mappings = Vec::new();
     for map in maps {
         if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
@@ -76,6 +90,10 @@ pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
             _ => (None, false, false),
         };
         let file = (map.inode != 0).then_some((map.dev.0, map.dev.1, map.inode));
+        let is_main = exe.as_ref().is_some_and(|exe| {
+            use std::os::unix::fs::MetadataExt as _;
+            exe.ino() == map.inode && path.is_some()
+        });
         mappings.push(RawMapping {
             start: map.address.0,
             end: map.address.1,
@@ -84,6 +102,7 @@ pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
             is_vdso,
             file,
             deleted,
+            is_main,
         });
     }
     Some((comm, mappings))

@@ -1,0 +1,179 @@
+//! Every kind of bad input gets one clear line on stderr and a non-zero exit code, never a
+//! panic, a backtrace or a usage dump.
+
+use std::process::{Command, Output};
+
+use profiler_tests::*;
+
+/// Asserts exit code `code` and a single stderr line containing every one of `needles`.
+fn assert_one_line_error(out: &Output, code: i32, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
+}
+
+#[test]
+fn frequency_out_of_range() {
+    for hz in ["0", "10001"] {
+        let out = profiler(&[
+            "record",
+            "-F",
+            hz,
+            "--all",
+            "-d",
+            "1s",
+            "-o",
+            "/tmp/x.pb.gz",
+        ]);
+        assert_one_line_error(&out, 2, &["--frequency", hz]);
+    }
+}
+
+#[test]
+fn bad_duration() {
+    let out = profiler(&["record", "--all", "-d", "soon"]);
+    assert_one_line_error(&out, 2, &["soon", "duration"]);
+}
+
+#[test]
+fn nothing_to_record() {
+    let out = profiler(&["record"]);
+    assert_one_line_error(&out, 2, &["nothing to record"]);
+}
+
+#[test]
+fn unwritable_output_fails_before_sampling() {
+    let started = std::time::Instant::now();
+    let out = profiler(&[
+        "record",
+        "--all",
+        "-d",
+        "5s",
+        "-o",
+        "/nonexistent-dir/p.pb.gz",
+    ]);
+    assert_one_line_error(&out, 2, &["cannot write", "/nonexistent-dir/p.pb.gz"]);
+    assert!(
+        started.elapsed().as_secs() < 3,
+        "it sampled before checking"
+    );
+}
+
+#[test]
+fn pid_that_does_not_exist() {
+    let out = profiler(&[
+        "record",
+        "-p",
+        "999999999",
+        "-d",
+        "1s",
+        "-o",
+        "/tmp/x.pb.gz",
+    ]);
+    assert_one_line_error(&out, 2, &["no process with pid 999999999"]);
+}
+
+#[test]
+fn unknown_format() {
+    let out = profiler(&["record", "--all", "--format", "png", "-o", "/tmp/x.pb.gz"]);
+    assert_one_line_error(&out, 2, &["png"]);
+}
+
+#[test]
+fn command_that_cannot_start() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("p.pb.gz");
+    let out = profiler(&[
+        "record",
+        "-o",
+        output.to_str().unwrap(),
+        "--",
+        "/nonexistent/command",
+    ]);
+    assert_one_line_error(&out, 127, &["cannot start", "/nonexistent/command"]);
+}
+
+#[test]
+fn missing_capabilities_are_named() {
+    if unsafe { libc::geteuid() } != 0 && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipped: needs root to drop to another user");
+        return;
+    }
+    // setpriv (util-linux) drops to nobody with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(profiler_bin())
+        .args([
+            "record",
+            "--all",
+            "-d",
+            "1s",
+            "-o",
+            "/tmp/nobody-profile.pb.gz",
+        ])
+        .output()
+        .expect("setpriv");
+    // /tmp is writable by nobody; the capability check is what must fail.
+    let _ = std::fs::remove_file("/tmp/nobody-profile.pb.gz");
+    assert_one_line_error(&out, 1, &["CAP_BPF", "CAP_PERFMON", "root"]);
+}
+
+#[test]
+fn kernel_without_btf() {
+    if !bpf_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("p.pb.gz");
+    let out = Command::new(profiler_bin())
+        .env("PROFILER_VMLINUX_BTF", dir.path().join("no-such-btf"))
+        .args([
+            "record",
+            "--all",
+            "-d",
+            "1s",
+            "-o",
+            output.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, &["no BTF", "CONFIG_DEBUG_INFO_BTF"]);
+}
+
+#[test]
+fn kernel_without_bpf() {
+    if !bpf_available() {
+        return;
+    }
+    let nobpf = compile_source("nobpf.c", "nobpf", &["-O1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("p.pb.gz");
+    let out = Command::new(nobpf)
+        .arg(profiler_bin())
+        .args([
+            "record",
+            "--all",
+            "-d",
+            "1s",
+            "-o",
+            output.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, 1, &["no BPF support"]);
+}
