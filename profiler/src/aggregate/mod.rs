@@ -228,3 +228,126 @@ impl ProfileBuilder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, sync::Arc};
+
+    use super::ProfileBuilder;
+    use crate::resolve::{Frame, Line, Mapping, ResolvedSample};
+
+    fn mapping(id: u64, path: &str, is_main: bool) -> Arc<Mapping> {
+        Arc::new(Mapping {
+            id,
+            start: 0x1000 * id,
+            end: 0x1000 * id + 0x800,
+            offset: 0,
+            path: path.into(),
+            file: (id != 1).then_some((8, 1, id)),
+            build_id: format!("b{id}"),
+            is_main,
+        })
+    }
+
+    fn frame(mapping: &Arc<Mapping>, address: u64, names: &[&str]) -> Frame {
+        Frame {
+            address,
+            mapping: Some(mapping.clone()),
+            lines: names
+                .iter()
+                .map(|n| Line {
+                    function: Arc::from(*n),
+                    file: Some(Arc::from("src.c")),
+                    line: 7,
+                })
+                .collect(),
+        }
+    }
+
+    fn sample(frames: Vec<Frame>, tid: u32, count: u64) -> ResolvedSample {
+        ResolvedSample {
+            pid: 10,
+            tid,
+            comm: Arc::from("app"),
+            thread: Arc::from("worker"),
+            frames,
+            count,
+        }
+    }
+
+    #[test]
+    fn follows_the_pprof_spec() {
+        let kernel = mapping(1, "[kernel.kallsyms]", false);
+        let lib = mapping(2, "/lib/libc.so.6", false);
+        let exe = mapping(3, "/bin/app", true);
+        let leaf = frame(&lib, 0x2010, &["memcpy"]);
+        let inlined = frame(&exe, 0x3020, &["inner", "outer"]);
+        let root = frame(&exe, 0x3030, &["main"]);
+        let sys = frame(&kernel, 0x1010, &["do_syscall_64"]);
+
+        let mut builder = ProfileBuilder::new(100);
+        builder.add(&[
+            sample(vec![leaf.clone(), inlined.clone(), root.clone()], 11, 2),
+            sample(vec![sys, leaf.clone(), root.clone()], 11, 1),
+        ]);
+        // The same stack and labels again: merged, not repeated.
+        builder.add(&[sample(vec![leaf, inlined, root], 11, 3)]);
+        let profile = builder.build(1_000_000_000);
+
+        assert_eq!(profile.string_table[0], "");
+        let strings: HashSet<&String> = profile.string_table.iter().collect();
+        assert_eq!(
+            strings.len(),
+            profile.string_table.len(),
+            "strings are unique"
+        );
+        for ids in [
+            profile.mapping.iter().map(|m| m.id).collect::<Vec<_>>(),
+            profile.location.iter().map(|l| l.id).collect(),
+            profile.function.iter().map(|f| f.id).collect(),
+        ] {
+            assert!(ids.iter().all(|id| *id != 0));
+            assert_eq!(ids.iter().collect::<HashSet<_>>().len(), ids.len());
+        }
+        assert_eq!(profile.sample.len(), 2);
+        let total: i64 = profile.sample.iter().map(|s| s.value[0]).sum();
+        assert_eq!(total, 6);
+        assert_eq!(profile.period, 10_000_000);
+        for s in &profile.sample {
+            assert_eq!(s.value[1], s.value[0] * profile.period);
+            assert_eq!(s.label.len(), 4);
+        }
+        let name = |i: i64| profile.string_table[i as usize].as_str();
+        // Main binary first, kernel last.
+        assert_eq!(name(profile.mapping[0].filename), "/bin/app");
+        assert_eq!(
+            name(profile.mapping.last().unwrap().filename),
+            "[kernel.kallsyms]"
+        );
+        // Inlined frames: one location, two lines, innermost first.
+        let loc = profile.location.iter().find(|l| l.line.len() == 2).unwrap();
+        let func = |id: u64| {
+            let f = profile.function.iter().find(|f| f.id == id).unwrap();
+            name(f.name)
+        };
+        assert_eq!(func(loc.line[0].function_id), "inner");
+        assert_eq!(func(loc.line[1].function_id), "outer");
+        assert_eq!(loc.address, 0x3020);
+        assert_eq!(name(profile.default_sample_type), "cpu");
+        assert_eq!(profile.duration_nanos, 1_000_000_000);
+    }
+
+    #[test]
+    fn same_address_in_two_mappings_gives_two_locations() {
+        let a = mapping(2, "/bin/a", true);
+        let b = mapping(3, "/bin/b", true);
+        let mut builder = ProfileBuilder::new(99);
+        builder.add(&[
+            sample(vec![frame(&a, 0x5000, &["f"])], 1, 1),
+            sample(vec![frame(&b, 0x5000, &["g"])], 1, 1),
+        ]);
+        let profile = builder.build(1);
+        assert_eq!(profile.location.len(), 2);
+        assert_eq!(profile.mapping.len(), 2);
+    }
+}

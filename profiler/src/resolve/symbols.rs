@@ -330,3 +330,91 @@ pub fn basename(path: &str) -> &str {
         .and_then(|n| n.to_str())
         .unwrap_or(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use super::Symbols;
+
+    #[inline(never)]
+    #[unsafe(no_mangle)]
+    pub extern "C" fn symbol_cache_target(x: u64) -> u64 {
+        x.wrapping_mul(31).rotate_left(7)
+    }
+
+    /// File offset of `addr` in this test binary, from /proc/self/maps.
+    fn self_file_offset(addr: u64) -> ((i32, i32, u64), u64) {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for line in maps.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (start, end) = fields[0].split_once('-').unwrap();
+            let (start, end) = (
+                u64::from_str_radix(start, 16).unwrap(),
+                u64::from_str_radix(end, 16).unwrap(),
+            );
+            if (start..end).contains(&addr) {
+                let offset = u64::from_str_radix(fields[2], 16).unwrap();
+                let inode: u64 = fields[4].parse().unwrap();
+                return ((0, 0, inode), addr - start + offset);
+            }
+        }
+        panic!("address not mapped");
+    }
+
+    #[test]
+    fn symbolizes_once_then_answers_from_the_cache() {
+        let addr = symbol_cache_target as *const () as u64;
+        std::hint::black_box(symbol_cache_target(3));
+        let (key, offset) = self_file_offset(addr);
+        let mut symbols = Symbols::new(&[]);
+        symbols.add_object(key, File::open("/proc/self/exe").unwrap());
+        assert!(
+            !symbols.build_id(&key).is_empty(),
+            "the test binary has a build ID"
+        );
+
+        assert!(!symbols.is_cached(&key, offset));
+        symbols.load_file_offsets(&key, &[offset]);
+        let lines = symbols.file_lines(&key, offset);
+        assert_eq!(
+            lines.last().unwrap().function.as_ref(),
+            "symbol_cache_target"
+        );
+        assert!(
+            lines.last().unwrap().line > 0,
+            "DWARF line numbers: {lines:?}"
+        );
+
+        assert!(symbols.is_cached(&key, offset));
+        assert_eq!((symbols.hits, symbols.misses), (1, 1));
+        // An unknown binary is reported as cached (nothing to look up) and yields no lines.
+        let unknown = (0, 0, 1);
+        assert!(symbols.file_lines(&unknown, offset).is_empty());
+    }
+
+    #[test]
+    fn kernel_addresses_symbolize_from_kallsyms() {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
+        let Some(addr) = kallsyms.lines().find_map(|l| {
+            let mut f = l.split_whitespace();
+            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+            let _kind = f.next()?;
+            (f.next()? == "schedule" && addr != 0).then_some(addr)
+        }) else {
+            eprintln!("skipped: kernel addresses are hidden (not root)");
+            return;
+        };
+        let mut symbols = Symbols::new(&[]);
+        symbols.load_kernel(&[addr + 1]);
+        assert_eq!(
+            symbols
+                .kernel_lines(addr + 1)
+                .last()
+                .unwrap()
+                .function
+                .as_ref(),
+            "schedule"
+        );
+    }
+}
