@@ -132,11 +132,13 @@ pub enum Counter {
     LostProcessEvents,
     /// Processes added to the filter because a filtered process forked them.
     ForksFollowed,
+    /// Samples lost because a different stack already had the same hash.
+    LostStackHashCollision,
 }
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -150,6 +152,7 @@ impl Counter {
         Counter::StacksTruncated,
         Counter::LostProcessEvents,
         Counter::ForksFollowed,
+        Counter::LostStackHashCollision,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -165,6 +168,7 @@ impl Counter {
             Counter::StacksTruncated => "stacks_truncated",
             Counter::LostProcessEvents => "process_events_lost",
             Counter::ForksFollowed => "forks_followed",
+            Counter::LostStackHashCollision => "stack_hash_collision",
         }
     }
 
@@ -172,7 +176,10 @@ impl Counter {
     pub const fn is_loss(self) -> bool {
         matches!(
             self,
-            Counter::LostCountsMapFull | Counter::LostStacksMapFull | Counter::LostStackReadError
+            Counter::LostCountsMapFull
+                | Counter::LostStacksMapFull
+                | Counter::LostStackReadError
+                | Counter::LostStackHashCollision
         )
     }
 }

@@ -205,12 +205,25 @@ fn store_stack(
     if hash == NO_STACK {
         hash = 1;
     }
-    if stacks.get_ptr(&hash).is_none() {
-        match stacks.insert(&hash, &*buf, BPF_NOEXIST as u64) {
+    match stacks.get_ptr(&hash) {
+        // Already stored: check the cheap parts (length, leaf, root) to catch a hash collision
+        // rather than count this sample against another stack.
+        Some(existing) => {
+            let existing = unsafe { &*existing };
+            let last = len - 1;
+            if last >= MAX_STACK_DEPTH
+                || existing.len != buf.len
+                || existing.addrs[0] != buf.addrs[0]
+                || existing.addrs[last] != buf.addrs[last]
+            {
+                return Err(Counter::LostStackHashCollision);
+            }
+        }
+        None => match stacks.insert(&hash, &*buf, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {}
             Err(_) => return Err(Counter::LostStacksMapFull),
-        }
+        },
     }
     Ok(hash)
 }

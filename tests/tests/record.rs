@@ -493,3 +493,109 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
         .descendants()
         .any(|n| n.text().is_some_and(|t| t.contains("heavy"))));
 }
+
+#[test]
+fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let out = dir.path().join(format!("sig{signal}.pb.gz"));
+        let mut burner = Command::new(workload())
+            .args(["burn", "10"])
+            .spawn()
+            .unwrap();
+        let mut recorder = Command::new(profiler_bin())
+            .args(["record", "-F", "499", "-p", &burner.id().to_string()])
+            .args(["-o", path_str(&out)])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sleep(Duration::from_millis(1500));
+        unsafe { libc::kill(recorder.id() as i32, signal) };
+        let output = recorder.wait_with_output().unwrap();
+        let _ = burner.kill();
+        let _ = burner.wait();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        assert!(samples(&load_pprof(&out))
+            .iter()
+            .any(|s| s.functions.iter().any(|f| f == "burn_inner")));
+    }
+}
+
+#[test]
+fn recording_goes_on_until_the_last_of_several_pids_exits() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let mut short = Command::new(workload())
+        .args(["burn", "0.5"])
+        .spawn()
+        .unwrap();
+    let mut long = Command::new(workload())
+        .args(["shares", "2"])
+        .spawn()
+        .unwrap();
+    let (short_pid, long_pid) = (short.id().to_string(), long.id().to_string());
+    let reaper = std::thread::spawn(move || (short.wait(), long.wait()));
+    let out = dir.path().join("two.pb.gz");
+    let started = std::time::Instant::now();
+    let stderr = profiler_ok(&[
+        "record",
+        "-F",
+        "499",
+        "-p",
+        &short_pid,
+        "-p",
+        &long_pid,
+        "-o",
+        path_str(&out),
+    ]);
+    let _ = reaper.join();
+    assert!(started.elapsed() >= Duration::from_millis(1500), "{stderr}");
+    let samples = samples(&load_pprof(&out));
+    let pids: std::collections::HashSet<&str> =
+        samples.iter().map(|s| s.labels["pid"].as_str()).collect();
+    assert!(pids.contains(short_pid.as_str()) && pids.contains(long_pid.as_str()));
+    assert!(samples
+        .iter()
+        .any(|s| s.functions.iter().any(|f| f == "heavy")));
+}
+
+#[test]
+fn a_terminal_gets_a_live_progress_line() {
+    if !bpf_available() {
+        return;
+    }
+    let _serial = serial();
+    let dir = tmp();
+    let out = dir.path().join("tty.pb.gz");
+    // script(1) (util-linux) runs the profiler on a pseudo-terminal and keeps what it printed.
+    let command = format!(
+        "{} record -o {} -- {} burn 1",
+        profiler_bin().display(),
+        out.display(),
+        workload().display()
+    );
+    let typescript = dir.path().join("typescript");
+    let status = Command::new("script")
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(
+        text.contains("\rrecording") || text.contains("\r\x1b[2Krecording"),
+        "{text:?}"
+    );
+    assert!(text.contains(" samples"), "{text:?}");
+    assert!(text.contains("self%"), "{text:?}");
+}
