@@ -10,6 +10,7 @@ use std::{
 };
 
 use profiler_proto::pprof::Profile;
+use tempfile::TempDir;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -31,7 +32,7 @@ pub fn profiler_bin() -> PathBuf {
 
 /// Whether BPF tests can run here. In CI (CI=true) they must, so a missing privilege fails
 /// the test instead of skipping it.
-pub fn bpf_available() -> bool {
+fn bpf_available() -> bool {
     let root = unsafe { libc::geteuid() } == 0;
     if root {
         return true;
@@ -44,9 +45,66 @@ pub fn bpf_available() -> bool {
 }
 
 /// Serializes tests that sample, so that they do not fight over the machine's two CPUs.
-pub fn serial() -> MutexGuard<'static, ()> {
+fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A BPF test's context: it holds the lock that keeps BPF tests from running at once, and a
+/// temporary directory for its files.
+pub struct BpfTest {
+    pub dir: TempDir,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// Starts a BPF test, or returns None where BPF tests cannot run (skipped outside CI; in CI
+/// it panics instead, see `bpf_available`).
+pub fn bpf_test() -> Option<BpfTest> {
+    if !bpf_available() {
+        return None;
+    }
+    let serial = serial();
+    Some(BpfTest {
+        dir: tempfile::tempdir().unwrap(),
+        _serial: serial,
+    })
+}
+
+impl BpfTest {
+    /// NAME in the test's temporary directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `profiler record -F 499 -o DIR/NAME FLAGS... -- COMMAND...` (no `--` when COMMAND
+    /// is empty), whatever its exit status; returns the output path and how the run ended.
+    pub fn try_record(&self, name: &str, flags: &[&str], command: &[&str]) -> (PathBuf, Output) {
+        let out = self.path(name);
+        let output = profiler(&record_args(&out, flags, command));
+        (out, output)
+    }
+
+    /// Like `try_record`, asserting success; returns the output path and stderr.
+    pub fn record(&self, name: &str, flags: &[&str], command: &[&str]) -> (PathBuf, String) {
+        let out = self.path(name);
+        let stderr = profiler_ok(&record_args(&out, flags, command));
+        (out, stderr)
+    }
+}
+
+fn record_args<'a>(out: &'a Path, flags: &[&'a str], command: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["record", "-F", "499", "-o", path_str(out)];
+    args.extend(flags);
+    if !command.is_empty() {
+        args.push("--");
+        args.extend(command);
+    }
+    args
+}
+
+/// A path as a command-line argument (the tests' paths are all UTF-8).
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
 }
 
 /// The C workload (workloads/workload.c), compiled once per test binary with frame pointers
@@ -127,6 +185,24 @@ pub struct DecodedSample {
     pub functions: Vec<String>,
     pub count: i64,
     pub labels: HashMap<String, String>,
+}
+
+impl DecodedSample {
+    /// True when `function` is on this sample's stack.
+    pub fn has_function(&self, function: &str) -> bool {
+        self.functions.iter().any(|f| f == function)
+    }
+}
+
+/// True when any sample has `function` on its stack: the usual proof that a process's
+/// frames were recorded and symbolized.
+pub fn has_function(samples: &[DecodedSample], function: &str) -> bool {
+    samples.iter().any(|s| s.has_function(function))
+}
+
+/// Every sample of the pprof file at `path`, decoded.
+pub fn read_samples(path: &Path) -> Vec<DecodedSample> {
+    samples(&load_pprof(path))
 }
 
 /// Every sample of `profile`, decoded.

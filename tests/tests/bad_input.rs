@@ -18,6 +18,16 @@ fn assert_one_line_error(out: &Output, code: i32, needles: &[&str]) {
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
 }
 
+/// Runs `command ... record --all -d 1s -o DIR/p.pb.gz`: `command` is the profiler, or a
+/// wrapper that takes the profiler as its first argument.
+fn record_all(t: &BpfTest, mut command: Command) -> Output {
+    let output = t.path("p.pb.gz");
+    command
+        .args(["record", "--all", "-d", "1s", "-o", path_str(&output)])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn frequency_out_of_range() {
     for hz in ["0", "10001"] {
@@ -87,16 +97,12 @@ fn unknown_format() {
 
 #[test]
 fn command_that_cannot_start() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("p.pb.gz");
+    let Some(t) = bpf_test() else { return };
+    let output = t.path("p.pb.gz");
     let out = profiler(&[
         "record",
         "-o",
-        output.to_str().unwrap(),
+        path_str(&output),
         "--",
         "/nonexistent/command",
     ]);
@@ -135,45 +141,19 @@ fn missing_capabilities_are_named() {
 
 #[test]
 fn kernel_without_btf() {
-    if !bpf_available() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("p.pb.gz");
-    let out = Command::new(profiler_bin())
-        .env("PROFILER_VMLINUX_BTF", dir.path().join("no-such-btf"))
-        .args([
-            "record",
-            "--all",
-            "-d",
-            "1s",
-            "-o",
-            output.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let Some(t) = bpf_test() else { return };
+    let mut profiler = Command::new(profiler_bin());
+    profiler.env("PROFILER_VMLINUX_BTF", t.path("no-such-btf"));
+    let out = record_all(&t, profiler);
     assert_one_line_error(&out, 1, &["no BTF", "CONFIG_DEBUG_INFO_BTF"]);
 }
 
 #[test]
 fn kernel_without_bpf() {
-    if !bpf_available() {
-        return;
-    }
+    let Some(t) = bpf_test() else { return };
     let nobpf = compile_source("nobpf.c", "nobpf", &["-O1"]);
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("p.pb.gz");
-    let out = Command::new(nobpf)
-        .arg(profiler_bin())
-        .args([
-            "record",
-            "--all",
-            "-d",
-            "1s",
-            "-o",
-            output.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let mut wrapper = Command::new(nobpf);
+    wrapper.arg(profiler_bin());
+    let out = record_all(&t, wrapper);
     assert_one_line_error(&out, 1, &["no BPF support"]);
 }

@@ -3,19 +3,16 @@
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
     thread::sleep,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use profiler_tests::*;
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
+/// Starts the workload outside the profiler, for the tests that record by pid.
+fn spawn_workload(args: &[&str]) -> Child {
+    Command::new(workload()).args(args).spawn().unwrap()
 }
 
 /// The workload's own samples: its process name is "workload".
@@ -25,13 +22,8 @@ fn is_workload(s: &DecodedSample) -> bool {
 
 #[test]
 fn known_shares_and_leaf_first_order() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let out = dir.path().join("shares.pb.gz");
-    let workload = workload();
+    let Some(t) = bpf_test() else { return };
+    let out = t.path("shares.pb.gz");
     profiler_ok(&[
         "record",
         "-F",
@@ -39,12 +31,11 @@ fn known_shares_and_leaf_first_order() {
         "-o",
         path_str(&out),
         "--",
-        path_str(&workload),
+        path_str(&workload()),
         "shares",
         "3",
     ]);
-    let profile = load_pprof(&out);
-    let samples = samples(&profile);
+    let samples = read_samples(&out);
     let shares = inclusive_shares(&samples, is_workload);
     let total: i64 = samples
         .iter()
@@ -80,27 +71,13 @@ fn known_shares_and_leaf_first_order() {
 
 #[test]
 fn syscalls_show_symbolized_kernel_frames() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let out = dir.path().join("sys.pb.gz");
-    profiler_ok(&[
-        "record",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-        "--",
-        path_str(&workload()),
-        "syscalls",
-        "2",
-    ]);
-    let recorded = samples(&load_pprof(&out));
+    let Some(t) = bpf_test() else { return };
+    let workload = workload();
+    let (out, _) = t.record("sys.pb.gz", &[], &[path_str(&workload), "syscalls", "2"]);
+    let recorded = read_samples(&out);
     let with_kernel = recorded.iter().find(|s| {
         is_workload(s)
-            && s.functions.iter().any(|f| f == "syscall_loop")
+            && s.has_function("syscall_loop")
             && s.functions.iter().any(|f| f.contains("sys_write"))
     });
     assert!(
@@ -123,23 +100,13 @@ fn syscalls_show_symbolized_kernel_frames() {
     assert!(kernel < user, "{s:?}");
 
     // --no-kernel leaves them out.
-    let out = dir.path().join("nokernel.pb.gz");
-    profiler_ok(&[
-        "record",
-        "--no-kernel",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-        "--",
-        path_str(&workload()),
-        "syscalls",
-        "1",
-    ]);
-    let without = samples(&load_pprof(&out));
-    assert!(without
-        .iter()
-        .any(|s| s.functions.iter().any(|f| f == "syscall_loop")));
+    let (out, _) = t.record(
+        "nokernel.pb.gz",
+        &["--no-kernel"],
+        &[path_str(&workload), "syscalls", "1"],
+    );
+    let without = read_samples(&out);
+    assert!(has_function(&without, "syscall_loop"));
     assert!(!without
         .iter()
         .any(|s| s.functions.iter().any(|f| f.contains("sys_write"))));
@@ -147,29 +114,17 @@ fn syscalls_show_symbolized_kernel_frames() {
 
 #[test]
 fn command_children_are_followed_and_exit_code_passed_through() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let out = dir.path().join("fork.pb.gz");
-    let output = profiler(&[
-        "record",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-        "--",
-        path_str(&workload()),
-        "fork",
-        "1.5",
-        "7",
-    ]);
+    let Some(t) = bpf_test() else { return };
+    let (out, output) = t.try_record(
+        "fork.pb.gz",
+        &[],
+        &[path_str(&workload()), "fork", "1.5", "7"],
+    );
     assert_eq!(output.status.code(), Some(7), "CMD's exit code: {output:?}");
-    let samples = samples(&load_pprof(&out));
+    let samples = read_samples(&out);
     let child: Vec<_> = samples
         .iter()
-        .filter(|s| s.functions.iter().any(|f| f == "child_burn"))
+        .filter(|s| s.has_function("child_burn"))
         .collect();
     assert!(!child.is_empty(), "the forked child was not recorded");
     let child_count: i64 = child.iter().map(|s| s.count).sum();
@@ -178,42 +133,22 @@ fn command_children_are_followed_and_exit_code_passed_through() {
 
 #[test]
 fn a_process_that_exits_mid_recording_is_symbolized() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let out = dir.path().join("short.pb.gz");
+    let Some(t) = bpf_test() else { return };
     let script = format!("{} burn 0.5; sleep 1.5", workload().display());
-    profiler_ok(&[
-        "record",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-        "--",
-        "sh",
-        "-c",
-        &script,
-    ]);
-    let samples = samples(&load_pprof(&out));
+    let (out, _) = t.record("short.pb.gz", &[], &["sh", "-c", &script]);
+    let samples = read_samples(&out);
     let burn = samples
         .iter()
-        .find(|s| s.functions.iter().any(|f| f == "burn_inner"))
+        .find(|s| s.has_function("burn_inner"))
         .expect("the short-lived process's frames were not symbolized");
-    assert!(burn.functions.iter().any(|f| f == "burn_outer"));
+    assert!(burn.has_function("burn_outer"));
 }
 
 #[test]
 fn binary_only_in_a_private_mount_namespace_is_symbolized() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let hidden = dir.path().join("hidden");
+    let Some(t) = bpf_test() else { return };
+    let hidden = t.path("hidden");
     std::fs::create_dir(&hidden).unwrap();
-    let out = dir.path().join("ns.pb.gz");
     // The binary is copied into a tmpfs mounted only inside the new mount namespace: from
     // outside, `hidden` stays empty, and only /proc/PID/root or map_files reach the file.
     let script = format!(
@@ -221,63 +156,40 @@ fn binary_only_in_a_private_mount_namespace_is_symbolized() {
         h = hidden.display(),
         w = workload().display()
     );
-    profiler_ok(&[
-        "record",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-        "--",
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &script,
-    ]);
+    let (out, _) = t.record(
+        "ns.pb.gz",
+        &[],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
     assert!(std::fs::read_dir(&hidden).unwrap().next().is_none());
-    let samples = samples(&load_pprof(&out));
     assert!(
-        samples
-            .iter()
-            .any(|s| s.functions.iter().any(|f| f == "burn_inner")),
+        has_function(&read_samples(&out), "burn_inner"),
         "the namespaced binary's frames were not symbolized"
     );
 }
 
 #[test]
 fn binary_deleted_after_start_is_symbolized() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let copy = dir.path().join("doomed");
+    let Some(t) = bpf_test() else { return };
+    let copy = t.path("doomed");
     std::fs::copy(workload(), &copy).unwrap();
     let mut child = Command::new(&copy).args(["burn", "2.5"]).spawn().unwrap();
     sleep(Duration::from_millis(200));
     std::fs::remove_file(&copy).unwrap();
     let pid = child.id().to_string();
-    let out = dir.path().join("deleted.pb.gz");
-    profiler_ok(&[
-        "record",
-        "-p",
-        &pid,
-        "-d",
-        "1s",
-        "-F",
-        "499",
-        "-o",
-        path_str(&out),
-    ]);
+    let (out, _) = t.record("deleted.pb.gz", &["-p", &pid, "-d", "1s"], &[]);
     let _ = child.wait();
-    let profile = load_pprof(&out);
-    let samples = samples(&profile);
+    let samples = read_samples(&out);
     assert!(
-        samples
-            .iter()
-            .any(|s| s.functions.iter().any(|f| f == "burn_inner")),
+        has_function(&samples, "burn_inner"),
         "the deleted binary's frames were not symbolized"
     );
     assert!(samples.iter().all(|s| s.labels["pid"] == pid));
@@ -285,18 +197,11 @@ fn binary_deleted_after_start_is_symbolized() {
 
 #[test]
 fn recording_a_pid_stops_when_it_exits() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let mut child = Command::new(workload())
-        .args(["burn", "1"])
-        .spawn()
-        .unwrap();
+    let Some(t) = bpf_test() else { return };
+    let mut child = spawn_workload(&["burn", "1"]);
     let pid = child.id().to_string();
-    let out = dir.path().join("pid.pb.gz");
-    let started = std::time::Instant::now();
+    let out = t.path("pid.pb.gz");
+    let started = Instant::now();
     // No duration: the recording must end by itself when the target exits (reaped below by a
     // thread, as a parent would).
     let waiter = std::thread::spawn(move || child.wait());
@@ -304,22 +209,16 @@ fn recording_a_pid_stops_when_it_exits() {
     waiter.join().unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(10), "{stderr}");
     assert!(stderr.contains("targets exited"), "{stderr}");
-    assert!(samples(&load_pprof(&out))
-        .iter()
-        .any(|s| s.functions.iter().any(|f| f == "burn_inner")));
+    assert!(has_function(&read_samples(&out), "burn_inner"));
 }
 
 #[test]
 fn inlined_frames_and_separate_debug_info() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
+    let Some(t) = bpf_test() else { return };
     // -O2 with DWARF: inlined_leaf is inlined into with_inline.
     let full = compile("workload-inline", &["-O2", "-g", "-Wl,--build-id"]);
-    let stripped = dir.path().join("workload");
-    let debug_dir = dir.path().join("debug");
+    let stripped = t.path("workload");
+    let debug_dir = t.path("debug");
     // Separate debug info under .build-id/, the binary stripped of all symbols.
     let build_id = read_build_id(&full);
     let target = debug_dir
@@ -335,25 +234,16 @@ fn inlined_frames_and_separate_debug_info() {
         .args(["--strip-all"])
         .arg(&full)
         .arg(&stripped));
-    let out = dir.path().join("inline.pb.gz");
-    profiler_ok(&[
-        "record",
-        "-F",
-        "499",
-        "--debug-dir",
-        path_str(&debug_dir),
-        "-o",
-        path_str(&out),
-        "--",
-        path_str(&stripped),
-        "inline",
-        "1.5",
-    ]);
+    let (out, _) = t.record(
+        "inline.pb.gz",
+        &["--debug-dir", path_str(&debug_dir)],
+        &[path_str(&stripped), "inline", "1.5"],
+    );
     let profile = load_pprof(&out);
     let samples = samples(&profile);
     let s = samples
         .iter()
-        .find(|s| s.functions.iter().any(|f| f == "inlined_leaf"))
+        .find(|s| s.has_function("inlined_leaf"))
         .expect("no inlined frame: separate debug info was not used");
     let leaf = s
         .functions
@@ -394,35 +284,19 @@ fn read_build_id(binary: &Path) -> String {
 
 #[test]
 fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let pprof = dir.path().join("p.pb.gz");
-    let folded = dir.path().join("p.folded");
-    let svg = dir.path().join("p.svg");
-    let forced = dir.path().join("forced.out");
+    let Some(t) = bpf_test() else { return };
     let workload = workload();
-    for (out, extra) in [
-        (&pprof, None),
-        (&folded, None),
-        (&svg, None),
-        (&forced, Some("folded")),
-    ] {
-        let mut args = vec!["record", "-F", "499", "-o", path_str(out)];
-        if let Some(format) = extra {
-            args.extend(["--format", format]);
-        }
-        args.extend(["--", path_str(&workload), "shares", "1"]);
-        profiler_ok(&args);
-    }
+    let command = [path_str(&workload), "shares", "1"];
+    let (pprof, _) = t.record("p.pb.gz", &[], &command);
+    let (folded, _) = t.record("p.folded", &[], &command);
+    let (svg, _) = t.record("p.svg", &[], &command);
+    let (forced, _) = t.record("forced.out", &["--format", "folded"], &command);
 
     // pprof: Go's own reader, with our symbols (no re-symbolization).
     let top = std::process::Command::new("go")
         .args(["tool", "pprof", "-symbolize=none", "-top", "-nodecount=5"])
         .arg(&pprof)
-        .env("HOME", dir.path())
+        .env("HOME", t.dir.path())
         .output()
         .expect("go (golang-go) must be installed: cargo xtask setup installs it");
     let text = String::from_utf8_lossy(&top.stdout);
@@ -496,18 +370,11 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
 
 #[test]
 fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
+    let Some(t) = bpf_test() else { return };
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        let out = dir.path().join(format!("sig{signal}.pb.gz"));
-        let mut burner = Command::new(workload())
-            .args(["burn", "10"])
-            .spawn()
-            .unwrap();
-        let mut recorder = Command::new(profiler_bin())
+        let out = t.path(&format!("sig{signal}.pb.gz"));
+        let mut burner = spawn_workload(&["burn", "10"]);
+        let recorder = Command::new(profiler_bin())
             .args(["record", "-F", "499", "-p", &burner.id().to_string()])
             .args(["-o", path_str(&out)])
             .stderr(Stdio::piped())
@@ -521,61 +388,32 @@ fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(0), "{stderr}");
         assert!(stderr.contains("interrupted"), "{stderr}");
-        assert!(samples(&load_pprof(&out))
-            .iter()
-            .any(|s| s.functions.iter().any(|f| f == "burn_inner")));
+        assert!(has_function(&read_samples(&out), "burn_inner"));
     }
 }
 
 #[test]
 fn recording_goes_on_until_the_last_of_several_pids_exits() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let mut short = Command::new(workload())
-        .args(["burn", "0.5"])
-        .spawn()
-        .unwrap();
-    let mut long = Command::new(workload())
-        .args(["shares", "2"])
-        .spawn()
-        .unwrap();
+    let Some(t) = bpf_test() else { return };
+    let mut short = spawn_workload(&["burn", "0.5"]);
+    let mut long = spawn_workload(&["shares", "2"]);
     let (short_pid, long_pid) = (short.id().to_string(), long.id().to_string());
     let reaper = std::thread::spawn(move || (short.wait(), long.wait()));
-    let out = dir.path().join("two.pb.gz");
-    let started = std::time::Instant::now();
-    let stderr = profiler_ok(&[
-        "record",
-        "-F",
-        "499",
-        "-p",
-        &short_pid,
-        "-p",
-        &long_pid,
-        "-o",
-        path_str(&out),
-    ]);
+    let started = Instant::now();
+    let (out, stderr) = t.record("two.pb.gz", &["-p", &short_pid, "-p", &long_pid], &[]);
     let _ = reaper.join();
     assert!(started.elapsed() >= Duration::from_millis(1500), "{stderr}");
-    let samples = samples(&load_pprof(&out));
+    let samples = read_samples(&out);
     let pids: std::collections::HashSet<&str> =
         samples.iter().map(|s| s.labels["pid"].as_str()).collect();
     assert!(pids.contains(short_pid.as_str()) && pids.contains(long_pid.as_str()));
-    assert!(samples
-        .iter()
-        .any(|s| s.functions.iter().any(|f| f == "heavy")));
+    assert!(has_function(&samples, "heavy"));
 }
 
 #[test]
 fn a_terminal_gets_a_live_progress_line() {
-    if !bpf_available() {
-        return;
-    }
-    let _serial = serial();
-    let dir = tmp();
-    let out = dir.path().join("tty.pb.gz");
+    let Some(t) = bpf_test() else { return };
+    let out = t.path("tty.pb.gz");
     // script(1) (util-linux) runs the profiler on a pseudo-terminal and keeps what it printed.
     let command = format!(
         "{} record -o {} -- {} burn 1",
@@ -583,7 +421,7 @@ fn a_terminal_gets_a_live_progress_line() {
         out.display(),
         workload().display()
     );
-    let typescript = dir.path().join("typescript");
+    let typescript = t.path("typescript");
     let status = Command::new("script")
         .args(["-qec", &command])
         .arg(&typescript)
