@@ -28,7 +28,14 @@ const APT_PACKAGES: &[&str] = &[
     "gcc", // linker for every Rust build (including `cargo install bpf-linker`) and test programs
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
+    // pip for Debian's python3, to install kubernetes-validate (see `PIP_PACKAGE`)
+    "python3-pip",
 ];
+
+/// PyPI package (and the module it installs) that the deploy tests validate the Kubernetes
+/// manifests with; `setup` installs it into whatever `python3` is first on PATH.
+const PIP_PACKAGE: &str = "kubernetes-validate";
+const PIP_MODULE: &str = "kubernetes_validate";
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
 const NIGHTLY: &str = "nightly";
@@ -104,6 +111,7 @@ fn setup() -> Result<()> {
         );
     }
     report("apt packages", install_apt_packages(&missing)?);
+    report(PIP_PACKAGE, install_pip_package()?);
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
     let llvm = link_nightly_llvm()?;
@@ -215,6 +223,50 @@ fn install_apt_packages(missing: &[&str]) -> Result<Outcome> {
         .args(missing);
     run(&mut cmd)?;
     Ok(Outcome::Done)
+}
+
+/// Installs [`PIP_PACKAGE`] with `python3 -m pip` unless `python3` can already import it.
+///
+/// The tests call the same `python3` (`python3 -m kubernetes_validate`), so this works for a
+/// pyenv or venv interpreter as well as for Debian's, which refuses installs outside a venv
+/// (PEP 668) unless told `--break-system-packages`; that flag is passed only there.
+fn install_pip_package() -> Result<Outcome> {
+    let mut installed = Command::new("python3");
+    installed.args([
+        "-c",
+        &format!(
+            "import {PIP_MODULE}; from importlib.metadata import version; \
+             print(version('{PIP_PACKAGE}'))"
+        ),
+    ]);
+    if let Some(version) = probe(&mut installed)? {
+        return Ok(Outcome::Skipped(format!(
+            "{PIP_PACKAGE} {}",
+            version.trim()
+        )));
+    }
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "--quiet"]);
+    if python_externally_managed()? {
+        cmd.arg("--break-system-packages");
+    }
+    // Root is expected here (CI, containers); pip's warning about it is noise.
+    cmd.arg(PIP_PACKAGE).env("PIP_ROOT_USER_ACTION", "ignore");
+    run(&mut cmd)?;
+    Ok(Outcome::Done)
+}
+
+/// Whether `python3` is an externally managed interpreter in the sense of PEP 668: not in a
+/// virtual environment, with an `EXTERNALLY-MANAGED` marker in its stdlib directory.
+fn python_externally_managed() -> Result<bool> {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        "import os, sys, sysconfig; \
+         marker = os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'); \
+         sys.exit(0 if sys.prefix == sys.base_prefix and os.path.isfile(marker) else 1)",
+    ]);
+    Ok(probe(&mut cmd)?.is_some())
 }
 
 /// Installs the nightly toolchain unless it already runs.
