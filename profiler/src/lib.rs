@@ -7,4 +7,5 @@ pub mod aggregate;
 pub mod cli;
 pub mod collect;
 pub mod export;
+pub mod metrics;
 pub mod resolve;

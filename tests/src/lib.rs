@@ -10,6 +10,8 @@ use std::{
 };
 
 use profiler_proto::pprof::Profile;
+
+pub mod receiver;
 use tempfile::TempDir;
 
 /// The workspace root.

@@ -11,6 +11,44 @@ use profiler_proto::pprof::{
 
 use crate::resolve::{Frame, Mapping, ResolvedSample};
 
+/// One profile builder per key (per target in the agent), started and emptied together.
+pub struct ProfileSet<K> {
+    frequency: u64,
+    builders: std::collections::BTreeMap<K, ProfileBuilder>,
+}
+
+impl<K: Ord + Clone> ProfileSet<K> {
+    /// Empty, for samples taken at `frequency` Hz.
+    pub fn new(frequency: u64) -> Self {
+        Self {
+            frequency,
+            builders: Default::default(),
+        }
+    }
+
+    /// Adds `sample` to the profile of `key`.
+    pub fn add(&mut self, key: &K, sample: &ResolvedSample) {
+        let frequency = self.frequency;
+        self.builders
+            .entry(key.clone())
+            .or_insert_with(|| ProfileBuilder::new(frequency))
+            .add(std::slice::from_ref(sample));
+    }
+
+    /// Every profile, each covering exactly `start`..`until` so that consecutive intervals
+    /// meet without gap or overlap; leaves the set empty for the next interval.
+    pub fn take(&mut self, start: SystemTime, until: SystemTime) -> Vec<(K, Profile)> {
+        let duration = until.duration_since(start).unwrap_or_default().as_nanos() as i64;
+        std::mem::take(&mut self.builders)
+            .into_iter()
+            .map(|(key, mut builder)| {
+                builder.start = start;
+                (key, builder.build(duration))
+            })
+            .collect()
+    }
+}
+
 /// Builds one pprof profile from any number of batches of resolved samples.
 pub struct ProfileBuilder {
     strings: HashMap<String, i64>,

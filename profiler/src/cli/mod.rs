@@ -1,6 +1,8 @@
 //! Command-line wiring: parses arguments and turns every failure into one line on stderr and
 //! an exit code, never a panic or a backtrace.
 
+mod agent;
+mod config;
 mod privileges;
 mod record;
 
@@ -22,6 +24,8 @@ struct Cli {
 enum Command {
     /// Record on-CPU stacks of processes, a command, or the whole machine into a profile.
     Record(RecordArgs),
+    /// Profile the whole node continuously and push profiles to Pyroscope.
+    Agent(config::AgentArgs),
 }
 
 /// An error that carries the exit code it should end the process with.
@@ -88,6 +92,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Record(args) => record::run(args).await,
+            Command::Agent(args) => agent::run(args).await,
         }
     });
     match result {
@@ -98,6 +103,16 @@ pub fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Parses `500ms`, `10s`, `2m`; zero is refused.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 500ms, 10s or 2m ({e})"))?;
+    if duration.is_zero() {
+        return Err("the duration must be longer than 0".into());
+    }
+    Ok(duration)
 }
 
 /// The error and its causes on one line.

@@ -6,7 +6,7 @@ const CAP_BPF: u32 = 39;
 const CAP_SYS_ADMIN: u32 = 21;
 
 /// Names of the capabilities that recording needs and this process lacks.
-pub fn missing_capabilities() -> Vec<&'static str> {
+fn missing_capabilities() -> Vec<&'static str> {
     let effective = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -26,4 +26,16 @@ pub fn missing_capabilities() -> Vec<&'static str> {
         .filter(|(cap, _)| !has(*cap))
         .map(|(_, name)| name)
         .collect()
+}
+
+/// Fails, naming what is missing, unless this process may load BPF programs and open perf events.
+pub fn require_capabilities() -> anyhow::Result<()> {
+    let missing = missing_capabilities();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "recording needs root or the capabilities CAP_BPF and CAP_PERFMON (missing: {})",
+            missing.join(", ")
+        );
+    }
+    Ok(())
 }

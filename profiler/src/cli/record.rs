@@ -17,7 +17,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use super::{privileges::missing_capabilities, Exit};
+use super::{parse_duration, privileges::require_capabilities, Exit};
 use crate::{
     aggregate::ProfileBuilder,
     collect::{CollectConfig, Collector, Counters, Targets},
@@ -65,15 +65,6 @@ pub struct RecordArgs {
     command: Vec<OsString>,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text)
-        .map_err(|e| format!("`{text}` is not a duration like 500ms, 10s or 2m ({e})"))?;
-    if duration.is_zero() {
-        return Err("the duration must be longer than 0".into());
-    }
-    Ok(duration)
-}
-
 /// What ended the recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -113,13 +104,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
             return Err(Exit::usage(format!("no process with pid {pid}")));
         }
     }
-    let missing = missing_capabilities();
-    if !missing.is_empty() {
-        anyhow::bail!(
-            "recording needs root or the capabilities CAP_BPF and CAP_PERFMON (missing: {})",
-            missing.join(", ")
-        );
-    }
+    require_capabilities()?;
 
     let targets = if args.all {
         Targets::All

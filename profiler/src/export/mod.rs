@@ -107,3 +107,20 @@ fn write_svg(profile: &Profile, out: &mut impl Write) -> Result<()> {
     }
     Ok(())
 }
+
+/// A profile ready for the Pyroscope push queue, covering `from`..`until`.
+pub fn upload(
+    profile: &Profile,
+    labels: &std::collections::BTreeMap<String, String>,
+    from: std::time::SystemTime,
+    until: std::time::SystemTime,
+    frequency: u64,
+) -> Result<profiler_push::Upload> {
+    Ok(profiler_push::Upload {
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        pprof_gz: encode_gzipped(profile)?,
+        from,
+        until,
+        sample_rate: frequency as u32,
+    })
+}

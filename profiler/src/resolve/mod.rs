@@ -4,6 +4,7 @@
 mod demangle;
 mod process;
 mod symbols;
+mod targets;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,6 +16,7 @@ use std::{
 pub use demangle::demangle;
 pub use process::{is_alive, Mapping};
 pub use symbols::{basename, Line, Lines};
+pub use targets::{Target, TargetKey, Targets, PROFILE_NAME};
 
 use crate::collect::RawSample;
 use process::{read_process, thread_name, FileKey, ProcessInfo, RawMapping};
@@ -133,6 +135,33 @@ impl Resolver {
     /// Forgets a process (once its samples are out).
     pub fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
+    }
+
+    /// Forgets every process that has exited, and closes binaries no remaining process maps,
+    /// so that memory stays bounded however many processes come and go. Returns the pids
+    /// forgotten.
+    pub fn forget_exited(&mut self) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .processes
+            .keys()
+            .copied()
+            .filter(|pid| !is_alive(*pid))
+            .collect();
+        for pid in &gone {
+            self.processes.remove(pid);
+        }
+        let in_use: HashSet<FileKey> = self
+            .processes
+            .values()
+            .flat_map(|p| p.mappings.iter().filter_map(|m| m.file))
+            .collect();
+        self.symbols.retain_objects(&in_use);
+        gone
+    }
+
+    /// The name of a known process.
+    pub fn comm(&self, pid: u32) -> Option<Arc<str>> {
+        self.processes.get(&pid).map(|p| p.comm.clone())
     }
 
     /// Processes known, live or exited.

@@ -234,6 +234,11 @@ impl Symbols {
             .unwrap_or_else(|| self.empty.clone())
     }
 
+    /// Closes every binary whose key is not in `keep`, with its cached symbols.
+    pub fn retain_objects(&mut self, keep: &std::collections::HashSet<FileKey>) {
+        self.objects.retain(|key, _| keep.contains(key));
+    }
+
     /// Number of binaries open.
     pub fn objects(&self) -> usize {
         self.objects.len()

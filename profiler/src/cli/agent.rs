@@ -1,0 +1,172 @@
+//! `profiler agent`: samples the whole node at a low frequency and pushes one profile per
+//! target every upload interval, until SIGTERM, when it flushes what is left.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    signal::unix::{signal, SignalKind},
+};
+
+use super::{
+    config::{AgentArgs, AgentConfig},
+    privileges::require_capabilities,
+};
+use crate::{
+    aggregate::ProfileSet,
+    collect::{CollectConfig, Collector, Targets as Filter},
+    export,
+    metrics::Metrics,
+    resolve::{ResolvedSample, Resolver, TargetKey, Targets},
+};
+
+/// How often the kernel maps are drained: a fraction of the upload interval.
+const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(args: AgentArgs) -> Result<u8> {
+    let config = AgentConfig::load(args)?;
+    require_capabilities()?;
+    let metrics = Metrics::new();
+    metrics.serve(config.metrics_addr).await?;
+
+    let mut collector = Collector::start(&CollectConfig {
+        targets: Filter::All,
+        frequency: config.frequency,
+        kernel_stacks: true,
+        ..Default::default()
+    })?;
+    metrics.set_ready();
+
+    let pusher = profiler_push::Pusher::start(config.push.clone(), metrics.clone())?;
+    let pods = match profiler_metadata::kubernetes::watch_pods(
+        &config.node_name,
+        config.kubeconfig.as_deref(),
+    )
+    .await
+    {
+        Ok(pods) => Some(pods),
+        Err(err) => {
+            eprintln!("info: running without Kubernetes labels: {err:#}");
+            None
+        }
+    };
+    let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods);
+    let mut resolver = Resolver::new(&[]);
+    let mut interval = Interval::new(config.frequency);
+
+    let events_fd = collector
+        .events_fd()
+        .context("watching the process events")?;
+    // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
+    let events = unsafe { AsyncFd::register_with_interest(events_fd, Interest::READABLE) }
+        .map_err(|e| anyhow!("watching the process events: {e}"))?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    let mut upload = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.upload_interval,
+        config.upload_interval,
+    );
+
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            guard = events.readable() => {
+                let mut guard = guard?;
+                guard.clear_ready();
+                for pid in collector.new_processes() {
+                    // New process, or exec: read it (again) and decide where it belongs.
+                    resolver.observe(pid);
+                    targets.forget(pid);
+                    let comm = resolver.comm(pid).unwrap_or_else(|| Arc::from(""));
+                    if targets.get(pid, &comm).dropped {
+                        // Relabeling dropped it: the kernel stops sampling it.
+                        collector.exclude(pid)?;
+                    }
+                }
+            }
+            _ = drain.tick() => {
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                metrics.update(&collector.counters()?, &resolver.stats());
+            }
+            _ = upload.tick() => {
+                interval.send(&pusher, &metrics);
+                // Exited processes' samples are out now: forget them.
+                for pid in resolver.forget_exited() {
+                    targets.forget(pid);
+                    collector.forget(pid);
+                }
+                targets.retry_unknown_pods();
+            }
+        }
+    }
+
+    // The last interval goes out too, then the queue gets until the deadline to drain.
+    interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
+    interval.send(&pusher, &metrics);
+    metrics.update(&collector.counters()?, &resolver.stats());
+    let left = pusher.shutdown(config.shutdown_timeout).await;
+    if left > 0 {
+        eprintln!("warn: {left} profiles were not delivered before the shutdown deadline");
+    }
+    Ok(0)
+}
+
+/// One upload interval's profiles, one per target, with each target's labels.
+struct Interval {
+    profiles: ProfileSet<TargetKey>,
+    labels: BTreeMap<TargetKey, BTreeMap<String, String>>,
+    start: SystemTime,
+    frequency: u64,
+}
+
+impl Interval {
+    fn new(frequency: u64) -> Self {
+        Self {
+            profiles: ProfileSet::new(frequency),
+            labels: BTreeMap::new(),
+            start: SystemTime::now(),
+            frequency,
+        }
+    }
+
+    /// Files samples under their targets; dropped targets' samples go nowhere.
+    fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample]) {
+        for sample in samples {
+            let target = targets.get(sample.pid, &sample.comm);
+            if target.dropped {
+                continue;
+            }
+            self.labels
+                .entry(target.key.clone())
+                .or_insert_with(|| target.labels.clone());
+            self.profiles.add(&target.key, sample);
+        }
+    }
+
+    /// Queues one profile per target and starts the next interval.
+    fn send(&mut self, pusher: &profiler_push::Pusher, metrics: &Metrics) {
+        let until = SystemTime::now();
+        for (key, profile) in self.profiles.take(self.start, until) {
+            let Some(labels) = self.labels.get(&key) else {
+                continue;
+            };
+            match export::upload(&profile, labels, self.start, until, self.frequency) {
+                Ok(upload) => pusher.enqueue(upload),
+                Err(err) => {
+                    eprintln!("warn: cannot encode the profile of {key:?}: {err:#}");
+                    metrics.profile_dropped();
+                }
+            }
+        }
+        self.labels.clear();
+        self.start = until;
+    }
+}

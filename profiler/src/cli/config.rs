@@ -1,0 +1,227 @@
+//! The agent's configuration: flags, then `PROFILER_*` environment variables, then the TOML
+//! file given by `--config`, then defaults. Everything is checked at start-up, so a bad value
+//! is one clear error before anything is loaded.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Args;
+use profiler_metadata::relabel::{RelabelConfig, Relabeler};
+use profiler_push::{Protocol, PushConfig};
+use serde::Deserialize;
+
+use super::{parse_duration, Exit};
+
+/// `profiler agent` flags. Each one can also come from `PROFILER_<NAME>` or the config file.
+#[derive(Args, Debug, Default)]
+pub struct AgentArgs {
+    /// TOML configuration file; flags and PROFILER_* variables override it.
+    #[arg(long, env = "PROFILER_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Pyroscope (or compatible) server, e.g. http://pyroscope:4040.
+    #[arg(long, env = "PROFILER_PYROSCOPE_URL", value_name = "URL")]
+    pub pyroscope_url: Option<String>,
+    /// Samples per second on each CPU [default: 19].
+    #[arg(short = 'F', long, env = "PROFILER_FREQUENCY", value_name = "HZ")]
+    pub frequency: Option<u64>,
+    /// How often profiles are sent [default: 15s].
+    #[arg(long, env = "PROFILER_UPLOAD_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub upload_interval: Option<Duration>,
+    /// Static label added to every profile, `key=value`; repeatable.
+    #[arg(
+        long = "label",
+        env = "PROFILER_LABELS",
+        value_name = "K=V",
+        value_delimiter = ','
+    )]
+    pub labels: Vec<String>,
+    /// Tenant, sent as X-Scope-OrgID.
+    #[arg(long, env = "PROFILER_TENANT_ID", value_name = "ID")]
+    pub tenant_id: Option<String>,
+    /// Basic-auth user; the password comes from --basic-auth-password-file or
+    /// PROFILER_BASIC_AUTH_PASSWORD, never from a flag.
+    #[arg(long, env = "PROFILER_BASIC_AUTH_USER", value_name = "USER")]
+    pub basic_auth_user: Option<String>,
+    /// File holding the basic-auth password.
+    #[arg(long, env = "PROFILER_BASIC_AUTH_PASSWORD_FILE", value_name = "PATH")]
+    pub basic_auth_password_file: Option<PathBuf>,
+    /// PEM file of CA certificates to trust for https:// servers.
+    #[arg(long, env = "PROFILER_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+    /// grpc (push API) or http (/ingest, for older servers and proxies) [default: grpc].
+    #[arg(long, env = "PROFILER_PROTOCOL", value_name = "P")]
+    pub protocol: Option<String>,
+    /// Address of /metrics, /healthz and /readyz [default: 127.0.0.1:7071].
+    #[arg(long, env = "PROFILER_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// This node's name: selects its pods and labels its profiles [default: the hostname].
+    #[arg(long, env = "PROFILER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Bound on profile bytes waiting for delivery [default: 64 MiB].
+    #[arg(long, env = "PROFILER_QUEUE_BYTES", value_name = "N")]
+    pub queue_bytes: Option<usize>,
+    /// How long SIGTERM may wait for the last profiles to be delivered [default: 10s].
+    #[arg(long, env = "PROFILER_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// kubeconfig to use outside a cluster [default: in-cluster, else $KUBECONFIG or ~/.kube/config].
+    #[arg(long, env = "PROFILER_KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// The config file's shape; unknown keys are errors.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    pyroscope_url: Option<String>,
+    frequency: Option<u64>,
+    upload_interval: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    tenant_id: Option<String>,
+    basic_auth_user: Option<String>,
+    basic_auth_password_file: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
+    protocol: Option<String>,
+    metrics_addr: Option<String>,
+    node_name: Option<String>,
+    queue_bytes: Option<usize>,
+    shutdown_timeout: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    relabel_configs: Vec<RelabelConfig>,
+}
+
+/// The agent's settings, merged and checked.
+pub struct AgentConfig {
+    pub frequency: u64,
+    pub upload_interval: Duration,
+    pub labels: BTreeMap<String, String>,
+    pub metrics_addr: SocketAddr,
+    pub node_name: String,
+    pub shutdown_timeout: Duration,
+    pub kubeconfig: Option<PathBuf>,
+    pub relabel: Relabeler,
+    pub push: PushConfig,
+}
+
+impl AgentConfig {
+    /// Merges flags and environment (already in `args`, flags first), the config file and
+    /// defaults; any bad value is a usage error (exit 2).
+    pub fn load(args: AgentArgs) -> Result<AgentConfig> {
+        Self::merge(args).map_err(|e| Exit::usage(format!("{e:#}")))
+    }
+
+    fn merge(args: AgentArgs) -> Result<AgentConfig> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let frequency = args.frequency.or(file.frequency).unwrap_or(19);
+        if !(1..=10_000).contains(&frequency) {
+            bail!("frequency {frequency} Hz is out of range (1 to 10000)");
+        }
+        let upload_interval = match (args.upload_interval, &file.upload_interval) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                parse_duration(text).map_err(|e| anyhow!("upload_interval: {e}"))?
+            }
+            (None, None) => Duration::from_secs(15),
+        };
+        let shutdown_timeout = match (args.shutdown_timeout, &file.shutdown_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                parse_duration(text).map_err(|e| anyhow!("shutdown_timeout: {e}"))?
+            }
+            (None, None) => Duration::from_secs(10),
+        };
+        let mut labels = file.labels;
+        for pair in &args.labels {
+            let (key, value) = pair
+                .split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .ok_or_else(|| anyhow!("label `{pair}` is not key=value"))?;
+            labels.insert(key.to_owned(), value.to_owned());
+        }
+        let metrics_text = args
+            .metrics_addr
+            .or(file.metrics_addr)
+            .unwrap_or_else(|| "127.0.0.1:7071".into());
+        let metrics_addr: SocketAddr = metrics_text
+            .parse()
+            .map_err(|e| anyhow!("metrics address `{metrics_text}`: {e}"))?;
+        let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
+        let url = args
+            .pyroscope_url
+            .or(file.pyroscope_url)
+            .ok_or_else(|| anyhow!("no Pyroscope server: give --pyroscope-url, PROFILER_PYROSCOPE_URL or pyroscope_url in the config file"))?;
+        let protocol = match args.protocol.or(file.protocol).as_deref() {
+            None | Some("grpc") => Protocol::Grpc,
+            Some("http") => Protocol::Http,
+            Some(other) => bail!("protocol `{other}` is not grpc or http"),
+        };
+        let user = args.basic_auth_user.or(file.basic_auth_user);
+        let password_file = args
+            .basic_auth_password_file
+            .or(file.basic_auth_password_file);
+        let basic_auth = match user {
+            Some(user) => Some((user, password(password_file.as_deref())?)),
+            None => None,
+        };
+        let relabel = Relabeler::new(&file.relabel_configs).context("relabel_configs")?;
+        let push = PushConfig {
+            url,
+            protocol,
+            tenant_id: args.tenant_id.or(file.tenant_id),
+            basic_auth,
+            ca_cert: args.ca_cert.or(file.ca_cert),
+            queue_bytes: args.queue_bytes.or(file.queue_bytes).unwrap_or(64 << 20),
+            timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
+        };
+        push.validate()?;
+        Ok(AgentConfig {
+            frequency,
+            upload_interval,
+            labels,
+            metrics_addr,
+            node_name,
+            shutdown_timeout,
+            kubeconfig: args.kubeconfig.or(file.kubeconfig),
+            relabel,
+            push,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        // toml's message spans several lines with a caret; its first line says enough.
+        let message = e.message().to_owned();
+        anyhow!("config file {}: {message}", path.display())
+    })
+}
+
+/// The basic-auth password: from the file if one is named, else PROFILER_BASIC_AUTH_PASSWORD.
+fn password(file: Option<&Path>) -> Result<String> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the password file {}", path.display()))?;
+        return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    std::env::var("PROFILER_BASIC_AUTH_PASSWORD").map_err(|_| {
+        anyhow!("a basic-auth user needs a password: --basic-auth-password-file or PROFILER_BASIC_AUTH_PASSWORD")
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,529 @@
+//! `profiler agent` end to end: the real binary with real BPF, pushing to a real tonic
+//! receiver (and a real HTTP server for /ingest) started by the test.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use profiler_proto::pprof::Profile;
+use profiler_tests::{receiver::*, *};
+
+/// A running agent process.
+struct Agent {
+    child: Child,
+    metrics: SocketAddr,
+}
+
+impl Agent {
+    /// Starts `profiler agent` against `url`, uploading every `interval`.
+    fn start(url: &str, interval: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let metrics = free_port();
+        let mut command = Command::new(profiler_bin());
+        command
+            .args([
+                "agent",
+                "--pyroscope-url",
+                url,
+                "--upload-interval",
+                interval,
+            ])
+            .args(["-F", "99", "--node-name", "test-node"])
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .env("PROFILER_KUBECONFIG", "/nonexistent/kubeconfig")
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let agent = Agent {
+            child: command.spawn().expect("starting the agent"),
+            metrics,
+        };
+        assert!(
+            poll(Duration::from_secs(20), || agent
+                .get("/readyz")
+                .starts_with("HTTP/1.1 200")),
+            "the agent never became ready"
+        );
+        agent
+    }
+
+    /// GET `path` on the metrics address; the raw response, or "" when not listening.
+    fn get(&self, path: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(self.metrics) else {
+            return String::new();
+        };
+        let _ = write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
+    /// Metric values by `name{labels}` from /metrics, after checking the text format.
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        let response = self.get("/metrics");
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+        parse_prometheus(body)
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+fn poll(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+/// Parses Prometheus text exposition: every sample line is `name[{labels}] value`.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut values = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let bare = name.split('{').next().unwrap();
+        assert!(
+            bare.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        values.insert(name.to_owned(), value);
+    }
+    assert!(text.ends_with("# EOF\n") || text.ends_with('\n'));
+    values
+}
+
+fn metric(values: &BTreeMap<String, f64>, name: &str) -> f64 {
+    values.get(name).copied().unwrap_or(0.0)
+}
+
+/// A gzipped pprof, decoded.
+fn decode(raw: &[u8]) -> Profile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.pb.gz");
+    std::fs::write(&path, raw).unwrap();
+    load_pprof(&path)
+}
+
+fn of_service<'a>(received: &'a [Received], service: &str) -> Vec<&'a Received> {
+    received
+        .iter()
+        .filter(|r| r.label("service_name") == Some(service))
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn spawn_workload(args: &[&str]) -> Child {
+    Command::new(workload()).args(args).spawn().unwrap()
+}
+
+#[test]
+fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let mut workload = spawn_workload(&["shares", "30"]);
+    let pid = workload.id().to_string();
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "2s",
+        &[
+            "--label",
+            "env=test",
+            "--tenant-id",
+            "team-a",
+            "--basic-auth-user",
+            "u",
+        ],
+        &[("PROFILER_BASIC_AUTH_PASSWORD", "p")],
+    );
+    assert!(poll(Duration::from_secs(20), || {
+        of_service(&recorder.snapshot(), "workload").len() >= 2
+    }));
+    assert!(agent.get("/healthz").starts_with("HTTP/1.1 200"));
+    let metrics = agent.metrics();
+    let status = agent.terminate();
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(status.success(), "{status:?}");
+
+    let received = recorder.snapshot();
+    let mine = of_service(&received, "workload");
+    let first = mine[0];
+    for (name, value) in [
+        ("__name__", "process_cpu"),
+        ("node", "test-node"),
+        ("env", "test"),
+        ("pid", pid.as_str()),
+        ("comm", "workload"),
+    ] {
+        assert_eq!(first.label(name), Some(value), "{name}: {:?}", first.labels);
+    }
+    assert!(first.labels.iter().all(|(k, _)| !k.starts_with("__meta")));
+    assert_eq!(first.tenant.as_deref(), Some("team-a"));
+    assert_eq!(first.authorization.as_deref(), Some("Basic dTpw"));
+    // One profile per target: other processes are separate series.
+    assert!(mine.iter().all(|r| r.label("pid") == Some(pid.as_str())));
+    let samples = samples(&decode(&first.raw_profile));
+    assert!(has_function(&samples, "heavy"), "{samples:?}");
+
+    assert!(
+        metric(&metrics, "profiler_samples_collected_total") > 0.0,
+        "{metrics:?}"
+    );
+    assert!(
+        metric(&metrics, "profiler_pushes_total{result=\"delivered\"}") >= 2.0,
+        "{metrics:?}"
+    );
+    assert!(metric(&metrics, "profiler_processes_tracked") > 0.0);
+    assert!(metric(&metrics, "profiler_symbolizer_cache_misses_total") > 0.0);
+    assert!(metrics.keys().any(|k| k.starts_with("profiler_build_info")));
+    assert!(metrics
+        .keys()
+        .any(|k| k.starts_with("profiler_push_duration_seconds_bucket")));
+    assert!(metrics.contains_key("profiler_queue_bytes"));
+    assert!(metrics.contains_key("profiler_profiles_dropped_total"));
+}
+
+#[test]
+fn outage_loses_and_duplicates_nothing_and_sigterm_flushes() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let addr = server.addr;
+    let mut workload = spawn_workload(&["burn", "60"]);
+    let agent = Agent::start(&format!("http://{addr}"), "1s", &[], &[]);
+    assert!(poll(Duration::from_secs(20), || !of_service(
+        &recorder.snapshot(),
+        "workload"
+    )
+    .is_empty()));
+
+    // Down for over two intervals, then back on the same port.
+    rt.block_on(server.stop());
+    std::thread::sleep(Duration::from_millis(3500));
+    let during = of_service(&recorder.snapshot(), "workload").len();
+    let server = rt.block_on(async { serve(bind_again(addr).await, recorder.clone()) });
+    assert!(poll(Duration::from_secs(30), || {
+        of_service(&recorder.snapshot(), "workload").len() >= during + 4
+    }));
+    // SIGTERM sends the last, partial interval before exiting.
+    let before = of_service(&recorder.snapshot(), "workload").len();
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    drop(server);
+
+    let received = recorder.snapshot();
+    let mine = of_service(&received, "workload");
+    assert!(
+        mine.len() > before,
+        "SIGTERM did not flush the last interval"
+    );
+    let ids: HashSet<&str> = mine.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), mine.len(), "a profile arrived twice");
+    // Intervals follow each other with no gap and no overlap.
+    let mut spans: Vec<(i64, i64)> = mine
+        .iter()
+        .map(|r| {
+            let p = decode(&r.raw_profile);
+            (p.time_nanos, p.duration_nanos)
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert_eq!(
+            pair[0].0 + pair[0].1,
+            pair[1].0,
+            "gap or overlap: {spans:?}"
+        );
+    }
+}
+
+#[test]
+fn a_full_queue_drops_the_oldest_and_counts_it() {
+    let Some(_t) = bpf_test() else { return };
+    let addr = free_port();
+    let mut workload = spawn_workload(&["burn", "30"]);
+    let agent = Agent::start(
+        &format!("http://{addr}"),
+        "1s",
+        &["--queue-bytes", "2000", "--shutdown-timeout", "1s"],
+        &[],
+    );
+    assert!(poll(Duration::from_secs(20), || {
+        metric(&agent.metrics(), "profiler_profiles_dropped_total") > 0.0
+    }));
+    assert!(
+        metric(
+            &agent.metrics(),
+            "profiler_pushes_total{result=\"retrying\"}"
+        ) > 0.0
+    );
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+}
+
+#[test]
+fn http_ingest_reaches_a_real_http_server() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(serve_http(listener, requests.clone()));
+    let mut workload = spawn_workload(&["burn", "30"]);
+    let agent = Agent::start(
+        &format!("http://{addr}"),
+        "1s",
+        &["--protocol", "http"],
+        &[],
+    );
+    let found =
+        poll(Duration::from_secs(20), || {
+            requests.lock().unwrap().iter().any(|(line, _)| {
+                line.contains("name=workload%7B") || line.contains("name=workload{")
+            })
+        });
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(
+        found,
+        "{:?}",
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| &r.0)
+            .collect::<Vec<_>>()
+    );
+    let requests = requests.lock().unwrap();
+    let (line, body) = requests
+        .iter()
+        .find(|(line, _)| line.contains("name=workload"))
+        .unwrap();
+    assert!(line.starts_with("POST /ingest?"), "{line}");
+    for needle in [
+        "format=pprof",
+        "sampleRate=99",
+        "from=",
+        "until=",
+        "node%3Dtest-node",
+    ] {
+        assert!(line.contains(needle), "{needle} missing from {line}");
+    }
+    assert!(has_function(&samples(&decode(body)), "burn_inner"));
+}
+
+/// A minimal HTTP/1.1 server: records each request line and body, answers 200.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut length = 0;
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).await.unwrap();
+                requests
+                    .lock()
+                    .unwrap()
+                    .push((line.trim_end().to_owned(), body));
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+    }
+}
+
+#[test]
+fn relabel_drop_and_keep_decide_what_is_pushed() {
+    let Some(t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    // Two copies of the workload under different names; the rules drop one.
+    let kept = t.path("keepme");
+    std::fs::copy(workload(), &kept).unwrap();
+    let config = t.path("agent.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[relabel_configs]]
+source_labels = ["__meta_process_comm"]
+regex = "workload"
+action = "drop"
+
+[[relabel_configs]]
+source_labels = ["__meta_process_exe"]
+regex = "keepme|workload"
+action = "keep"
+
+[[relabel_configs]]
+source_labels = ["__meta_process_exe"]
+target_label = "exe"
+"#,
+    )
+    .unwrap();
+    let mut dropped = spawn_workload(&["burn", "30"]);
+    let mut keep = Command::new(&kept).args(["burn", "30"]).spawn().unwrap();
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "1s",
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(poll(Duration::from_secs(20), || of_service(
+        &recorder.snapshot(),
+        "keepme"
+    )
+    .len()
+        >= 3));
+    assert!(agent.terminate().success());
+    for child in [&mut dropped, &mut keep] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let received = recorder.snapshot();
+    assert!(
+        of_service(&received, "workload").is_empty(),
+        "a dropped target was pushed"
+    );
+    assert_eq!(
+        of_service(&received, "keepme")[0].label("exe"),
+        Some("keepme")
+    );
+    // The keep rule dropped every other process on the machine.
+    let services: HashSet<_> = received
+        .iter()
+        .filter_map(|r| r.label("service_name"))
+        .collect();
+    assert_eq!(services, HashSet::from(["keepme"]));
+}
+
+#[test]
+fn bad_configuration_is_one_clear_error_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let unknown = write(
+        "unknown.toml",
+        "pyroscope_url = \"http://x:4040\"\nfrequncy = 19\n",
+    );
+    let regex = write(
+        "regex.toml",
+        "pyroscope_url = \"http://x:4040\"\n[[relabel_configs]]\nsource_labels = [\"a\"]\nregex = \"(unclosed\"\naction = \"keep\"\n",
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--config", &unknown], "frequncy"),
+        (vec!["--pyroscope-url", "ftp://x"], "ftp"),
+        (vec!["--pyroscope-url", "not a url"], "not a url"),
+        (
+            vec![
+                "--pyroscope-url",
+                "http://x:4040",
+                "--basic-auth-user",
+                "u",
+                "--basic-auth-password-file",
+                "/nonexistent/pw",
+            ],
+            "/nonexistent/pw",
+        ),
+        (vec!["--config", &regex], "regex"),
+        (
+            vec!["--config", "/nonexistent/agent.toml"],
+            "/nonexistent/agent.toml",
+        ),
+        (vec![], "pyroscope-url"),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(profiler_bin())
+            .arg("agent")
+            .args(&args)
+            .env_remove("PROFILER_PYROSCOPE_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+    }
+}
