@@ -314,7 +314,7 @@ fn a_full_queue_drops_the_oldest_and_counts_it() {
 fn http_ingest_reaches_a_real_http_server() {
     let Some(_t) = bpf_test() else { return };
     let rt = runtime();
-    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<u8>)>::new()));
+    let requests = HttpRequests::default();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
@@ -364,11 +364,11 @@ fn http_ingest_reaches_a_real_http_server() {
     assert!(has_function(&samples(&decode(body)), "burn_inner"));
 }
 
+/// Request lines and bodies an HTTP server received.
+type HttpRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal HTTP/1.1 server: records each request line and body, answers 200.
-async fn serve_http(
-    listener: tokio::net::TcpListener,
-    requests: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
-) {
+async fn serve_http(listener: tokio::net::TcpListener, requests: HttpRequests) {
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
     loop {
         let Ok((stream, _)) = listener.accept().await else {

@@ -25,7 +25,8 @@ use crate::{
     resolve::{ResolvedSample, Resolver, TargetKey, Targets},
 };
 
-/// How often the kernel maps are drained: a fraction of the upload interval.
+/// How often the kernel maps are drained at most: every second, or four times per upload
+/// interval when that is shorter, so that every interval holds the samples of its own time.
 const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -68,7 +69,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         .map_err(|e| anyhow!("watching the process events: {e}"))?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    let mut drain = tokio::time::interval(DRAIN_INTERVAL.min(config.upload_interval / 4));
     let mut upload = tokio::time::interval_at(
         tokio::time::Instant::now() + config.upload_interval,
         config.upload_interval,
@@ -97,6 +98,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
                 metrics.update(&collector.counters()?, &resolver.stats());
             }
             _ = upload.tick() => {
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
                 interval.send(&pusher, &metrics);
                 // Exited processes' samples are out now: forget them.
                 for pid in resolver.forget_exited() {
