@@ -20,6 +20,8 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+mod bench;
+
 /// Debian packages the tests rely on; `setup` installs whichever are missing.
 const APT_PACKAGES: &[&str] = &[
     "golang-go",  // `go tool pprof` reads our profiles in tests
@@ -52,7 +54,7 @@ commands:
   build                    setup, then build the release profiler
   record [ARGS...]         build, then run `target/release/profiler record ARGS...`
   test [ARGS...]           setup, build, then `cargo test --release` (ARGS go to cargo test)
-  bench [--quick|--smoke]  run the benchmarks (not implemented yet)";
+  bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -78,7 +80,7 @@ fn try_main() -> Result<ExitCode> {
         Some("build") => no_args("build", &rest).and_then(|()| build()),
         Some("record") => record(&rest),
         Some("test") => test(&rest),
-        Some("bench") => return bench(&rest),
+        Some("bench") => bench::bench(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -147,21 +149,9 @@ fn test(args: &[OsString]) -> Result<()> {
         .args(["--exclude", "profiler-ebpf"])
         .args(args)
         .env("PROFILER_BIN", profiler_bin());
-    run(&mut cmd)
-}
-
-/// Placeholder until the benchmark harness exists; fails so CI does not mistake it for a pass.
-fn bench(args: &[OsString]) -> Result<ExitCode> {
-    for arg in args {
-        if arg != "--quick" && arg != "--smoke" {
-            bail!(
-                "`bench` accepts only --quick or --smoke, got `{}`",
-                arg.display()
-            );
-        }
-    }
-    eprintln!("bench: not implemented yet");
-    Ok(ExitCode::FAILURE)
+    run(&mut cmd)?;
+    // The benchmark harness is part of the suite: every stage once, tiny, output checked.
+    bench::bench(&["--smoke".into()])
 }
 
 /// `cargo build --release -p profiler` at the workspace root.

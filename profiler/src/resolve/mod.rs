@@ -14,13 +14,13 @@ use std::{
 };
 
 pub use demangle::demangle;
-pub use process::{is_alive, Mapping};
-pub use symbols::{basename, Line, Lines};
+pub use process::{is_alive, FileKey, Mapping};
+pub use symbols::{basename, Line, Lines, Symbols};
 pub use targets::{Target, TargetKey, Targets, PROFILE_NAME};
 
 use crate::collect::RawSample;
-use process::{read_process, thread_name, FileKey, ProcessInfo, RawMapping};
-use symbols::{kernel_build_id, Symbols};
+use process::{read_process, thread_name, ProcessInfo, RawMapping};
+use symbols::kernel_build_id;
 
 /// One frame of a resolved stack.
 #[derive(Debug, Clone)]
