@@ -135,6 +135,7 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     own_cost(&plan, &workload, &peers, &sink, &dir, &mut rows, &mut notes)?;
     startup(&plan, &dir, &mut rows)?;
     stages(mode, &mut rows)?;
+    micro(mode, &mut rows)?;
 
     let markdown = render(mode, &rows, &notes);
     check_table(&markdown)?;
@@ -334,8 +335,18 @@ impl Running {
         if let Some(mut stderr) = self.child.stderr.take() {
             let _ = stderr.read_to_string(&mut err);
         }
-        let _ = self.child.wait();
+        self.child.wait()?;
         Ok(err)
+    }
+}
+
+impl Drop for Running {
+    /// A stage that fails half-way must not leave a profiler sampling the machine.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -596,6 +607,84 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Stage 7: criterion micro-benchmarks of the userspace hot paths (stack decode, symbol cache
+/// look-up, pprof building); the smoke run keeps criterion's minimum sample count and short times.
+fn micro(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root()).args([
+        "bench",
+        "--quiet",
+        "-p",
+        "profiler",
+        "--bench",
+        "hot_paths",
+        "--",
+    ]);
+    if mode != Mode::Full {
+        cmd.args([
+            "--warm-up-time",
+            "0.2",
+            "--measurement-time",
+            "0.5",
+            "--sample-size",
+            "10",
+        ]);
+    }
+    let output = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running criterion")?;
+    if !output.status.success() {
+        bail!("the criterion benches failed: {}", output.status);
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut previous = "";
+    for line in text.lines() {
+        if let Some((name, times)) = line.split_once("time:") {
+            let name = if name.trim().is_empty() {
+                previous.trim()
+            } else {
+                name.trim()
+            };
+            if let Some([low, mid, high]) = criterion_times(times) {
+                rows.push(Row {
+                    stage: "micro",
+                    config: name.to_owned(),
+                    metric: "time per iteration",
+                    unit: "ns",
+                    median: mid,
+                    min: low,
+                    max: high,
+                });
+            }
+        }
+        if !line.trim().is_empty() {
+            previous = line;
+        }
+    }
+    Ok(())
+}
+
+/// Criterion's `[12.3 ns 12.5 ns 12.8 ns]` as nanoseconds.
+fn criterion_times(text: &str) -> Option<[f64; 3]> {
+    let inner = text.trim().strip_prefix('[')?.strip_suffix(']')?;
+    let words: Vec<&str> = inner.split_whitespace().collect();
+    let mut values = [0.0; 3];
+    for (i, pair) in words.chunks(2).enumerate().take(3) {
+        let value: f64 = pair.first()?.parse().ok()?;
+        let scale = match *pair.get(1)? {
+            "ps" => 1e-3,
+            "ns" => 1.0,
+            "µs" | "us" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            _ => return None,
+        };
+        values[i] = value * scale;
+    }
+    Some(values)
 }
 
 /// Row strings live for the whole run; the few from the stages bench are leaked on purpose.
@@ -1005,6 +1094,15 @@ mod tests {
         .unwrap();
         assert_eq!(f["value"], "1.5");
         assert_eq!(f["config"], "cold");
+    }
+
+    #[test]
+    fn criterion_output_parses() {
+        assert_eq!(
+            criterion_times(" [1.5 ns 2.0 ns 2.5 µs]"),
+            Some([1.5, 2.0, 2500.0])
+        );
+        assert_eq!(criterion_times("garbage"), None);
     }
 
     #[test]

@@ -235,8 +235,25 @@ impl Symbols {
     }
 
     /// Closes every binary whose key is not in `keep`, with its cached symbols.
+    /// blazesym's own caches of those binaries are evicted too, so memory follows the binaries
+    /// in use, not every binary ever seen.
     pub fn retain_objects(&mut self, keep: &std::collections::HashSet<FileKey>) {
-        self.objects.retain(|key, _| keep.contains(key));
+        use blazesym::symbolize::evict::{Elf as EvictElf, Evict};
+        let gone: Vec<FileKey> = self
+            .objects
+            .keys()
+            .filter(|key| !keep.contains(key))
+            .copied()
+            .collect();
+        for key in gone {
+            let Some(object) = self.objects.remove(&key) else {
+                continue;
+            };
+            // Evict while the descriptor is still open: its number will be reused.
+            for path in std::iter::once(object.path()).chain(object.debug_file.clone()) {
+                let _ = self.symbolizer.evict(&Evict::Elf(EvictElf::new(path)));
+            }
+        }
     }
 
     /// Number of binaries open.
