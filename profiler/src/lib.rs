@@ -1,11 +1,12 @@
 //! A continuous eBPF CPU profiler. The modules follow the data flow: the kernel side samples
 //! stacks (`profiler-ebpf`), [`collect`] drains them, [`resolve`] names processes and functions,
-//! [`aggregate`] folds them into pprof, [`export`] writes files; [`cli`] wires the stages into
-//! commands.
+//! [`aggregate`] folds them into pprof, [`export`] writes files; [`compare`] reads profiles back
+//! and tells what changed between two sets of them; [`cli`] wires the stages into commands.
 
 pub mod aggregate;
 pub mod cli;
 pub mod collect;
+pub mod compare;
 pub mod export;
 pub mod metrics;
 pub mod resolve;

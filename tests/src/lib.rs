@@ -165,6 +165,32 @@ pub fn profiler_ok(args: &[&str]) -> String {
     stderr
 }
 
+/// Asserts exit code `code` and a single stderr line, `error: ...`, containing every one of
+/// `needles`: bad input must never end in a panic, a backtrace or a usage dump.
+pub fn assert_one_line_error(out: &Output, code: i32, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
+}
+
+/// Parses an SVG written by inferno, failing the test unless it is well-formed XML with an
+/// `svg` root (inferno writes a DOCTYPE, so DTDs are allowed).
+pub fn parse_svg(text: &str) -> roxmltree::Document<'_> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: true,
+        ..Default::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(text, options).expect("well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    doc
+}
+
 /// Reads a gzipped (or plain) pprof file.
 pub fn load_pprof(path: &Path) -> Profile {
     let bytes = std::fs::read(path).unwrap();

@@ -5,19 +5,6 @@ use std::process::{Command, Output};
 
 use profiler_tests::*;
 
-/// Asserts exit code `code` and a single stderr line containing every one of `needles`.
-fn assert_one_line_error(out: &Output, code: i32, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    for needle in needles {
-        assert!(stderr.contains(needle), "`{needle}` missing from: {stderr}");
-    }
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
-}
-
 /// Runs `command ... record --all -d 1s -o DIR/p.pb.gz`: `command` is the profiler, or a
 /// wrapper that takes the profiler as its first argument.
 fn record_all(t: &BpfTest, mut command: Command) -> Output {

@@ -121,6 +121,18 @@ fn command_children_are_followed_and_exit_code_passed_through() {
         &[path_str(&workload()), "fork", "1.5", "7"],
     );
     assert_eq!(output.status.code(), Some(7), "CMD's exit code: {output:?}");
+    // Without a terminal (as in CI): no progress line, no table, one summary line that says
+    // why the recording stopped and where the profile went, although CMD failed.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    for needle in ["samples", "lost", "targets exited", path_str(&out)] {
+        assert!(lines[0].contains(needle), "`{needle}` missing: {stderr}");
+    }
+    assert!(
+        !stderr.contains('\r') && !stderr.contains("self%"),
+        "{stderr}"
+    );
     let samples = read_samples(&out);
     let child: Vec<_> = samples
         .iter()
@@ -357,12 +369,7 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
 
     // SVG: parses as XML and names the workload's functions.
     let text = std::fs::read_to_string(&svg).unwrap();
-    let options = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
-    let doc = roxmltree::Document::parse_with_options(&text, options).expect("well-formed SVG");
-    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let doc = parse_svg(&text);
     assert!(doc
         .descendants()
         .any(|n| n.text().is_some_and(|t| t.contains("heavy"))));

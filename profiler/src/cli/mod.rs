@@ -3,6 +3,7 @@
 
 mod agent;
 mod config;
+mod diff;
 mod privileges;
 mod record;
 
@@ -26,6 +27,9 @@ enum Command {
     Record(RecordArgs),
     /// Profile the whole node continuously and push profiles to Pyroscope.
     Agent(config::AgentArgs),
+    /// Compare two profiles (or sets of runs): which functions got more or less expensive, and
+    /// whether beyond sampling noise; exits 1 on a significant regression with --fail-above.
+    Diff(diff::DiffArgs),
 }
 
 /// An error that carries the exit code it should end the process with.
@@ -93,6 +97,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Record(args) => record::run(args).await,
             Command::Agent(args) => agent::run(args).await,
+            Command::Diff(args) => diff::run(args),
         }
     });
     match result {

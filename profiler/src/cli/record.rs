@@ -73,6 +73,17 @@ enum Stop {
     TargetsExited,
 }
 
+impl Stop {
+    /// The reason as the summary states it.
+    fn reason(self) -> &'static str {
+        match self {
+            Stop::Duration => "duration reached",
+            Stop::Signal => "interrupted",
+            Stop::TargetsExited => "targets exited",
+        }
+    }
+}
+
 /// Records, writes the profile, and returns the exit code: CMD's with `-- CMD`, else 0.
 pub async fn run(args: RecordArgs) -> Result<u8> {
     if args.pids.is_empty() && !args.all && args.command.is_empty() {
@@ -198,7 +209,17 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         .with_context(|| format!("writing {}", args.output.display()))?;
 
     let counters = collector.counters()?;
-    print_summary(args, format, stop, elapsed, &profile, &counters, &resolver);
+    let summary = Summary {
+        stop,
+        elapsed,
+        format,
+        processes: resolver.stats().processes,
+    };
+    if progress {
+        print_summary(args, &summary, &profile, &counters);
+    } else {
+        eprintln!("{}", summary_line(args, &summary, &counters));
+    }
 
     // With -- CMD, exit as CMD did; stopped early, wait for it unless it was signalled.
     if let Some(mut child) = child {
@@ -263,31 +284,59 @@ fn show_progress(started: Instant, counters: &Counters) {
     let _ = err.flush();
 }
 
-fn print_summary(
-    args: &RecordArgs,
-    format: Format,
+/// How a recording went, for the summary.
+struct Summary {
     stop: Stop,
     elapsed: Duration,
+    format: Format,
+    processes: usize,
+}
+
+/// What both summaries start with: samples, processes, time, why it stopped, losses.
+fn headline(args: &RecordArgs, summary: &Summary, counters: &Counters) -> String {
+    format!(
+        "recorded {} samples from {} processes in {:.2}s at {} Hz ({}); {} lost",
+        counters.get(profiler_common::Counter::Samples),
+        summary.processes,
+        summary.elapsed.as_secs_f64(),
+        args.frequency,
+        summary.stop.reason(),
+        counters.lost(),
+    )
+}
+
+/// The summary for a CI log (stderr is not a terminal): one line with what a failed job needs
+/// to be understood — samples, losses by reason, why the recording stopped, where it went.
+fn summary_line(args: &RecordArgs, summary: &Summary, counters: &Counters) -> String {
+    let losses: Vec<String> = counters
+        .all()
+        .iter()
+        .filter(|(_, value, is_loss)| *is_loss && *value > 0)
+        .map(|(name, value, _)| format!("{name}={value}"))
+        .collect();
+    let losses = if losses.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", losses.join(" "))
+    };
+    format!(
+        "{}{losses}; wrote {} ({})",
+        headline(args, summary, counters),
+        args.output.display(),
+        summary.format,
+    )
+}
+
+/// The summary for a terminal: the counts, the ten most expensive functions, every counter and
+/// the output path.
+fn print_summary(
+    args: &RecordArgs,
+    summary: &Summary,
     profile: &profiler_proto::pprof::Profile,
     counters: &Counters,
-    resolver: &Resolver,
 ) {
-    use profiler_common::Counter;
-    let why = match stop {
-        Stop::Duration => "duration reached",
-        Stop::Signal => "interrupted",
-        Stop::TargetsExited => "targets exited",
-    };
-    let stats = resolver.stats();
-    let mut out = String::new();
-    out.push_str(&format!(
-        "recorded {} samples from {} processes in {:.2}s at {} Hz ({why}); {} lost\n",
-        counters.get(Counter::Samples),
-        stats.processes,
-        elapsed.as_secs_f64(),
-        args.frequency,
-        counters.lost(),
-    ));
+    let mut out = headline(args, summary, counters);
+    out.push('\n');
     out.push_str(&export::top_table(profile, 10));
     let counts: Vec<String> = counters
         .all()
@@ -295,6 +344,10 @@ fn print_summary(
         .map(|(name, value, _)| format!("{name}={value}"))
         .collect();
     out.push_str(&format!("counters: {}\n", counts.join(" ")));
-    out.push_str(&format!("wrote {} ({format})\n", args.output.display()));
+    out.push_str(&format!(
+        "wrote {} ({})\n",
+        args.output.display(),
+        summary.format
+    ));
     eprint!("{out}");
 }

@@ -33,57 +33,87 @@ impl FoldedStack {
     }
 }
 
-/// Every stack in `profile`, inlined functions expanded, merged by name and sorted.
-pub fn folded_stacks(profile: &Profile) -> Vec<FoldedStack> {
+/// One function on a location's stack, with where in its source the location is: the finer
+/// keys of `profiler diff` (`--by file`, `--by line`) need more than the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// The function's name; for a location without lines, `[binary+offset]`.
+    pub function: String,
+    /// The function's source file, empty when the profile does not say.
+    pub file: String,
+    /// The line in `file`, 0 when unknown.
+    pub line: i64,
+}
+
+/// The frames of every location by location id, root first (a location holds one frame per
+/// inlined function). A location without lines is named after its mapping and offset, so that
+/// unsymbolized code still adds up by binary.
+pub fn location_frames(profile: &Profile) -> HashMap<u64, Vec<Frame>> {
     let strings = &profile.string_table;
     let text = |i: i64| strings.get(i as usize).map_or("", String::as_str);
-    let functions: HashMap<u64, &str> = profile
+    let functions: HashMap<u64, (&str, &str)> = profile
         .function
         .iter()
-        .map(|f| (f.id, text(f.name)))
+        .map(|f| (f.id, (text(f.name), text(f.filename))))
         .collect();
-    let mappings: HashMap<u64, &str> = profile
+    let mappings: HashMap<u64, (&str, u64, u64)> = profile
         .mapping
         .iter()
-        .map(|m| (m.id, text(m.filename)))
+        .map(|m| (m.id, (text(m.filename), m.memory_start, m.file_offset)))
         .collect();
-    let mappings_start: HashMap<u64, (u64, u64)> = profile
-        .mapping
-        .iter()
-        .map(|m| (m.id, (m.memory_start, m.file_offset)))
-        .collect();
-    let locations: HashMap<u64, Vec<String>> = profile
+    profile
         .location
         .iter()
         .map(|loc| {
-            // Lines are innermost first; folded stacks read root first.
-            let mut names: Vec<String> = loc
+            // Lines are innermost first; stacks read root first.
+            let mut frames: Vec<Frame> = loc
                 .line
                 .iter()
                 .rev()
                 .map(|l| {
-                    functions
-                        .get(&l.function_id)
-                        .copied()
-                        .unwrap_or("")
-                        .to_owned()
+                    let (function, file) =
+                        functions.get(&l.function_id).copied().unwrap_or_default();
+                    Frame {
+                        function: function.to_owned(),
+                        file: file.to_owned(),
+                        line: l.line,
+                    }
                 })
                 .collect();
-            if names.is_empty() {
-                names.push(match mappings.get(&loc.mapping_id) {
-                    Some(path) => {
-                        let (start, offset) = mappings_start[&loc.mapping_id];
+            if frames.is_empty() {
+                let function = match mappings.get(&loc.mapping_id) {
+                    Some(&(path, start, offset)) => {
                         let base = crate::resolve::basename(path);
-                        format!("[{base}+{:#x}]", loc.address - start + offset)
+                        // Foreign profiles may carry addresses outside their mapping.
+                        let at = loc.address.wrapping_sub(start).wrapping_add(offset);
+                        format!("[{base}+{at:#x}]")
                     }
                     None => "[unknown]".to_owned(),
+                };
+                frames.push(Frame {
+                    function,
+                    file: String::new(),
+                    line: 0,
                 });
             }
-            (loc.id, names)
+            (loc.id, frames)
         })
-        .collect();
+        .collect()
+}
+
+/// Every stack in `profile` counted by its first value, inlined functions expanded, merged by
+/// name and sorted.
+pub fn folded_stacks(profile: &Profile) -> Vec<FoldedStack> {
+    folded_stacks_of(profile, 0)
+}
+
+/// Like [`folded_stacks`], counting the sample value at `value_index` (of `sample_type`):
+/// profiles from other tools put CPU time at another index than ours.
+pub fn folded_stacks_of(profile: &Profile, value_index: usize) -> Vec<FoldedStack> {
+    let strings = &profile.string_table;
+    let text = |i: i64| strings.get(i as usize).map_or("", String::as_str);
+    let locations = location_frames(profile);
     let comm_key = strings.iter().position(|s| s == "comm").map(|i| i as i64);
-    let value_index = 0;
     let mut merged: HashMap<(String, Vec<String>), u64> = HashMap::new();
     for sample in &profile.sample {
         let process = sample
@@ -95,7 +125,7 @@ pub fn folded_stacks(profile: &Profile) -> Vec<FoldedStack> {
         let mut frames = Vec::new();
         for id in sample.location_id.iter().rev() {
             if let Some(names) = locations.get(id) {
-                frames.extend(names.iter().cloned());
+                frames.extend(names.iter().map(|f| f.function.clone()));
             }
         }
         let count = sample.value.get(value_index).copied().unwrap_or(0).max(0) as u64;

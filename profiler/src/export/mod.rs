@@ -15,7 +15,7 @@ use flate2::{write::GzEncoder, Compression};
 use profiler_proto::pprof::Profile;
 use prost::Message as _;
 
-pub use folded::{folded_stacks, FoldedStack};
+pub use folded::{folded_stacks, folded_stacks_of, location_frames, FoldedStack, Frame};
 pub use top::{top_functions, top_table, TopEntry};
 
 /// An output format.
