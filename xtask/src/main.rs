@@ -149,9 +149,50 @@ fn test(args: &[OsString]) -> Result<()> {
         .args(["--exclude", "profiler-ebpf"])
         .args(args)
         .env("PROFILER_BIN", profiler_bin());
-    run(&mut cmd)?;
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
     // The benchmark harness is part of the suite: every stage once, tiny, output checked.
-    bench::bench(&["--smoke".into()])
+    bench::bench(&["--smoke".into()])?;
+    // The suite's closing line counts every test binary, since cargo ends on the last one's.
+    println!("tests: {} passed, {failed} failed", passed + 1);
+    Ok(())
+}
+
+/// (passed, failed) from a libtest `test result: ok. 8 passed; 0 failed; ...` line; (0, 0) for
+/// any other line.
+fn test_counts(line: &str) -> (u64, u64) {
+    let Some(rest) = line.strip_prefix("test result: ") else {
+        return (0, 0);
+    };
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                let number = part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?;
+                number.parse::<u64>().ok()
+            })
+            .unwrap_or(0)
+    };
+    (count("passed"), count("failed"))
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    let command = announce(cmd);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{command}`"))?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child.stdout.take().context("cargo test's stdout")?;
+    for line in io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        let (p, f) = test_counts(&line);
+        passed += p;
+        failed += f;
+    }
+    check(command, child.wait()?)?;
+    Ok((passed, failed))
 }
 
 /// `cargo build --release -p profiler` at the workspace root.
@@ -605,6 +646,13 @@ fn quote(word: &OsStr) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn libtest_result_lines_are_counted() {
+        let line = "test result: FAILED. 8 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(super::test_counts(line), (8, 2));
+        assert_eq!(super::test_counts("running 8 tests"), (0, 0));
+    }
+
     use super::*;
 
     #[test]
