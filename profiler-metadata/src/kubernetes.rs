@@ -227,6 +227,13 @@ impl PodCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Adds or replaces a pod as a watch event would: for callers that learn about pods some
+    /// other way, and for tests of what is built on the cache.
+    pub fn insert(&self, info: PodInfo) {
+        let mut store = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        store.apply(info);
+    }
 }
 
 impl Store {

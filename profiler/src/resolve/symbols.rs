@@ -37,13 +37,15 @@ struct Object {
     /// Separate debug info found by build ID (`DIR/.build-id/xx/rest.debug`), which blazesym
     /// only follows by itself when the binary carries a debug link.
     debug_file: Option<PathBuf>,
+    /// The binary itself, opened once, to translate file offsets for `debug_file`.
+    translator: Option<blazesym::helper::ElfResolver>,
     addrs: HashMap<u64, Lines>,
 }
 
 impl Object {
     /// The path blazesym opens: our own descriptor, valid as long as `file` is.
     fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+        fd_path(&self.file)
     }
 }
 
@@ -54,6 +56,9 @@ pub struct Symbols {
     objects: HashMap<FileKey, Object>,
     kernel: HashMap<u64, Lines>,
     strings: HashMap<Box<str>, Arc<str>>,
+    /// A copy of /proc/kallsyms: blazesym caches parsed files by modification time, and the
+    /// /proc file's changes on every read, which made it parse all kernel symbols every time.
+    kallsyms: Option<File>,
     empty: Lines,
     /// Look-ups answered from the cache.
     pub hits: u64,
@@ -79,6 +84,7 @@ impl Symbols {
             objects: HashMap::new(),
             kernel: HashMap::new(),
             strings: HashMap::new(),
+            kallsyms: None,
             empty: Arc::from(Vec::new()),
             hits: 0,
             misses: 0,
@@ -96,6 +102,7 @@ impl Symbols {
             file,
             build_id: String::new(),
             debug_file: None,
+            translator: None,
             addrs: HashMap::new(),
         };
         object.build_id = blazesym::helper::read_elf_build_id(&object.path())
@@ -114,6 +121,14 @@ impl Symbols {
                         .join(format!("{rest}.debug"))
                 })
                 .find(|path| path.exists());
+            if object.debug_file.is_some() {
+                // No debug dirs: only the program headers are wanted, not the debug info.
+                object.translator = blazesym::helper::ElfResolver::open_with_debug_dirs(
+                    object.path(),
+                    Vec::<PathBuf>::new(),
+                )
+                .ok();
+            }
         }
         self.objects.insert(key, object);
     }
@@ -160,7 +175,7 @@ impl Symbols {
             Some(debug_file) => {
                 // The debug file has the binary's addresses but not its file layout: translate
                 // file offsets to virtual ones through the binary's program headers.
-                let virt = to_virtual_offsets(&object.path(), offsets);
+                let virt = to_virtual_offsets(object.translator.as_ref(), offsets);
                 let source = Source::Elf(Elf::new(debug_file));
                 let mut results = self
                     .symbolizer
@@ -196,7 +211,15 @@ impl Symbols {
 
     /// Symbolizes kernel addresses into the cache, from /proc/kallsyms.
     pub fn load_kernel(&mut self, addrs: &[u64]) {
+        if self.kallsyms.is_none() {
+            self.kallsyms = kallsyms_snapshot();
+        }
+        let kallsyms = match &self.kallsyms {
+            Some(file) => blazesym::MaybeDefault::Some(fd_path(file)),
+            None => blazesym::MaybeDefault::Default,
+        };
         let kernel = Kernel {
+            kallsyms,
             vmlinux: blazesym::MaybeDefault::None,
             // kallsyms holds run-time addresses; no KASLR offset applies (and /proc/kcore, from
             // which blazesym would read one, may not exist).
@@ -262,10 +285,30 @@ impl Symbols {
     }
 }
 
-/// Virtual offsets of `offsets` in the binary at `path`; 0 where an offset maps to no segment.
-fn to_virtual_offsets(path: &Path, offsets: &[u64]) -> Vec<u64> {
+/// A path to an open file that stays valid for as long as the file is open.
+fn fd_path(file: &File) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// /proc/kallsyms copied into an unnamed temporary file (on disk, so it does not count towards
+/// our memory), else into an anonymous in-memory file when no temporary directory is writable
+/// (a read-only root filesystem); `None` when /proc/kallsyms cannot be read.
+fn kallsyms_snapshot() -> Option<File> {
+    use std::os::fd::FromRawFd as _;
+    let mut source = File::open("/proc/kallsyms").ok()?;
+    let mut copy = tempfile::tempfile().ok().or_else(|| {
+        // SAFETY: memfd_create returns a new descriptor that nothing else owns.
+        let fd = unsafe { libc::memfd_create(c"kallsyms".as_ptr(), libc::MFD_CLOEXEC) };
+        (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
+    })?;
+    std::io::copy(&mut source, &mut copy).ok()?;
+    Some(copy)
+}
+
+/// Virtual offsets of `offsets` in `binary`; 0 where an offset maps to no segment.
+fn to_virtual_offsets(binary: Option<&blazesym::helper::ElfResolver>, offsets: &[u64]) -> Vec<u64> {
     use blazesym::symbolize::TranslateFileOffset as _;
-    let Ok(binary) = blazesym::helper::ElfResolver::open(path) else {
+    let Some(binary) = binary else {
         return vec![0; offsets.len()];
     };
     offsets

@@ -98,9 +98,13 @@ impl Targets {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .map(|name| name.trim_end_matches(" (deleted)").to_owned())
             .unwrap_or_else(|| comm.to_owned());
-        let container = container_id_of(pid);
+        self.classify_as(pid, comm, exe, container_id_of(pid).map(|c| c.id))
+    }
+
+    /// Classification from what /proc said: the executable's name and the container ID.
+    fn classify_as(&self, pid: u32, comm: &str, exe: String, container: Option<String>) -> Target {
         let pod = match (&container, &self.pods) {
-            (Some(id), Some(pods)) => pods.by_container_id(&id.id),
+            (Some(id), Some(pods)) => pods.by_container_id(id),
             _ => None,
         };
         let mut labels = self.static_labels.clone();
@@ -111,9 +115,9 @@ impl Targets {
         labels.insert("__meta_process_exe".into(), exe.clone());
         let key = match &container {
             Some(id) => {
-                labels.insert("container_id".into(), id.id.clone());
-                labels.insert("__meta_container_id".into(), id.id.clone());
-                TargetKey::Container(id.id.clone())
+                labels.insert("container_id".into(), id.clone());
+                labels.insert("__meta_container_id".into(), id.clone());
+                TargetKey::Container(id.clone())
             }
             None => {
                 labels.insert("pid".into(), pid.to_string());
@@ -188,4 +192,133 @@ fn sanitize(name: &str) -> String {
     name.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use profiler_metadata::{
+        kubernetes::{ContainerInfo, Owner, PodCache, PodInfo},
+        relabel::{RelabelConfig, Relabeler},
+    };
+
+    use super::{TargetKey, Targets};
+
+    const ID: &str = "8b1f2a3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8";
+
+    fn pods(labels: &[(&str, &str)]) -> PodCache {
+        let cache = PodCache::default();
+        cache.insert(PodInfo {
+            namespace: "shop".into(),
+            name: "web-7d4b9c8f6d-x2x9q".into(),
+            uid: "uid-1".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            owner: Some(Owner {
+                kind: "Deployment".into(),
+                name: "web".into(),
+            }),
+            containers: vec![ContainerInfo {
+                id: ID.into(),
+                name: "app".into(),
+            }],
+            node: "node-a".into(),
+        });
+        cache
+    }
+
+    fn targets(pods: Option<PodCache>, rules: &str) -> Targets {
+        #[derive(serde::Deserialize)]
+        struct Rules {
+            #[serde(default)]
+            relabel_configs: Vec<RelabelConfig>,
+        }
+        let rules: Rules = toml::from_str(rules).unwrap();
+        let static_labels = BTreeMap::from([("cluster".to_owned(), "prod".to_owned())]);
+        Targets::new(
+            "node-a".into(),
+            static_labels,
+            Relabeler::new(&rules.relabel_configs).unwrap(),
+            pods,
+        )
+    }
+
+    #[test]
+    fn a_pod_container_is_labelled_from_the_pod() {
+        let targets = targets(Some(pods(&[("app.kubernetes.io/name", "storefront")])), "");
+        let t = targets.classify_as(42, "java", "java".into(), Some(ID.into()));
+        assert_eq!(t.key, TargetKey::Container(ID.into()));
+        let expected = [
+            ("__name__", "process_cpu"),
+            ("service_name", "shop/storefront"),
+            ("namespace", "shop"),
+            ("pod", "web-7d4b9c8f6d-x2x9q"),
+            ("container", "app"),
+            ("container_id", ID),
+            ("node", "node-a"),
+            ("cluster", "prod"),
+        ];
+        let expected: BTreeMap<String, String> = expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(t.labels, expected);
+        assert!(!t.dropped);
+    }
+
+    #[test]
+    fn without_app_labels_the_owner_workload_names_the_service() {
+        let targets = targets(Some(pods(&[])), "");
+        let t = targets.classify_as(42, "java", "java".into(), Some(ID.into()));
+        assert_eq!(t.labels["service_name"], "shop/web");
+    }
+
+    #[test]
+    fn a_host_process_is_its_own_target() {
+        let targets = targets(None, "");
+        let t = targets.classify_as(7, "nginx: worker", "nginx".into(), None);
+        assert_eq!(t.key, TargetKey::Process(7));
+        assert_eq!(t.labels["service_name"], "nginx");
+        assert_eq!(t.labels["pid"], "7");
+        assert_eq!(t.labels["comm"], "nginx: worker");
+        assert!(t.labels.keys().all(|k| !k.starts_with("__meta")));
+    }
+
+    #[test]
+    fn relabeling_drops_and_rewrites_over_meta_labels() {
+        let rules = r#"
+[[relabel_configs]]
+source_labels = ["__meta_kubernetes_namespace"]
+regex = "kube-system|shop"
+action = "drop"
+"#;
+        let dropping = targets(Some(pods(&[])), rules);
+        assert!(
+            dropping
+                .classify_as(42, "java", "java".into(), Some(ID.into()))
+                .dropped
+        );
+        let rules = r#"
+[[relabel_configs]]
+source_labels = ["__meta_kubernetes_pod_label_team"]
+target_label = "team"
+"#;
+        let rewriting = targets(Some(pods(&[("team", "payments")])), rules);
+        let t = rewriting.classify_as(42, "java", "java".into(), Some(ID.into()));
+        assert_eq!(t.labels["team"], "payments");
+    }
+
+    #[test]
+    fn a_container_whose_pod_is_not_known_yet_is_retried() {
+        let mut targets = targets(Some(PodCache::default()), "");
+        let t = targets.classify_as(42, "java", "java".into(), Some(ID.into()));
+        assert!(t.awaiting_pod);
+        assert_eq!(t.labels["service_name"], "java");
+        targets.by_pid.insert(42, std::sync::Arc::new(t));
+        targets.retry_unknown_pods();
+        assert!(targets.is_empty());
+    }
 }
