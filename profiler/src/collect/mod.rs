@@ -125,10 +125,10 @@ impl Collector {
     /// Loads the programs, fills the filter and attaches to the cpu-clock event on every online
     /// CPU. Samples flow from the moment this returns.
     pub fn start(config: &CollectConfig) -> Result<Self> {
-        let btf_path = require_btf()?;
-        let tgid_offset = btf::member_offset(&btf_path, "task_struct", "tgid")?;
-        let btf = Btf::parse_file(&btf_path, aya::Endianness::default())
-            .with_context(|| format!("reading {}", btf_path.display()))?;
+        let btf_bytes = btf::read(&require_btf()?)?;
+        let tgid_offset = btf::member_offset(&btf_bytes, "task_struct", "tgid")?;
+        let btf = Btf::parse(&btf_bytes, aya::Endianness::default())
+            .context("parsing the kernel's BTF")?;
         let mode = match config.targets {
             Targets::All => filter::MODE_ALL,
             Targets::Pids(_) => filter::MODE_INCLUDED,
