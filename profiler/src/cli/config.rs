@@ -225,3 +225,80 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::{AgentArgs, AgentConfig};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    /// Parses `args` as the agent's command line, with `PROFILER_*` variables from `env` only.
+    fn load(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<AgentConfig> {
+        // clap reads the process environment; these names are used by this test alone.
+        for (key, value) in env {
+            std::env::set_var(key, value);
+        }
+        let cli = Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied()));
+        for (key, _) in env {
+            std::env::remove_var(key);
+        }
+        AgentConfig::merge(cli?.agent)
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "pyroscope_url = \"http://from-file:4040\"\nupload_interval = \"30s\"\nqueue_bytes = 1000\n\
+             shutdown_timeout = \"3s\"\n[labels]\nteam = \"file\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+
+        let from_file = load(&["--config", file], &[]).unwrap();
+        assert_eq!(from_file.push.url, "http://from-file:4040");
+        assert_eq!(from_file.upload_interval, Duration::from_secs(30));
+        assert_eq!(from_file.push.queue_bytes, 1000);
+        assert_eq!(from_file.labels["team"], "file");
+        assert_eq!(from_file.frequency, 19, "the default");
+
+        let env = [
+            ("PROFILER_UPLOAD_INTERVAL", "20s"),
+            ("PROFILER_QUEUE_BYTES", "2000"),
+        ];
+        let from_env = load(&["--config", file], &env).unwrap();
+        assert_eq!(from_env.upload_interval, Duration::from_secs(20));
+        assert_eq!(from_env.push.queue_bytes, 2000);
+        assert_eq!(
+            from_env.shutdown_timeout,
+            Duration::from_secs(3),
+            "still the file's"
+        );
+
+        let from_flags = load(
+            &[
+                "--config",
+                file,
+                "--upload-interval",
+                "5s",
+                "--label",
+                "team=flag",
+            ],
+            &env,
+        )
+        .unwrap();
+        assert_eq!(from_flags.upload_interval, Duration::from_secs(5));
+        assert_eq!(from_flags.push.queue_bytes, 2000, "the environment's");
+        assert_eq!(from_flags.labels["team"], "flag");
+    }
+}
