@@ -124,16 +124,20 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     let plan = mode.plan();
     let dir = workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
-    let workload = compile_workload(&dir)?;
-    let peers = Peers::find();
     let _stats = BpfStats::enable()?;
-    let sink = HttpSink::start()?;
+    let setup = Setup {
+        workload: compile_workload(&dir)?,
+        peers: Peers::find(),
+        sink: HttpSink::start()?,
+        plan,
+        dir,
+    };
 
     let mut rows = Vec::new();
-    let mut notes = peers.notes.clone();
-    slowdown(&plan, &workload, &peers, &sink, &dir, &mut rows)?;
-    own_cost(&plan, &workload, &peers, &sink, &dir, &mut rows, &mut notes)?;
-    startup(&plan, &dir, &mut rows)?;
+    let mut notes = setup.peers.notes.clone();
+    slowdown(&setup, &mut rows)?;
+    own_cost(&setup, &mut rows, &mut notes)?;
+    startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
     micro(mode, &mut rows)?;
 
@@ -152,6 +156,18 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
         mode.name()
     );
     Ok(())
+}
+
+/// What every measuring stage runs with.
+struct Setup {
+    plan: Plan,
+    /// The benchmark workload binary (bench/workload.c).
+    workload: PathBuf,
+    peers: Peers,
+    /// Receives the agent's uploads.
+    sink: HttpSink,
+    /// Scratch space for outputs.
+    dir: PathBuf,
 }
 
 /// The peers to compare against, installed when missing; a peer that cannot be had is skipped
@@ -352,14 +368,14 @@ impl Drop for Running {
 
 /// Stage 1: how much slower a fixed amount of CPU-bound work on every CPU runs under each
 /// configuration, configurations interleaved run by run.
-fn slowdown(
-    plan: &Plan,
-    workload: &Path,
-    peers: &Peers,
-    sink: &HttpSink,
-    dir: &Path,
-    rows: &mut Vec<Row>,
-) -> Result<()> {
+fn slowdown(setup: &Setup, rows: &mut Vec<Row>) -> Result<()> {
+    let Setup {
+        plan,
+        workload,
+        peers,
+        sink,
+        dir,
+    } = setup;
     let mut configs = vec![Config::Nothing];
     for hz in plan.frequencies {
         configs.push(Config::Record(*hz));
@@ -419,15 +435,14 @@ fn slowdown(
 
 /// Stage 2 (and 3): the profiler's own CPU and memory with many live processes, and the BPF
 /// programs' time per run from the kernel's statistics.
-fn own_cost(
-    plan: &Plan,
-    workload: &Path,
-    peers: &Peers,
-    sink: &HttpSink,
-    dir: &Path,
-    rows: &mut Vec<Row>,
-    notes: &mut Vec<String>,
-) -> Result<()> {
+fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
+    let Setup {
+        plan,
+        workload,
+        peers,
+        sink,
+        dir,
+    } = setup;
     let seconds = plan.own_cost_secs;
     let live: Vec<Child> = (0..plan.processes)
         .map(|_| {
