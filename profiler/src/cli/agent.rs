@@ -7,11 +7,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::{anyhow, Context as _, Result};
-use tokio::{
-    io::{unix::AsyncFd, Interest},
-    signal::unix::{signal, SignalKind},
-};
+use anyhow::Result;
+use tokio::signal::unix::{signal, SignalKind};
 
 use super::{
     config::{AgentArgs, AgentConfig},
@@ -61,12 +58,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     let mut resolver = Resolver::new(&[]);
     let mut interval = Interval::new(config.frequency);
 
-    let events_fd = collector
-        .events_fd()
-        .context("watching the process events")?;
-    // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
-    let events = unsafe { AsyncFd::register_with_interest(events_fd, Interest::READABLE) }
-        .map_err(|e| anyhow!("watching the process events: {e}"))?;
+    let events = collector.events()?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut drain = tokio::time::interval(DRAIN_INTERVAL.min(config.upload_interval / 4));

@@ -12,7 +12,6 @@ use std::{
 use anyhow::{Context as _, Result};
 use clap::Args;
 use tokio::{
-    io::{unix::AsyncFd, Interest},
     process::Child,
     signal::unix::{signal, SignalKind},
 };
@@ -139,12 +138,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     };
     let mut child_status: Option<u8> = None;
 
-    let events_fd = collector
-        .events_fd()
-        .context("watching the process events")?;
-    // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
-    let events = unsafe { AsyncFd::register_with_interest(events_fd, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("watching the process events: {e}"))?;
+    let events = collector.events()?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);

@@ -22,6 +22,7 @@ use aya::{
 use profiler_common::{
     filter, globals, maps, Counter, ProcessEvent, SampleKey, Stack, EVENT_NEW_PROCESS, NO_STACK,
 };
+use tokio::io::{unix::AsyncFd, Interest};
 
 pub use btf::require_btf;
 
@@ -247,9 +248,17 @@ impl Collector {
             .collect()
     }
 
-    /// A descriptor of our own that becomes readable when processes are announced.
-    pub fn events_fd(&self) -> std::io::Result<OwnedFd> {
-        self.events.as_fd().try_clone_to_owned()
+    /// Becomes readable when processes are announced (then call [`Collector::new_processes`]).
+    /// Must be called inside a tokio runtime.
+    pub fn events(&self) -> Result<AsyncFd<OwnedFd>> {
+        let fd = self
+            .events
+            .as_fd()
+            .try_clone_to_owned()
+            .context("watching the process events")?;
+        // SAFETY: the descriptor is our own duplicate, owned by the AsyncFd until it is dropped.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| anyhow!("watching the process events: {e}"))
     }
 
     /// Processes sampled for the first time since the last call (or first since their exec).

@@ -147,17 +147,17 @@ impl Symbols {
             .objects
             .get(key)
             .is_none_or(|o| o.addrs.contains_key(&offset));
-        if cached {
-            self.hits += 1;
-        } else {
-            self.misses += 1;
-        }
-        cached
+        self.count(cached)
     }
 
     /// Whether kernel address `addr` is cached; counts the hit or miss.
     pub fn is_kernel_cached(&mut self, addr: u64) -> bool {
         let cached = self.kernel.contains_key(&addr);
+        self.count(cached)
+    }
+
+    /// Counts a look-up as a hit or a miss and passes `cached` through.
+    fn count(&mut self, cached: bool) -> bool {
         if cached {
             self.hits += 1;
         } else {
