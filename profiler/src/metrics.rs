@@ -189,7 +189,7 @@ impl Metrics {
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         metrics.text(),
     )
 }
