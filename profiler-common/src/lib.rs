@@ -26,8 +26,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Process filter: tgid to a `filter::*` value.
     pub const PID_FILTER: &str = "PID_FILTER";
-    /// Processes already announced to user space (LRU).
-    pub const KNOWN_PIDS: &str = "KNOWN_PIDS";
+    /// What the kernel knows of each sampled process: tgid to [`super::ProcessState`] (LRU).
+    pub const PROCESSES: &str = "PROCESSES";
     /// Ring buffer of [`super::ProcessEvent`]s.
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
 }
@@ -40,6 +40,10 @@ pub mod globals {
     pub const KERNEL_STACKS: &str = "KERNEL_STACKS";
     /// `u32`: byte offset of `tgid` in `struct task_struct`, read from the kernel's BTF.
     pub const TASK_TGID_OFFSET: &str = "TASK_TGID_OFFSET";
+    /// `u32`: byte offset of `group_leader` in `struct task_struct`.
+    pub const TASK_GROUP_LEADER_OFFSET: &str = "TASK_GROUP_LEADER_OFFSET";
+    /// `u32`: byte offset of `start_boottime` in `struct task_struct`.
+    pub const TASK_START_BOOTTIME_OFFSET: &str = "TASK_START_BOOTTIME_OFFSET";
 }
 
 /// Values of the process filter and the modes that read it.
@@ -58,6 +62,21 @@ pub mod filter {
     pub const FOLLOW_ONLY: u8 = 3;
 }
 
+/// One process incarnation: a tgid is reused once its process is gone, and an exec gives the
+/// same tgid a new image, so neither the tgid alone nor the start time alone says whose
+/// mappings and labels a sample needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessKey {
+    /// The thread group id: what user space calls the pid.
+    pub tgid: u32,
+    /// Execs since the kernel side first saw this process (0 before the first one it saw).
+    pub exec_seq: u32,
+    /// The thread group leader's `start_boottime` in nanoseconds: field 22 of /proc/PID/stat,
+    /// in clock ticks there.
+    pub start_ns: u64,
+}
+
 /// Key of the in-kernel sample counts: one entry per (process, thread, user stack, kernel stack).
 ///
 /// A thread runs on one CPU at a time, so two CPUs never update the same key at once; that is
@@ -65,12 +84,26 @@ pub mod filter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleKey {
-    pub pid: u32,
+    pub process: ProcessKey,
+    /// The sampled thread's id.
     pub tid: u32,
+    pub _pad: u32,
     /// Id of the user stack in the stacks map, or [`NO_STACK`].
     pub user_stack: u64,
     /// Id of the kernel stack in the stacks map, or [`NO_STACK`].
     pub kernel_stack: u64,
+}
+
+/// The kernel's record of a sampled process, in the `PROCESSES` map keyed by tgid.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessState {
+    /// Matches [`ProcessKey::start_ns`]; a different one means the tgid was reused.
+    pub start_ns: u64,
+    /// Matches [`ProcessKey::exec_seq`]; the exec tracepoint moves it on.
+    pub exec_seq: u32,
+    /// 1 once user space was told of this incarnation.
+    pub announced: u32,
 }
 
 /// A stack as the kernel side stores it: instruction pointers, leaf first.
@@ -94,16 +127,28 @@ impl Stack {
     }
 }
 
-/// A process user space should look at now (its mappings), sent once per process.
+/// Length of a task's `comm`.
+pub const COMM_LEN: usize = 16;
+
+/// A process event for user space: a new incarnation to read /proc of while it lives, or the
+/// end of one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessEvent {
-    pub pid: u32,
+    pub process: ProcessKey,
+    /// [`EVENT_NEW_PROCESS`] or [`EVENT_EXIT`].
     pub kind: u32,
+    pub _pad: u32,
+    /// The process's name when the event was sent, NUL-padded: names a process that exits
+    /// before user space reads /proc.
+    pub comm: [u8; COMM_LEN],
 }
 
 /// [`ProcessEvent::kind`]: the process was sampled for the first time (or first since exec).
 pub const EVENT_NEW_PROCESS: u32 = 1;
+
+/// [`ProcessEvent::kind`]: the whole thread group exited; its last samples are still in the maps.
+pub const EVENT_EXIT: u32 = 2;
 
 /// Kernel-side counters, one slot each in the per-CPU `COUNTERS` array.
 ///
@@ -134,11 +179,15 @@ pub enum Counter {
     ForksFollowed,
     /// Samples lost because a different stack already had the same hash.
     LostStackHashCollision,
+    /// Forked processes of a filtered process that could not be added: the filter was full.
+    ForksNotFollowed,
+    /// Processes that exited with all their threads (the kernel forgot their filter entries).
+    ProcessesExited,
 }
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -153,6 +202,8 @@ impl Counter {
         Counter::LostProcessEvents,
         Counter::ForksFollowed,
         Counter::LostStackHashCollision,
+        Counter::ForksNotFollowed,
+        Counter::ProcessesExited,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -169,7 +220,15 @@ impl Counter {
             Counter::LostProcessEvents => "process_events_lost",
             Counter::ForksFollowed => "forks_followed",
             Counter::LostStackHashCollision => "stack_hash_collision",
+            Counter::ForksNotFollowed => "forks_not_followed",
+            Counter::ProcessesExited => "processes_exited",
         }
+    }
+
+    /// True for counters that say something went missing without being a number of samples:
+    /// they belong in every summary beside the losses when they are not zero.
+    pub const fn is_warning(self) -> bool {
+        matches!(self, Counter::LostProcessEvents | Counter::ForksNotFollowed)
     }
 
     /// True for counters that count samples missing from the profile.
@@ -188,6 +247,8 @@ impl Counter {
 mod pod {
     // SAFETY: plain `#[repr(C)]` data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::SampleKey {}
+    unsafe impl aya::Pod for super::ProcessKey {}
+    unsafe impl aya::Pod for super::ProcessState {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::ProcessEvent {}
 }

@@ -11,15 +11,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_USER_STACK, BPF_NOEXIST},
-    helpers::{bpf_get_current_pid_tgid, bpf_get_stack, bpf_probe_read_kernel},
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
+        bpf_probe_read_kernel,
+    },
     macros::{btf_tracepoint, map, perf_event},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, PerfEventContext},
     EbpfContext, Global,
 };
 use profiler_common::{
-    filter, Counter, ProcessEvent, SampleKey, Stack, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
+    filter, Counter, ProcessEvent, ProcessKey, ProcessState, SampleKey, Stack, COMM_LEN,
+    EVENT_EXIT, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
 };
 
 #[unsafe(no_mangle)]
@@ -28,24 +32,32 @@ static FILTER_MODE: Global<u32> = Global::new(filter::MODE_ALL);
 static KERNEL_STACKS: Global<u32> = Global::new(1);
 #[unsafe(no_mangle)]
 static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static TASK_START_BOOTTIME_OFFSET: Global<u32> = Global::new(0);
 
-// Sizes here are defaults; user space sets the real ones at load time.
+// Sizes here are defaults; user space sets the real ones at load time. The sample and stack
+// maps are not preallocated: a stack is 1 KiB, and kernel memory (charged to the agent's memory
+// cgroup) should follow the stacks of one drain interval, not the worst case.
 #[map]
-static COUNTS_0: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, 0);
+static COUNTS_0: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 #[map]
-static COUNTS_1: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, 0);
+static COUNTS_1: HashMap<SampleKey, u64> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 #[map]
-static STACKS_0: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
+static STACKS_0: HashMap<u64, Stack> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
 #[map]
-static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(8192, 0);
+static STACKS_1: HashMap<u64, Stack> = HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
 #[map]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+/// Entries go when their process exits (`sched_process_exit`), so a long `record -- CMD` that
+/// forks without end keeps room for the children still alive.
 #[map]
-static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
+static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 #[map]
-static KNOWN_PIDS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+static PROCESSES: LruHashMap<u32, ProcessState> = LruHashMap::with_max_entries(16384, 0);
 #[map]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Scratch space for one stack: too large for the 512-byte BPF stack.
@@ -75,7 +87,7 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
         count(Counter::FilteredOut);
         return 0;
     }
-    announce(tgid);
+    let process = track(tgid);
 
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     let (counts, stacks) = if generation == 0 {
@@ -107,8 +119,9 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     };
 
     let key = SampleKey {
-        pid: tgid,
+        process,
         tid,
+        _pad: 0,
         user_stack,
         kernel_stack,
     };
@@ -143,25 +156,68 @@ fn wanted(tgid: u32) -> bool {
     }
 }
 
-/// Tells user space about a process the first time it is sampled, so that it reads the
-/// process's mappings while the process still exists.
+/// `start_boottime` of the current thread group's leader: with the tgid, it names one process
+/// for its whole life (threads and an exec'ing thread share it, a reused tgid does not).
 #[inline(always)]
-fn announce(tgid: u32) {
-    if KNOWN_PIDS.get_ptr(&tgid).is_some() {
-        return;
-    }
-    if KNOWN_PIDS.insert(&tgid, &1, BPF_NOEXIST as u64).is_err() {
-        return;
-    }
-    let event = ProcessEvent {
-        pid: tgid,
-        kind: EVENT_NEW_PROCESS,
+fn process_start_ns() -> u64 {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let leader_at = TASK_GROUP_LEADER_OFFSET.load() as usize;
+    let start_at = TASK_START_BOOTTIME_OFFSET.load() as usize;
+    let Ok(leader) = (unsafe { bpf_probe_read_kernel(task.add(leader_at).cast::<*const u8>()) })
+    else {
+        return 0;
     };
-    if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
-        count(Counter::LostProcessEvents);
-        // Let the next sample try again.
-        let _ = KNOWN_PIDS.remove(&tgid);
+    if leader.is_null() {
+        return 0;
     }
+    unsafe { bpf_probe_read_kernel(leader.add(start_at).cast::<u64>()) }.unwrap_or(0)
+}
+
+/// The sampled process's identity. Tells user space about an incarnation the first time it is
+/// sampled, so that it reads the process's mappings while the process still exists.
+#[inline(always)]
+fn track(tgid: u32) -> ProcessKey {
+    let start_ns = process_start_ns();
+    let mut process = ProcessKey {
+        tgid,
+        exec_seq: 0,
+        start_ns,
+    };
+    let state = match PROCESSES.get_ptr_mut(&tgid) {
+        Some(state) if unsafe { (*state).start_ns } == start_ns => state,
+        // First sample, or a reused tgid: a new incarnation.
+        _ => {
+            let fresh = ProcessState {
+                start_ns,
+                exec_seq: 0,
+                announced: 0,
+            };
+            if PROCESSES.insert(&tgid, &fresh, 0).is_err() {
+                return process;
+            }
+            match PROCESSES.get_ptr_mut(&tgid) {
+                Some(state) => state,
+                None => return process,
+            }
+        }
+    };
+    let state = unsafe { &mut *state };
+    process.exec_seq = state.exec_seq;
+    if state.announced == 0 {
+        let event = ProcessEvent {
+            process,
+            kind: EVENT_NEW_PROCESS,
+            _pad: 0,
+            comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        };
+        if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_ok() {
+            state.announced = 1;
+        } else {
+            // The next sample tries again.
+            count(Counter::LostProcessEvents);
+        }
+    }
+    process
 }
 
 /// Reads one stack into the stacks map and returns its id: a hash of its addresses.
@@ -243,18 +299,62 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     };
     let child_tgid = child_tgid as u32;
     // A new thread shares its parent's tgid and is already covered.
-    if child_tgid != parent && PID_FILTER.insert(&child_tgid, &filter::INCLUDE, 0).is_ok() {
-        count(Counter::ForksFollowed);
+    if child_tgid == parent {
+        return 0;
+    }
+    match PID_FILTER.insert(&child_tgid, &filter::INCLUDE, 0) {
+        Ok(()) => count(Counter::ForksFollowed),
+        Err(_) => count(Counter::ForksNotFollowed),
     }
     0
 }
 
-/// After exec a process has new mappings: forget that it was announced, so that its next sample
-/// announces it again and user space rereads its mappings.
+/// After exec a process has new mappings: its samples from now on carry the next exec number,
+/// and its next sample announces it again so that user space reads the new mappings, while
+/// samples from before the exec keep resolving against the old ones.
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = KNOWN_PIDS.remove(&tgid);
+    if let Some(state) = PROCESSES.get_ptr_mut(&tgid) {
+        let state = unsafe { &mut *state };
+        state.exec_seq = state.exec_seq.wrapping_add(1);
+        state.announced = 0;
+    }
+    0
+}
+
+/// When the last thread of a process exits (`group_dead`), its tgid may be reused at once:
+/// forget its filter mark and what the kernel knew of it, and tell user space, which still
+/// holds its mappings for the samples left in the maps.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff == 0 {
+        return 0;
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = PID_FILTER.remove(&tgid);
+    count(Counter::ProcessesExited);
+    let Some(state) = (unsafe { PROCESSES.get(&tgid) }).copied() else {
+        return 0;
+    };
+    let _ = PROCESSES.remove(&tgid);
+    if state.announced == 0 {
+        return 0;
+    }
+    let event = ProcessEvent {
+        process: ProcessKey {
+            tgid,
+            exec_seq: state.exec_seq,
+            start_ns: state.start_ns,
+        },
+        kind: EVENT_EXIT,
+        _pad: 0,
+        comm: [0; COMM_LEN],
+    };
+    if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_err() {
+        count(Counter::LostProcessEvents);
+    }
     0
 }
 

@@ -15,7 +15,12 @@ pub fn stacks(count: usize, depth: usize) -> Vec<ResolvedSample> {
                 end: 0x40_0000 * (i + 2),
                 offset: 0,
                 path: format!("/usr/lib/lib{i}.so"),
-                file: Some((8, 1, i)),
+                file: Some(FileKey {
+                    dev: 8,
+                    ino: i,
+                    size: 1,
+                    mtime_ns: 0,
+                }),
                 build_id: format!("{i:040x}"),
                 is_main: i == 0,
             })
@@ -44,6 +49,7 @@ pub fn stacks(count: usize, depth: usize) -> Vec<ResolvedSample> {
                 })
                 .collect();
             ResolvedSample {
+                process: Default::default(),
                 pid: 1000 + (s % 50) as u32,
                 tid: 1000 + (s % 200) as u32,
                 comm: Arc::from("bench"),
@@ -69,10 +75,10 @@ pub fn own_code_offsets(count: usize) -> (FileKey, Vec<u64>) {
         let start = u64::from_str_radix(start, 16).unwrap();
         let end = u64::from_str_radix(end, 16).unwrap();
         let offset = u64::from_str_radix(fields[2], 16).unwrap();
-        let inode: u64 = fields[4].parse().unwrap();
+        let key = FileKey::of(&exe).expect("stat of the benchmark's own binary");
         let step = ((end - start) / count as u64).max(1);
         let offsets = (0..count as u64).map(|i| offset + i * step).collect();
-        return ((0, 0, inode), offsets);
+        return (key, offsets);
     }
     panic!("no executable mapping of {}", exe.display());
 }

@@ -7,6 +7,8 @@
  *   workload fork SECONDS     main forks; the child runs child_burn, the parent waits
  *   workload burn SECONDS     main -> burn_outer -> burn_inner
  *   workload inline SECONDS   main -> with_inline -> inlined_leaf (always inlined)
+ *   workload storm SECONDS N  forks N children that exit at once, one after the other, then a
+ *                             child that runs child_burn (exit code 0)
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -87,7 +89,7 @@ NOINLINE void with_inline(double seconds) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: workload shares|syscalls|fork|burn|inline SECONDS\n");
+        fprintf(stderr, "usage: workload shares|syscalls|fork|burn|inline|storm SECONDS [N]\n");
         return 2;
     }
     double seconds = atof(argv[2]);
@@ -112,6 +114,23 @@ int main(int argc, char **argv) {
         burn_outer(seconds);
     } else if (!strcmp(argv[1], "inline")) {
         with_inline(seconds);
+    } else if (!strcmp(argv[1], "storm")) {
+        long count = argc > 3 ? atol(argv[3]) : 0;
+        int status;
+        for (long i = 0; i < count; i++) {
+            pid_t pid = fork();
+            if (pid == 0)
+                _exit(0);
+            if (pid < 0 || waitpid(pid, &status, 0) < 0)
+                return 1;
+        }
+        pid_t pid = fork();
+        if (pid == 0) {
+            child_burn(seconds);
+            _exit(0);
+        }
+        waitpid(pid, &status, 0);
+        return 0;
     } else {
         fprintf(stderr, "unknown mode %s\n", argv[1]);
         return 2;

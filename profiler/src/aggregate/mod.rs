@@ -55,8 +55,13 @@ pub struct ProfileBuilder {
     string_table: Vec<String>,
     functions: HashMap<(i64, i64), u64>,
     function_table: Vec<Function>,
+    /// Resolver mapping id (one per binary) to pprof mapping id.
     mappings: HashMap<u64, u64>,
     mapping_table: Vec<PprofMapping>,
+    /// Per pprof mapping: file offset minus address, fixed by the first process seen. Other
+    /// processes map the binary elsewhere; their addresses are moved into this one's space, so
+    /// that one mapping and one location serve a binary and a pc in every process.
+    mapping_delta: HashMap<u64, i128>,
     /// Order of each pprof mapping in the output: main executables, libraries, the kernel.
     mapping_rank: HashMap<u64, u8>,
     locations: HashMap<(u64, u64), u64>,
@@ -76,6 +81,7 @@ impl ProfileBuilder {
             function_table: Vec::new(),
             mappings: HashMap::new(),
             mapping_table: Vec::new(),
+            mapping_delta: HashMap::new(),
             mapping_rank: HashMap::new(),
             locations: HashMap::new(),
             location_table: Vec::new(),
@@ -149,6 +155,8 @@ impl ProfileBuilder {
             has_inline_frames: false,
         });
         self.mappings.insert(mapping.id, id);
+        self.mapping_delta
+            .insert(id, i128::from(mapping.offset) - i128::from(mapping.start));
         let rank = match (mapping.is_main, mapping.is_kernel()) {
             (true, _) => 0,
             (false, false) => 1,
@@ -158,9 +166,41 @@ impl ProfileBuilder {
         id
     }
 
+    /// `frame`'s address in the address space of its pprof mapping `id`, which grows to cover
+    /// the frame's own mapping.
+    fn normalize(&mut self, id: u64, frame: &Frame) -> u64 {
+        let Some(mapping) = frame.mapping.as_deref().filter(|m| !m.is_kernel()) else {
+            return frame.address;
+        };
+        let delta = self.mapping_delta[&id];
+        let own_delta = i128::from(mapping.offset) - i128::from(mapping.start);
+        if own_delta == delta {
+            self.cover(id, mapping.start, mapping.end, delta);
+            return frame.address;
+        }
+        let shift = |addr: u64| u64::try_from(i128::from(addr) + own_delta - delta).unwrap_or(0);
+        self.cover(id, shift(mapping.start), shift(mapping.end), delta);
+        shift(frame.address)
+    }
+
+    /// Widens pprof mapping `id` to `start..end`, keeping file offset minus address at `delta`.
+    fn cover(&mut self, id: u64, start: u64, end: u64, delta: i128) {
+        let entry = &mut self.mapping_table[id as usize - 1];
+        if start < entry.memory_start {
+            entry.memory_start = start;
+            entry.file_offset = u64::try_from(i128::from(start) + delta).unwrap_or(0);
+        }
+        entry.memory_limit = entry.memory_limit.max(end);
+    }
+
     fn location(&mut self, frame: &Frame) -> u64 {
         let mapping_id = frame.mapping.as_ref().map_or(0, |m| self.mapping(m));
-        let key = (mapping_id, frame.address);
+        let address = if mapping_id == 0 {
+            frame.address
+        } else {
+            self.normalize(mapping_id, frame)
+        };
+        let key = (mapping_id, address);
         if let Some(id) = self.locations.get(&key) {
             return *id;
         }
@@ -183,7 +223,7 @@ impl ProfileBuilder {
         self.location_table.push(Location {
             id,
             mapping_id,
-            address: frame.address,
+            address,
             line: lines,
             is_folded: false,
         });
@@ -272,19 +312,28 @@ mod tests {
     use std::{collections::HashSet, sync::Arc};
 
     use super::ProfileBuilder;
-    use crate::resolve::{Frame, Line, Mapping, ResolvedSample};
+    use crate::resolve::{FileKey, Frame, Line, Mapping, ResolvedSample};
 
-    fn mapping(id: u64, path: &str, is_main: bool) -> Arc<Mapping> {
+    fn mapping_at(id: u64, path: &str, is_main: bool, start: u64) -> Arc<Mapping> {
         Arc::new(Mapping {
             id,
-            start: 0x1000 * id,
-            end: 0x1000 * id + 0x800,
+            start,
+            end: start + 0x800,
             offset: 0,
             path: path.into(),
-            file: (id != 1).then_some((8, 1, id)),
+            file: (id != 1).then_some(FileKey {
+                dev: 8,
+                ino: id,
+                size: 1,
+                mtime_ns: 0,
+            }),
             build_id: format!("b{id}"),
             is_main,
         })
+    }
+
+    fn mapping(id: u64, path: &str, is_main: bool) -> Arc<Mapping> {
+        mapping_at(id, path, is_main, 0x1000 * id)
     }
 
     fn frame(mapping: &Arc<Mapping>, address: u64, names: &[&str]) -> Frame {
@@ -304,6 +353,7 @@ mod tests {
 
     fn sample(frames: Vec<Frame>, tid: u32, count: u64) -> ResolvedSample {
         ResolvedSample {
+            process: Default::default(),
             pid: 10,
             tid,
             comm: Arc::from("app"),
@@ -387,5 +437,23 @@ mod tests {
         let profile = builder.build(1);
         assert_eq!(profile.location.len(), 2);
         assert_eq!(profile.mapping.len(), 2);
+    }
+
+    #[test]
+    fn one_binary_in_two_processes_is_one_mapping() {
+        // The same binary (same id) loaded at two bases by two processes.
+        let first = mapping_at(5, "/bin/app", true, 0x40_0000);
+        let second = mapping_at(5, "/bin/app", true, 0x7f00_0000);
+        let mut builder = ProfileBuilder::new(99);
+        builder.add(&[
+            sample(vec![frame(&first, 0x40_0123, &["f"])], 1, 1),
+            sample(vec![frame(&second, 0x7f00_0123, &["f"])], 2, 1),
+        ]);
+        let profile = builder.build(1);
+        assert_eq!(profile.mapping.len(), 1);
+        assert_eq!(profile.location.len(), 1, "one pc of one binary");
+        let m = &profile.mapping[0];
+        let loc = &profile.location[0];
+        assert_eq!(loc.address - m.memory_start + m.file_offset, 0x123);
     }
 }

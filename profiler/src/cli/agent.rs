@@ -13,10 +13,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use super::{
     config::{AgentArgs, AgentConfig},
     privileges::require_capabilities,
+    raise_fd_limit,
 };
 use crate::{
     aggregate::ProfileSet,
-    collect::{CollectConfig, Collector, Targets as Filter},
+    collect::{CollectConfig, Collector, ProcessChange, Targets as Filter},
     export,
     metrics::Metrics,
     resolve::{ResolvedSample, Resolver, TargetKey, Targets},
@@ -30,6 +31,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(args: AgentArgs) -> Result<u8> {
     let config = AgentConfig::load(args)?;
     require_capabilities()?;
+    raise_fd_limit();
     let metrics = Metrics::new();
     metrics.serve(config.metrics_addr).await?;
 
@@ -74,35 +76,26 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
             guard = events.readable() => {
                 let mut guard = guard?;
                 guard.clear_ready();
-                for pid in collector.new_processes() {
-                    // New process, or exec: read it (again) and decide where it belongs.
-                    resolver.observe(pid);
-                    targets.forget(pid);
-                    let comm = resolver.comm(pid).unwrap_or_else(|| Arc::from(""));
-                    if targets.get(pid, &comm).dropped {
-                        // Relabeling dropped it: the kernel stops sampling it.
-                        collector.exclude(pid)?;
-                    }
-                }
+                take_changes(&mut collector, &mut resolver, &mut targets);
             }
             _ = drain.tick() => {
+                take_changes(&mut collector, &mut resolver, &mut targets);
                 interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                forget_ended(&collector, &mut resolver, &mut targets);
                 metrics.update(&collector.counters()?, &resolver.stats());
             }
             _ = upload.tick() => {
+                take_changes(&mut collector, &mut resolver, &mut targets);
                 interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                forget_ended(&collector, &mut resolver, &mut targets);
                 interval.send(&pusher, &metrics);
-                // Exited processes' samples are out now: forget them.
-                for pid in resolver.forget_exited() {
-                    targets.forget(pid);
-                    collector.forget(pid);
-                }
                 targets.retry_unknown_pods();
             }
         }
     }
 
     // The last interval goes out too, then the queue gets until the deadline to drain.
+    take_changes(&mut collector, &mut resolver, &mut targets);
     interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
     interval.send(&pusher, &metrics);
     metrics.update(&collector.counters()?, &resolver.stats());
@@ -111,6 +104,31 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         eprintln!("warn: {left} profiles were not delivered before the shutdown deadline");
     }
     Ok(0)
+}
+
+/// Takes in what the kernel said about processes: a new one (or a new image after exec) is
+/// read at once and classified, and the kernel stops sampling it when relabeling drops it.
+fn take_changes(collector: &mut Collector, resolver: &mut Resolver, targets: &mut Targets) {
+    let flips = collector.flips();
+    for change in collector.process_changes() {
+        resolver.apply(&change, flips);
+        let ProcessChange::Started { process, .. } = change else {
+            continue;
+        };
+        targets.forget(process.tgid);
+        let comm = resolver.comm(&process).unwrap_or_else(|| Arc::from(""));
+        if targets.get(process.tgid, &comm).dropped {
+            // Counted in `filter_updates_failed` when the filter is full; sampling goes on.
+            let _ = collector.exclude(process.tgid);
+        }
+    }
+}
+
+/// Forgets processes whose last samples have been resolved.
+fn forget_ended(collector: &Collector, resolver: &mut Resolver, targets: &mut Targets) {
+    for process in resolver.forget_ended(collector.flips()) {
+        targets.forget(process.tgid);
+    }
 }
 
 /// One upload interval's profiles, one per target, with each target's labels.

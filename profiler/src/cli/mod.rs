@@ -111,6 +111,23 @@ pub fn main() -> ExitCode {
 }
 
 /// Parses `500ms`, `10s`, `2m`; zero is refused.
+/// Raises the soft limit on open files to the hard one: binaries stay open while their
+/// processes may still need symbols, and a node has many (the default soft limit is 1024).
+pub(crate) fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let duration = humantime::parse_duration(text)
         .map_err(|e| format!("`{text}` is not a duration like 500ms, 10s or 2m ({e})"))?;

@@ -16,7 +16,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use super::{parse_duration, privileges::require_capabilities, Exit};
+use super::{parse_duration, privileges::require_capabilities, raise_fd_limit, Exit};
 use crate::{
     aggregate::ProfileBuilder,
     collect::{CollectConfig, Collector, Counters, Targets},
@@ -115,6 +115,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         }
     }
     require_capabilities()?;
+    raise_fd_limit();
 
     let targets = if args.all {
         Targets::All
@@ -170,13 +171,14 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
             guard = events.readable() => {
                 let mut guard = guard?;
                 guard.clear_ready();
-                for pid in collector.new_processes() {
-                    resolver.observe(pid);
-                }
+                take_changes(&mut collector, &mut resolver);
             }
             _ = tick.tick() => {
+                take_changes(&mut collector, &mut resolver);
                 let samples = collector.drain()?;
                 builder.add(&resolver.resolve(&samples));
+                // Ended processes' last samples are in: forget them and close their binaries.
+                resolver.forget_ended(collector.flips());
                 if progress {
                     show_progress(started, &collector.counters()?);
                 }
@@ -191,9 +193,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     }
 
     // Samples of processes announced but not yet observed still need their mappings.
-    for pid in collector.new_processes() {
-        resolver.observe(pid);
-    }
+    take_changes(&mut collector, &mut resolver);
     let samples = collector.drain_all()?;
     builder.add(&resolver.resolve(&samples));
     let elapsed = started.elapsed();
@@ -207,7 +207,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         stop,
         elapsed,
         format,
-        processes: resolver.stats().processes,
+        processes: resolver.stats().processes_seen as usize,
     };
     if progress {
         print_summary(args, &summary, &profile, &counters);
@@ -223,6 +223,14 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         child_status = Some(exit_code(child.wait().await?));
     }
     Ok(child_status.unwrap_or(0))
+}
+
+/// Takes in what the kernel said about processes (new ones are read from /proc at once).
+fn take_changes(collector: &mut Collector, resolver: &mut Resolver) {
+    let flips = collector.flips();
+    for change in collector.process_changes() {
+        resolver.apply(&change, flips);
+    }
 }
 
 /// Starts CMD so that it and everything it forks are in the filter before they run: the
@@ -306,7 +314,9 @@ fn summary_line(args: &RecordArgs, summary: &Summary, counters: &Counters) -> St
         .all()
         .iter()
         .filter(|(_, value, is_loss)| *is_loss && *value > 0)
-        .map(|(name, value, _)| format!("{name}={value}"))
+        .map(|(name, value, _)| (*name, *value))
+        .chain(counters.warnings().into_iter().filter(|(_, v)| *v > 0))
+        .map(|(name, value)| format!("{name}={value}"))
         .collect();
     let losses = if losses.is_empty() {
         String::new()

@@ -1,7 +1,8 @@
 //! Kernel structure offsets read from the running kernel's BTF.
 //!
-//! aya cannot apply CO-RE relocations to Rust eBPF code, so the one field the kernel side reads
-//! from a `task_struct` (a forked child's `tgid`) is located here and passed in at load time.
+//! aya cannot apply CO-RE relocations to Rust eBPF code, so the fields the kernel side reads
+//! from a `task_struct` (a forked child's `tgid`, the leader's start time) are located here and
+//! passed in at load time.
 //! The look-up scans the type section once without building the type graph: full BTF parsers
 //! (btf-rs) spent about 75 ms of our 190 ms start-up decoding 100,000 types to answer it.
 
@@ -41,7 +42,13 @@ const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 
 /// Byte offset of `member` in `struct strukt`, from the kernel's BTF bytes (native endian).
+#[cfg(test)]
 pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Result<u32> {
+    Ok(member_offsets(btf, strukt, &[member])?[0])
+}
+
+/// Byte offsets of `members` in `struct strukt`, in one scan of the kernel's BTF bytes.
+pub fn member_offsets(btf: &[u8], strukt: &str, members: &[&str]) -> Result<Vec<u32>> {
     let u16_at = |at: usize| {
         btf.get(at..at + 2)
             .map(|b| u16::from_ne_bytes([b[0], b[1]]))
@@ -74,25 +81,28 @@ pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Result<u32> {
         let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
         at += 12;
         if kind == KIND_STRUCT && name(name_off) == strukt.as_bytes() {
-            for i in 0..vlen {
-                let m = at + 12 * i;
-                if name(u32_at(m).ok_or_else(bad)?) == member.as_bytes() {
-                    let offset = u32_at(m + 8).ok_or_else(bad)?;
-                    // With kind_flag, the top 8 bits hold a bitfield size.
-                    let bits = if kind_flag == 1 {
-                        offset & 0xff_ffff
-                    } else {
-                        offset
-                    };
-                    return Ok(bits / 8);
-                }
+            let mut offsets = Vec::with_capacity(members.len());
+            for member in members {
+                let found = (0..vlen)
+                    .map(|i| at + 12 * i)
+                    .find(|m| u32_at(*m).is_some_and(|n| name(n) == member.as_bytes()))
+                    .ok_or_else(|| {
+                        anyhow!("no member `{member}` in `struct {strukt}` in the kernel's BTF")
+                    })?;
+                let offset = u32_at(found + 8).ok_or_else(bad)?;
+                // With kind_flag, the top 8 bits hold a bitfield size.
+                let bits = if kind_flag == 1 {
+                    offset & 0xff_ffff
+                } else {
+                    offset
+                };
+                offsets.push(bits / 8);
             }
+            return Ok(offsets);
         }
         at += trailing_bytes(kind, vlen).ok_or_else(|| anyhow!("unknown BTF kind {kind}"))?;
     }
-    Err(anyhow!(
-        "no member `{member}` in `struct {strukt}` in the kernel's BTF"
-    ))
+    Err(anyhow!("no `struct {strukt}` in the kernel's BTF"))
 }
 
 /// Bytes that follow a type's 12-byte header, by kind (see the kernel's btf.rst).

@@ -20,7 +20,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    filter, globals, maps, Counter, ProcessEvent, SampleKey, Stack, EVENT_NEW_PROCESS, NO_STACK,
+    filter, globals, maps, Counter, ProcessEvent, SampleKey, Stack, EVENT_EXIT, EVENT_NEW_PROCESS,
+    NO_STACK,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -61,14 +62,30 @@ impl Default for CollectConfig {
     }
 }
 
+pub use profiler_common::ProcessKey;
+
 /// One (process, thread, stack) and how many times it was sampled. Stacks are leaf first.
 #[derive(Clone, Debug)]
 pub struct RawSample {
-    pub pid: u32,
+    /// The process incarnation the sample was taken in.
+    pub process: ProcessKey,
     pub tid: u32,
     pub user: Arc<[u64]>,
     pub kernel: Arc<[u64]>,
     pub count: u64,
+}
+
+/// What the kernel said about a process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessChange {
+    /// Sampled for the first time, or first since a reuse of its tgid or an exec.
+    Started {
+        process: ProcessKey,
+        /// Its name then, for a process gone before /proc could be read.
+        comm: String,
+    },
+    /// Its whole thread group exited; samples may still wait in the maps for two drains.
+    Exited(ProcessKey),
 }
 
 /// Kernel-side counters summed over CPUs, plus what user space lost while draining.
@@ -77,6 +94,8 @@ pub struct Counters {
     kernel: [u64; Counter::COUNT as usize],
     /// Samples whose stack vanished before it could be read (should stay 0).
     pub lost_stack_missing: u64,
+    /// Filter updates from user space that failed (the filter was full).
+    pub filter_updates_failed: u64,
 }
 
 impl Counters {
@@ -92,7 +111,20 @@ impl Counters {
             .map(|c| (c.name(), self.get(*c), c.is_loss()))
             .collect();
         all.push(("stack_missing_at_drain", self.lost_stack_missing, true));
+        all.push(("filter_updates_failed", self.filter_updates_failed, false));
         all
+    }
+
+    /// Counters that are not losses of samples but say something went missing; a summary
+    /// shows them beside the losses when they are not zero.
+    pub fn warnings(&self) -> Vec<(&'static str, u64)> {
+        let mut warnings: Vec<_> = Counter::ALL
+            .iter()
+            .filter(|c| c.is_warning())
+            .map(|c| (c.name(), self.get(*c)))
+            .collect();
+        warnings.push(("filter_updates_failed", self.filter_updates_failed));
+        warnings
     }
 
     /// Samples missing from the profile, all reasons together.
@@ -118,6 +150,10 @@ pub struct Collector {
     filter: HashMap<MapData, u32, u8>,
     events: RingBuf<MapData>,
     lost_stack_missing: u64,
+    filter_updates_failed: u64,
+    /// Generation flips so far: samples taken before a process exit noticed at flip `n` have all
+    /// been read once this reaches `n + 2`.
+    flips: u64,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -127,7 +163,12 @@ impl Collector {
     /// CPU. Samples flow from the moment this returns.
     pub fn start(config: &CollectConfig) -> Result<Self> {
         let btf_bytes = btf::read(&require_btf()?)?;
-        let tgid_offset = btf::member_offset(&btf_bytes, "task_struct", "tgid")?;
+        let offsets = btf::member_offsets(
+            &btf_bytes,
+            "task_struct",
+            &["tgid", "group_leader", "start_boottime"],
+        )?;
+        let (tgid_offset, leader_offset, start_offset) = (offsets[0], offsets[1], offsets[2]);
         let btf = Btf::parse(&btf_bytes, aya::Endianness::default())
             .context("parsing the kernel's BTF")?;
         let mode = match config.targets {
@@ -140,6 +181,8 @@ impl Collector {
             .override_global(globals::FILTER_MODE, &mode, true)
             .override_global(globals::KERNEL_STACKS, &kernel_stacks, true)
             .override_global(globals::TASK_TGID_OFFSET, &tgid_offset, true)
+            .override_global(globals::TASK_GROUP_LEADER_OFFSET, &leader_offset, true)
+            .override_global(globals::TASK_START_BOOTTIME_OFFSET, &start_offset, true)
             .map_max_entries(maps::COUNTS_0, config.counts_capacity)
             .map_max_entries(maps::COUNTS_1, config.counts_capacity)
             .map_max_entries(maps::STACKS_0, config.stacks_capacity)
@@ -157,7 +200,11 @@ impl Collector {
             }
         }
 
-        for tracepoint in ["sched_process_fork", "sched_process_exec"] {
+        for tracepoint in [
+            "sched_process_fork",
+            "sched_process_exec",
+            "sched_process_exit",
+        ] {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(tracepoint)
                 .ok_or_else(|| anyhow!("program {tracepoint} missing from the eBPF object"))?
@@ -215,6 +262,8 @@ impl Collector {
             filter,
             events,
             lost_stack_missing: 0,
+            filter_updates_failed: 0,
+            flips: 0,
         })
     }
 
@@ -228,14 +277,24 @@ impl Collector {
         Ok(self.filter.insert(pid, filter::FOLLOW_ONLY, 0)?)
     }
 
-    /// Stops following or sampling `pid`; the profiler marks itself excluded again.
+    /// Stops following or sampling `pid`; the profiler marks itself excluded again. A full
+    /// filter is counted (`filter_updates_failed`) and reported as an error.
     pub fn exclude(&mut self, pid: u32) -> Result<()> {
-        Ok(self.filter.insert(pid, filter::EXCLUDE, 0)?)
+        self.filter
+            .insert(pid, filter::EXCLUDE, 0)
+            .inspect_err(|_| self.filter_updates_failed += 1)
+            .with_context(|| format!("excluding process {pid} from sampling"))
     }
 
-    /// Removes a process from the filter, e.g. once it has exited.
+    /// Removes a process's mark from the filter (the kernel removes it by itself when the
+    /// process exits).
     pub fn forget(&mut self, pid: u32) {
         let _ = self.filter.remove(&pid);
+    }
+
+    /// Generation flips so far: see [`ProcessChange::Exited`].
+    pub fn flips(&self) -> u64 {
+        self.flips
     }
 
     /// Processes currently marked for sampling, forks followed by the kernel included.
@@ -248,7 +307,7 @@ impl Collector {
             .collect()
     }
 
-    /// Becomes readable when processes are announced (then call [`Collector::new_processes`]).
+    /// Becomes readable when processes are announced (then call [`Collector::process_changes`]).
     /// Must be called inside a tokio runtime.
     pub fn events(&self) -> Result<AsyncFd<OwnedFd>> {
         let fd = self
@@ -261,20 +320,29 @@ impl Collector {
             .map_err(|e| anyhow!("watching the process events: {e}"))
     }
 
-    /// Processes sampled for the first time since the last call (or first since their exec).
-    pub fn new_processes(&mut self) -> Vec<u32> {
-        let mut pids = Vec::new();
+    /// What the kernel said about processes since the last call, in order.
+    pub fn process_changes(&mut self) -> Vec<ProcessChange> {
+        let mut changes = Vec::new();
         while let Some(item) = self.events.next() {
-            if item.len() >= std::mem::size_of::<ProcessEvent>() {
-                // SAFETY: the kernel side writes whole `ProcessEvent`s; read_unaligned copes with
-                // the ring buffer's 8-byte alignment.
-                let event: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if event.kind == EVENT_NEW_PROCESS {
-                    pids.push(event.pid);
+            if item.len() < std::mem::size_of::<ProcessEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel side writes whole `ProcessEvent`s; read_unaligned copes with
+            // the ring buffer's 8-byte alignment.
+            let event: ProcessEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            match event.kind {
+                EVENT_NEW_PROCESS => {
+                    let len = event.comm.iter().position(|b| *b == 0).unwrap_or(16);
+                    changes.push(ProcessChange::Started {
+                        process: event.process,
+                        comm: String::from_utf8_lossy(&event.comm[..len]).into_owned(),
+                    });
                 }
+                EVENT_EXIT => changes.push(ProcessChange::Exited(event.process)),
+                _ => {}
             }
         }
-        pids
+        changes
     }
 
     /// Reads and clears the generation that has been inactive since the previous drain, then
@@ -284,6 +352,7 @@ impl Collector {
         let samples = self.read_generation(inactive)?;
         self.generation.set(0, inactive, 0)?;
         self.active = inactive;
+        self.flips += 1;
         Ok(samples)
     }
 
@@ -318,7 +387,7 @@ impl Collector {
             };
             match (lookup(key.user_stack), lookup(key.kernel_stack)) {
                 (Some(user), Some(kernel)) => samples.push(RawSample {
-                    pid: key.pid,
+                    process: key.process,
                     tid: key.tid,
                     user,
                     kernel,
@@ -338,6 +407,7 @@ impl Collector {
     pub fn counters(&self) -> Result<Counters> {
         let mut counters = Counters {
             lost_stack_missing: self.lost_stack_missing,
+            filter_updates_failed: self.filter_updates_failed,
             ..Default::default()
         };
         for counter in Counter::ALL {

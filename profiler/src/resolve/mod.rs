@@ -11,16 +11,21 @@ use std::{
     fs::File,
     path::PathBuf,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 pub use demangle::demangle;
-pub use process::{is_alive, FileKey, Mapping};
+pub use process::{is_alive, is_running, FileKey, Mapping};
 pub use symbols::{basename, Line, Lines, Symbols};
 pub use targets::{Target, TargetKey, Targets, PROFILE_NAME};
 
-use crate::collect::RawSample;
+use crate::collect::{ProcessChange, ProcessKey, RawSample};
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use symbols::kernel_build_id;
+
+/// The soonest a process's mappings are read again for addresses none of them covers: a
+/// stray address (a JIT, a stack read mid-update) must not cost a reread every drain.
+const MAPS_REREAD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// One frame of a resolved stack.
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub struct Frame {
 /// A sample with names: process, thread, and frames leaf first (kernel frames, then user ones).
 #[derive(Debug, Clone)]
 pub struct ResolvedSample {
+    /// The process incarnation (its `tgid` is the pid).
+    pub process: ProcessKey,
     pub pid: u32,
     pub tid: u32,
     pub comm: Arc<str>,
@@ -51,14 +58,31 @@ pub struct ResolveStats {
     pub binaries: usize,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Reads of /proc/PID/maps, first ones included.
+    pub maps_reads: u64,
+    /// Process incarnations seen since the start.
+    pub processes_seen: u64,
+}
+
+/// What makes two mappings the same binary for a profile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum BinaryIdentity {
+    BuildId(String),
+    File(FileKey),
+    Vdso,
 }
 
 /// Process metadata and symbol caches.
 pub struct Resolver {
-    processes: HashMap<u32, ProcessInfo>,
+    processes: HashMap<ProcessKey, ProcessInfo>,
+    /// The newest incarnation of each tgid.
+    current: HashMap<u32, ProcessKey>,
     symbols: Symbols,
     kernel: Arc<Mapping>,
+    binary_ids: HashMap<BinaryIdentity, u64>,
     next_mapping_id: u64,
+    maps_reads: u64,
+    processes_seen: u64,
 }
 
 const UNKNOWN_PROCESS: &str = "[unknown]";
@@ -81,21 +105,82 @@ impl Resolver {
         });
         Self {
             processes: HashMap::new(),
+            current: HashMap::new(),
             symbols: Symbols::new(debug_dirs),
             kernel,
+            binary_ids: HashMap::new(),
             next_mapping_id: 2,
+            maps_reads: 0,
+            processes_seen: 0,
         }
     }
 
-    /// Reads (or rereads, after an exec) a process's name and mappings and opens its binaries
-    /// while it still exists. Does nothing once the process has gone.
-    pub fn observe(&mut self, pid: u32) {
-        let Some((comm, raw)) = read_process(pid) else {
-            return;
+    /// Takes in what the kernel said: a new incarnation is read from /proc at once (and ends
+    /// the tgid's previous one); an exit marks the process ended at generation flip `flips`.
+    pub fn apply(&mut self, change: &ProcessChange, flips: u64) {
+        match change {
+            ProcessChange::Started { process, comm } => {
+                if let Some(previous) = self.current.insert(process.tgid, *process) {
+                    if previous != *process {
+                        self.end(&previous, flips);
+                    }
+                }
+                self.observe(*process, comm);
+            }
+            ProcessChange::Exited(process) => self.end(process, flips),
+        }
+    }
+
+    fn end(&mut self, process: &ProcessKey, flips: u64) {
+        if let Some(info) = self.processes.get_mut(process) {
+            info.ended_at.get_or_insert(flips);
+        }
+    }
+
+    /// Reads (or rereads) a process's name and mappings and opens its binaries while it still
+    /// exists. When it is gone (or its pid already belongs to another process), it is known
+    /// by `comm` alone.
+    pub fn observe(&mut self, process: ProcessKey, comm: &str) {
+        self.maps_reads += 1;
+        let (comm, raw) = match read_process(process.tgid, process.start_ns) {
+            Some((comm, raw)) => (comm, raw),
+            None => {
+                if self.processes.contains_key(&process) {
+                    return;
+                }
+                let comm = if comm.is_empty() {
+                    UNKNOWN_PROCESS
+                } else {
+                    comm
+                };
+                (comm.to_owned(), Vec::new())
+            }
         };
+        let mappings = self.mappings_of(process.tgid, raw);
+        let previous = self.processes.remove(&process);
+        if previous.is_none() {
+            self.processes_seen += 1;
+        }
+        let (threads, ended_at) = previous
+            .map(|p| (p.threads, p.ended_at))
+            .unwrap_or_default();
+        self.processes.insert(
+            process,
+            ProcessInfo {
+                comm: Arc::from(comm),
+                mappings,
+                threads,
+                read_at: Instant::now(),
+                ended_at,
+            },
+        );
+    }
+
+    /// Opens the binaries of `raw` and gives each mapping its binary's id.
+    fn mappings_of(&mut self, pid: u32, raw: Vec<RawMapping>) -> Vec<Arc<Mapping>> {
         let mut mappings = Vec::with_capacity(raw.len());
         for raw in raw {
-            let file = raw.file.filter(|key| self.open_binary(pid, *key, &raw));
+            let file = raw.has_file.then(|| self.open_binary(pid, &raw)).flatten();
             let build_id = file
                 .map(|key| self.symbols.build_id(&key))
                 .unwrap_or_default();
@@ -104,9 +189,30 @@ impl Resolver {
                 (None, true) => "[vdso]".to_owned(),
                 (None, false) => "[anon]".to_owned(),
             };
-            self.next_mapping_id += 1;
+            let identity = match (file, raw.is_vdso) {
+                (Some(_), _) if !build_id.is_empty() => {
+                    Some(BinaryIdentity::BuildId(build_id.clone()))
+                }
+                (Some(key), _) => Some(BinaryIdentity::File(key)),
+                (None, true) => Some(BinaryIdentity::Vdso),
+                (None, false) => None,
+            };
+            let id = match identity {
+                Some(identity) => match self.binary_ids.get(&identity) {
+                    Some(id) => *id,
+                    None => {
+                        self.next_mapping_id += 1;
+                        self.binary_ids.insert(identity, self.next_mapping_id);
+                        self.next_mapping_id
+                    }
+                },
+                None => {
+                    self.next_mapping_id += 1;
+                    self.next_mapping_id
+                }
+            };
             mappings.push(Arc::new(Mapping {
-                id: self.next_mapping_id,
+                id,
                 start: raw.start,
                 end: raw.end,
                 offset: raw.offset,
@@ -117,55 +223,57 @@ impl Resolver {
             }));
         }
         mappings.sort_by_key(|m| m.start);
-        let threads = self
-            .processes
-            .remove(&pid)
-            .map(|p| p.threads)
-            .unwrap_or_default();
-        self.processes.insert(
-            pid,
-            ProcessInfo {
-                comm: Arc::from(comm),
-                mappings,
-                threads,
-            },
-        );
+        mappings
     }
 
-    /// Forgets a process (once its samples are out).
-    pub fn forget(&mut self, pid: u32) {
-        self.processes.remove(&pid);
-    }
-
-    /// Forgets every process that has exited, and closes binaries no remaining process maps,
-    /// so that memory stays bounded however many processes come and go. Returns the pids
-    /// forgotten.
-    pub fn forget_exited(&mut self) -> Vec<u32> {
-        let gone: Vec<u32> = self
-            .processes
-            .keys()
-            .copied()
-            .filter(|pid| !is_alive(*pid))
-            .collect();
-        for pid in &gone {
-            self.processes.remove(pid);
+    /// Forgets the processes that ended at least two generation flips before `flips`: by then
+    /// every sample they left in the kernel's maps has been drained and resolved. Live
+    /// processes whose end the kernel could not report (its event lost) are found here too.
+    /// Binaries no remaining process maps are closed, so that memory stays bounded however many
+    /// processes come and go. Returns the processes forgotten.
+    pub fn forget_ended(&mut self, flips: u64) -> Vec<ProcessKey> {
+        let mut gone = Vec::new();
+        for (key, info) in &mut self.processes {
+            match info.ended_at {
+                Some(at) if at + 2 <= flips => gone.push(*key),
+                Some(_) => {}
+                None => {
+                    if !is_running(key.tgid, key.start_ns) {
+                        info.ended_at = Some(flips);
+                    }
+                }
+            }
         }
-        let in_use: HashSet<FileKey> = self
-            .processes
-            .values()
-            .flat_map(|p| p.mappings.iter().filter_map(|m| m.file))
-            .collect();
-        self.symbols.retain_objects(&in_use);
+        for key in &gone {
+            self.processes.remove(key);
+            if self.current.get(&key.tgid) == Some(key) {
+                self.current.remove(&key.tgid);
+            }
+        }
+        if !gone.is_empty() {
+            let in_use: HashSet<FileKey> = self
+                .processes
+                .values()
+                .flat_map(|p| p.mappings.iter().filter_map(|m| m.file))
+                .collect();
+            self.symbols.retain_objects(&in_use);
+            let symbols = &self.symbols;
+            self.binary_ids.retain(|identity, _| match identity {
+                BinaryIdentity::File(key) => in_use.contains(key),
+                BinaryIdentity::BuildId(id) => symbols.has_build_id(id),
+                BinaryIdentity::Vdso => true,
+            });
+        }
         gone
     }
 
     /// The name of a known process.
-    pub fn comm(&self, pid: u32) -> Option<Arc<str>> {
-        self.processes.get(&pid).map(|p| p.comm.clone())
+    pub fn comm(&self, process: &ProcessKey) -> Option<Arc<str>> {
+        self.processes.get(process).map(|p| p.comm.clone())
     }
 
-    /// Processes known, live or exited.
-    pub fn known_pids(&self) -> Vec<u32> {
+    /// Processes known, live or ended but not forgotten yet.
+    pub fn known(&self) -> Vec<ProcessKey> {
         self.processes.keys().copied().collect()
     }
 
@@ -176,39 +284,47 @@ impl Resolver {
             binaries: self.symbols.objects(),
             cache_hits: self.symbols.hits,
             cache_misses: self.symbols.misses,
+            maps_reads: self.maps_reads,
+            processes_seen: self.processes_seen,
         }
     }
 
-    /// Opens the binary behind a mapping once per (device, inode): through
-    /// /proc/PID/map_files (works for deleted and replaced files and other mount namespaces),
-    /// else through /proc/PID/root.
-    fn open_binary(&mut self, pid: u32, key: FileKey, raw: &RawMapping) -> bool {
-        if self.symbols.has_object(&key) {
-            return true;
-        }
-        let by_map_files = format!("/proc/{pid}/map_files/{:x}-{:x}", raw.start, raw.end);
-        let file = File::open(&by_map_files).or_else(|err| match (&raw.path, raw.deleted) {
-            (Some(path), false) => {
-                let rooted = PathBuf::from(format!("/proc/{pid}/root"))
-                    .join(path.strip_prefix("/").unwrap_or(path));
-                File::open(rooted)
+    /// Opens the binary behind a mapping once per [`FileKey`]: through /proc/PID/map_files
+    /// (works for deleted and replaced files and other mount namespaces), else through
+    /// /proc/PID/root. `None` when neither can be read.
+    fn open_binary(&mut self, pid: u32, raw: &RawMapping) -> Option<FileKey> {
+        let by_map_files = PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            raw.start, raw.end
+        ));
+        let rooted = match (&raw.path, raw.deleted) {
+            (Some(path), false) => Some(
+                PathBuf::from(format!("/proc/{pid}/root"))
+                    .join(path.strip_prefix("/").unwrap_or(path)),
+            ),
+            _ => None,
+        };
+        for path in std::iter::once(by_map_files).chain(rooted) {
+            let Some(key) = FileKey::of(&path) else {
+                continue;
+            };
+            if self.symbols.has_object(&key) {
+                return Some(key);
             }
-            _ => Err(err),
-        });
-        match file {
-            Ok(file) => {
+            if let Ok(file) = File::open(&path) {
                 self.symbols.add_object(key, file);
-                true
+                return Some(key);
             }
-            Err(_) => false,
         }
+        None
     }
 
     /// Names every frame of every sample.
     pub fn resolve(&mut self, samples: &[RawSample]) -> Vec<ResolvedSample> {
-        for pid in samples.iter().map(|s| s.pid).collect::<HashSet<_>>() {
-            if !self.processes.contains_key(&pid) {
-                self.observe(pid);
+        for process in samples.iter().map(|s| s.process).collect::<HashSet<_>>() {
+            if !self.processes.contains_key(&process) {
+                // Its announcement is still on the way, or was lost.
+                self.observe(process, "");
             }
         }
         self.refresh_stale_mappings(samples);
@@ -217,21 +333,24 @@ impl Resolver {
     }
 
     /// Rereads the mappings of live processes with addresses no mapping covers (a library
-    /// loaded since the process was first seen).
+    /// loaded since the process was first seen), at most once per [`MAPS_REREAD_INTERVAL`].
     fn refresh_stale_mappings(&mut self, samples: &[RawSample]) {
-        let stale: HashSet<u32> = samples
+        let stale: HashSet<ProcessKey> = samples
             .iter()
             .filter(|s| {
-                self.processes
-                    .get(&s.pid)
-                    .is_some_and(|p| s.user.iter().any(|addr| p.mapping_for(*addr).is_none()))
+                self.processes.get(&s.process).is_some_and(|p| {
+                    p.ended_at.is_none()
+                        && p.read_at.elapsed() >= MAPS_REREAD_INTERVAL
+                        && s.user.iter().any(|addr| p.mapping_for(*addr).is_none())
+                })
             })
-            .map(|s| s.pid)
+            .map(|s| s.process)
             .collect();
-        for pid in stale {
-            if is_alive(pid) {
-                self.observe(pid);
+        for process in stale {
+            if let Some(info) = self.processes.get_mut(&process) {
+                info.read_at = Instant::now();
             }
+            self.observe(process, "");
         }
     }
 
@@ -239,15 +358,18 @@ impl Resolver {
     fn load_symbols(&mut self, samples: &[RawSample]) {
         let mut files: HashMap<FileKey, Vec<u64>> = HashMap::new();
         let mut kernel: Vec<u64> = Vec::new();
-        let mut seen: HashSet<(u32, u64)> = HashSet::new();
+        let mut seen_kernel: HashSet<u64> = HashSet::new();
+        // Keyed as the cache is: by what is looked up, not by the raw address, since one
+        // address is looked up as itself as a leaf and one byte earlier as a return address.
+        let mut seen: HashSet<(FileKey, u64)> = HashSet::new();
         for sample in samples {
             for (depth, addr) in sample.kernel.iter().enumerate() {
                 let addr = lookup_address(*addr, depth);
-                if seen.insert((0, addr)) && !self.symbols.is_kernel_cached(addr) {
+                if seen_kernel.insert(addr) && !self.symbols.is_kernel_cached(addr) {
                     kernel.push(addr);
                 }
             }
-            let Some(process) = self.processes.get(&sample.pid) else {
+            let Some(process) = self.processes.get(&sample.process) else {
                 continue;
             };
             for (depth, addr) in sample.user.iter().enumerate() {
@@ -256,7 +378,7 @@ impl Resolver {
                 };
                 let Some(key) = mapping.file else { continue };
                 let offset = file_offset(mapping, lookup_address(*addr, depth));
-                if seen.insert((sample.pid, *addr)) && !self.symbols.is_cached(&key, offset) {
+                if seen.insert((key, offset)) && !self.symbols.is_cached(&key, offset) {
                     files.entry(key).or_default().push(offset);
                 }
             }
@@ -280,14 +402,15 @@ impl Resolver {
                 lines: self.symbols.kernel_lines(lookup_address(*addr, depth)),
             });
         }
-        let process = self.processes.get_mut(&sample.pid);
+        let pid = sample.process.tgid;
+        let process = self.processes.get_mut(&sample.process);
         let (comm, thread) = match process {
             Some(process) => {
                 let thread = process
                     .threads
                     .entry(sample.tid)
                     .or_insert_with(|| {
-                        thread_name(sample.pid, sample.tid)
+                        thread_name(pid, sample.tid)
                             .map(Arc::from)
                             .unwrap_or_else(|| process.comm.clone())
                     })
@@ -296,7 +419,7 @@ impl Resolver {
             }
             None => (Arc::from(UNKNOWN_PROCESS), Arc::from(UNKNOWN_PROCESS)),
         };
-        let process = self.processes.get(&sample.pid);
+        let process = self.processes.get(&sample.process);
         for (depth, addr) in sample.user.iter().enumerate() {
             let mapping = process.and_then(|p| p.mapping_for(*addr)).cloned();
             let lines = match mapping.as_ref().and_then(|m| m.file.map(|key| (m, key))) {
@@ -312,7 +435,8 @@ impl Resolver {
             });
         }
         ResolvedSample {
-            pid: sample.pid,
+            process: sample.process,
+            pid,
             tid: sample.tid,
             comm,
             thread,
@@ -332,6 +456,7 @@ fn lookup_address(addr: u64, depth: usize) -> u64 {
     }
 }
 
-fn file_offset(mapping: &Mapping, addr: u64) -> u64 {
+/// The offset in the mapped file of `addr`, which `mapping` holds.
+pub fn file_offset(mapping: &Mapping, addr: u64) -> u64 {
     addr - mapping.start + mapping.offset
 }

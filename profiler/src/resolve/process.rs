@@ -1,17 +1,45 @@
 //! What is known about one process: its name, its threads' names and its executable mappings,
 //! read from /proc when the process is first seen and kept after it exits.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use procfs::process::{MMapPath, Process as ProcProcess};
 
-/// Key of a file on disk: device and inode, the same for every process that maps it.
-pub type FileKey = (i32, i32, u64);
+/// A file on disk as every process that maps it sees it: device and inode, plus size and
+/// modification time, so that a rebuilt binary given a recycled inode is not taken for the old
+/// one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileKey {
+    /// The key of the file `path` leads to (links followed); `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<FileKey> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        })
+    }
+}
 
 /// One executable mapping of a process.
 #[derive(Debug)]
 pub struct Mapping {
-    /// Unique for the life of the resolver; aggregate keys pprof mappings by it.
+    /// The same for every mapping of one binary (by build ID, else by [`FileKey`]), so that a
+    /// profile holds one mapping per binary however many processes map it; unique otherwise.
     pub id: u64,
     pub start: u64,
     pub end: u64,
@@ -44,6 +72,10 @@ pub struct ProcessInfo {
     /// Executable mappings, sorted by start address.
     pub mappings: Vec<Arc<Mapping>>,
     pub threads: HashMap<u32, Arc<str>>,
+    /// When /proc/PID/maps was last read, to bound rereads.
+    pub read_at: Instant,
+    /// The generation flip at which the process was seen to end (exit, exec, reused tgid).
+    pub ended_at: Option<u64>,
 }
 
 impl ProcessInfo {
@@ -62,15 +94,34 @@ pub struct RawMapping {
     pub offset: u64,
     pub path: Option<PathBuf>,
     pub is_vdso: bool,
-    pub file: Option<FileKey>,
+    /// True for a file mapping (an inode); its [`FileKey`] comes from the file itself.
+    pub has_file: bool,
     pub deleted: bool,
     pub is_main: bool,
 }
 
-/// Reads the process's name and executable mappings; `None` once it has exited.
-pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
+/// Nanoseconds per clock tick of /proc/PID/stat's start time.
+fn ns_per_tick() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    1_000_000_000 / u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// Whether a process that started at `start_ns` (the kernel's `start_boottime`) is the one
+/// whose /proc/PID/stat says it started at `start_ticks`.
+pub fn same_start(start_ns: u64, start_ticks: u64) -> bool {
+    start_ns / ns_per_tick() == start_ticks
+}
+
+/// Reads the name and executable mappings of the process `pid` that started at `start_ns`;
+/// `None` once it has exited or its pid belongs to another process.
+pub fn read_process(pid: u32, start_ns: u64) -> Option<(String, Vec<RawMapping>)> {
     let process = ProcProcess::new(pid as i32).ok()?;
-    let comm = process.stat().ok()?.comm;
+    let stat = process.stat().ok()?;
+    if !same_start(start_ns, stat.starttime) {
+        return None;
+    }
+    let comm = stat.comm;
     let maps = process.maps().ok()?;
     let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
     let mut mappings = Vec::new();
@@ -89,7 +140,7 @@ pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
             MMapPath::Vdso => (None, true, false),
             _ => (None, false, false),
         };
-        let file = (map.inode != 0).then_some((map.dev.0, map.dev.1, map.inode));
+        let has_file = map.inode != 0;
         let is_main = exe.as_ref().is_some_and(|exe| {
             use std::os::unix::fs::MetadataExt as _;
             exe.ino() == map.inode && path.is_some()
@@ -100,7 +151,7 @@ pub fn read_process(pid: u32) -> Option<(String, Vec<RawMapping>)> {
             offset: map.offset,
             path,
             is_vdso,
-            file,
+            has_file,
             deleted,
             is_main,
         });
@@ -119,6 +170,14 @@ pub fn thread_name(pid: u32, tid: u32) -> Option<String> {
 pub fn is_alive(pid: u32) -> bool {
     match ProcProcess::new(pid as i32).and_then(|p| p.stat()) {
         Ok(stat) => stat.state != 'Z' && stat.state != 'X',
+        Err(_) => false,
+    }
+}
+
+/// True while the process `pid` that started at `start_ns` runs (its pid not reused).
+pub fn is_running(pid: u32, start_ns: u64) -> bool {
+    match ProcProcess::new(pid as i32).and_then(|p| p.stat()) {
+        Ok(stat) => stat.state != 'Z' && stat.state != 'X' && same_start(start_ns, stat.starttime),
         Err(_) => false,
     }
 }

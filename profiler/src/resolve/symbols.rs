@@ -7,6 +7,7 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use blazesym::symbolize::{
@@ -15,6 +16,9 @@ use blazesym::symbolize::{
 };
 
 use super::{demangle::demangle, process::FileKey};
+
+/// The soonest /proc/kallsyms is copied again for kernel addresses it did not name.
+const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
 
 /// One function in a frame: where an address is, or where an inlined call was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,17 @@ pub struct Symbols {
     /// A copy of /proc/kallsyms: blazesym caches parsed files by modification time, and the
     /// /proc file's changes on every read, which made it parse all kernel symbols every time.
     kallsyms: Option<File>,
+    /// When the copy was taken: it is taken again when kernel addresses go unnamed (a module or
+    /// BPF program loaded since), no sooner than `kallsyms_wait` after the last copy.
+    kallsyms_at: Option<Instant>,
+    /// Starts at [`KALLSYMS_REFRESH`] and doubles (up to an hour) each time a new copy names
+    /// nothing more, so addresses no copy names do not cost a parse every time.
+    kallsyms_wait: Duration,
+    /// Kernel symbols have a symbolizer of their own, replaced with each copy: blazesym has no
+    /// way to evict a kallsyms file it parsed.
+    kernel_symbolizer: Symbolizer,
+    /// Copies of /proc/kallsyms taken, the first included.
+    pub kallsyms_reads: u64,
     empty: Lines,
     /// Look-ups answered from the cache.
     pub hits: u64,
@@ -85,6 +100,10 @@ impl Symbols {
             kernel: HashMap::new(),
             strings: HashMap::new(),
             kallsyms: None,
+            kallsyms_at: None,
+            kallsyms_wait: KALLSYMS_REFRESH,
+            kernel_symbolizer: Symbolizer::new(),
+            kallsyms_reads: 0,
             empty: Arc::from(Vec::new()),
             hits: 0,
             misses: 0,
@@ -131,6 +150,11 @@ impl Symbols {
             }
         }
         self.objects.insert(key, object);
+    }
+
+    /// Whether an open binary has the hex build ID `id`.
+    pub fn has_build_id(&self, id: &str) -> bool {
+        self.objects.values().any(|o| o.build_id == id)
     }
 
     /// Hex build ID of binary `key`, or an empty string when it has none or is not open.
@@ -209,12 +233,64 @@ impl Symbols {
         }
     }
 
-    /// Symbolizes kernel addresses into the cache, from /proc/kallsyms.
+    /// Symbolizes kernel addresses into the cache, from a copy of /proc/kallsyms, taken again
+    /// when addresses go unnamed and the copy is old enough (see `kallsyms_wait`).
     pub fn load_kernel(&mut self, addrs: &[u64]) {
-        if self.kallsyms.is_none() {
-            self.kallsyms = kallsyms_snapshot();
+        if self.kallsyms_at.is_none() {
+            self.refresh_kallsyms();
         }
-        let kallsyms = match &self.kallsyms {
+        let mut results = symbolize_kernel(&self.kernel_symbolizer, self.kallsyms.as_ref(), addrs);
+        let named = |results: &[Symbolized<'_>]| {
+            results
+                .iter()
+                .filter(|r| matches!(r, Symbolized::Sym(_)))
+                .count()
+        };
+        let before = named(&results);
+        let due = self
+            .kallsyms_at
+            .is_some_and(|at| at.elapsed() >= self.kallsyms_wait);
+        if before < addrs.len() && due {
+            self.refresh_kallsyms();
+            results = symbolize_kernel(&self.kernel_symbolizer, self.kallsyms.as_ref(), addrs);
+            self.kallsyms_wait = if named(&results) > before {
+                KALLSYMS_REFRESH
+            } else {
+                (self.kallsyms_wait * 2).min(Duration::from_secs(3600))
+            };
+        }
+        let lines: Vec<Lines> = (0..addrs.len())
+            .map(|i| {
+                results
+                    .get(i)
+                    .map(|r| to_lines(r, &mut self.strings, &self.empty))
+                    .unwrap_or_else(|| self.empty.clone())
+            })
+            .collect();
+        for (addr, lines) in addrs.iter().zip(lines) {
+            self.kernel.insert(*addr, lines);
+        }
+    }
+
+    /// Takes a new copy of /proc/kallsyms; addresses the old one left unnamed are looked up
+    /// again when next sampled.
+    fn refresh_kallsyms(&mut self) {
+        self.kernel_symbolizer = Symbolizer::builder().enable_demangling(false).build();
+        self.kallsyms = kallsyms_snapshot();
+        self.kallsyms_at = Some(Instant::now());
+        self.kallsyms_reads += 1;
+        self.kernel.retain(|_, lines| !lines.is_empty());
+    }
+}
+
+/// Kernel addresses symbolized by `symbolizer` from the kallsyms copy `kallsyms`.
+fn symbolize_kernel<'a>(
+    symbolizer: &'a Symbolizer,
+    kallsyms: Option<&File>,
+    addrs: &[u64],
+) -> Vec<Symbolized<'a>> {
+    {
+        let kallsyms = match kallsyms {
             Some(file) => blazesym::MaybeDefault::Some(fd_path(file)),
             None => blazesym::MaybeDefault::Default,
         };
@@ -227,19 +303,13 @@ impl Symbols {
             debug_syms: false,
             ..Default::default()
         };
-        let results = self
-            .symbolizer
+        symbolizer
             .symbolize(&Source::Kernel(kernel), Input::AbsAddr(addrs))
-            .unwrap_or_default();
-        for (i, addr) in addrs.iter().enumerate() {
-            let lines = results
-                .get(i)
-                .map(|r| to_lines(r, &mut self.strings, &self.empty))
-                .unwrap_or_else(|| self.empty.clone());
-            self.kernel.insert(*addr, lines);
-        }
+            .unwrap_or_default()
     }
+}
 
+impl Symbols {
     /// The cached functions at `offset` in binary `key` (empty when unknown).
     pub fn file_lines(&self, key: &FileKey, offset: u64) -> Lines {
         self.objects
@@ -409,7 +479,7 @@ mod tests {
     }
 
     /// File offset of `addr` in this test binary, from /proc/self/maps.
-    fn self_file_offset(addr: u64) -> ((i32, i32, u64), u64) {
+    fn self_file_offset(addr: u64) -> (super::FileKey, u64) {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         for line in maps.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
@@ -420,8 +490,8 @@ mod tests {
             );
             if (start..end).contains(&addr) {
                 let offset = u64::from_str_radix(fields[2], 16).unwrap();
-                let inode: u64 = fields[4].parse().unwrap();
-                return ((0, 0, inode), addr - start + offset);
+                let key = super::FileKey::of(std::path::Path::new("/proc/self/exe")).unwrap();
+                return (key, addr - start + offset);
             }
         }
         panic!("address not mapped");
@@ -454,7 +524,7 @@ mod tests {
         assert!(symbols.is_cached(&key, offset));
         assert_eq!((symbols.hits, symbols.misses), (1, 1));
         // An unknown binary is reported as cached (nothing to look up) and yields no lines.
-        let unknown = (0, 0, 1);
+        let unknown = super::FileKey { ino: 1, ..key };
         assert!(symbols.file_lines(&unknown, offset).is_empty());
     }
 
