@@ -18,6 +18,8 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{build, cargo, profiler_bin, run, workspace_root};
 
+mod churn;
+
 /// How much to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -43,6 +45,8 @@ struct Plan {
     startups: usize,
     /// Frequencies of the slowdown stage.
     frequencies: &'static [u64],
+    /// Seconds of the churn stage.
+    churn_secs: u64,
 }
 
 impl Mode {
@@ -55,6 +59,7 @@ impl Mode {
                 processes: 200,
                 startups: 5,
                 frequencies: &[19, 99, 999],
+                churn_secs: 600,
             },
             Mode::Quick => Plan {
                 runs: 3,
@@ -63,6 +68,7 @@ impl Mode {
                 processes: 200,
                 startups: 3,
                 frequencies: &[99, 999],
+                churn_secs: 120,
             },
             Mode::Smoke => Plan {
                 runs: 1,
@@ -71,6 +77,7 @@ impl Mode {
                 processes: 10,
                 startups: 1,
                 frequencies: &[99],
+                churn_secs: 4,
             },
         }
     }
@@ -137,6 +144,7 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     let mut notes = setup.peers.notes.clone();
     slowdown(&setup, &mut rows)?;
     own_cost(&setup, &mut rows, &mut notes)?;
+    churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
     micro(mode, &mut rows)?;
@@ -470,6 +478,7 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
         let cpu = running.cpu_seconds() - cpu_before;
         let bpf_after = running.bpf_stats();
         let (rss, peak) = memory_kib(running.pid());
+        let maps = map_memory_kib(running.pid());
         let samples = match config {
             Config::Agent(_) => metric(&running.metrics, "profiler_samples_collected_total"),
             _ => None,
@@ -504,6 +513,18 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
         }
         rows.push(single("own cost", "RSS steady", "MiB", rss as f64 / 1024.0));
         rows.push(single("own cost", "RSS peak", "MiB", peak as f64 / 1024.0));
+        rows.push(single(
+            "own cost",
+            "BPF map memory",
+            "MiB",
+            maps as f64 / 1024.0,
+        ));
+        rows.push(single(
+            "own cost",
+            "footprint (RSS + BPF maps)",
+            "MiB",
+            (rss + maps) as f64 / 1024.0,
+        ));
         for (kind, (time_after, runs_after)) in bpf_after {
             let (time_before, runs_before) = bpf_before.get(&kind).copied().unwrap_or_default();
             let runs = runs_after.saturating_sub(runs_before);
@@ -959,6 +980,24 @@ fn memory_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Kernel memory of the BPF maps `pid` holds, in KiB: the `memlock` of each map descriptor
+/// (charged to the process's memory cgroup, so a pod limit sees RSS plus this).
+fn map_memory_kib(pid: u32) -> u64 {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    let bytes: u64 = entries
+        .filter_map(|e| fs::read_to_string(e.ok()?.path()).ok())
+        .filter(|info| info.lines().any(|l| l.starts_with("map_type:")))
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum();
+    bytes / 1024
 }
 
 /// The sample count in `profiler record`'s summary ("... N samples ...").

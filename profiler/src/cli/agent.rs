@@ -58,7 +58,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     };
     let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods);
     let mut resolver = Resolver::new(&[]);
-    let mut interval = Interval::new(config.frequency);
+    let mut interval = Interval::new(config.frequency, collector.drained_window().0);
 
     let events = collector.events()?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -81,12 +81,14 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
             _ = drain.tick() => {
                 take_changes(&mut collector, &mut resolver, &mut targets);
                 interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.until = collector.drained_window().1;
                 forget_ended(&collector, &mut resolver, &mut targets);
                 metrics.update(&collector.counters()?, &resolver.stats());
             }
             _ = upload.tick() => {
                 take_changes(&mut collector, &mut resolver, &mut targets);
                 interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.until = collector.drained_window().1;
                 forget_ended(&collector, &mut resolver, &mut targets);
                 interval.send(&pusher, &metrics);
                 targets.retry_unknown_pods();
@@ -97,6 +99,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     // The last interval goes out too, then the queue gets until the deadline to drain.
     take_changes(&mut collector, &mut resolver, &mut targets);
     interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
+    interval.until = collector.drained_window().1;
     interval.send(&pusher, &metrics);
     metrics.update(&collector.counters()?, &resolver.stats());
     let left = pusher.shutdown(config.shutdown_timeout).await;
@@ -135,16 +138,19 @@ fn forget_ended(collector: &Collector, resolver: &mut Resolver, targets: &mut Ta
 struct Interval {
     profiles: ProfileSet<TargetKey>,
     labels: BTreeMap<TargetKey, BTreeMap<String, String>>,
+    /// When the interval's samples were taken: the windows of its drains, which meet.
     start: SystemTime,
+    until: SystemTime,
     frequency: u64,
 }
 
 impl Interval {
-    fn new(frequency: u64) -> Self {
+    fn new(frequency: u64, start: SystemTime) -> Self {
         Self {
             profiles: ProfileSet::new(frequency),
             labels: BTreeMap::new(),
-            start: SystemTime::now(),
+            start,
+            until: start,
             frequency,
         }
     }
@@ -165,7 +171,7 @@ impl Interval {
 
     /// Queues one profile per target and starts the next interval.
     fn send(&mut self, pusher: &profiler_push::Pusher, metrics: &Metrics) {
-        let until = SystemTime::now();
+        let until = self.until;
         for (key, profile) in self.profiles.take(self.start, until) {
             let Some(labels) = self.labels.get(&key) else {
                 continue;

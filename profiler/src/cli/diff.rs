@@ -64,9 +64,28 @@ pub struct DiffArgs {
     /// Also write a differential flame graph (red: more expensive in head, blue: cheaper).
     #[arg(long, value_name = "PATH")]
     svg: Option<PathBuf>,
+    /// The most one profile may take, on disk or inflated: 128MiB, 512KiB, 1GiB, or bytes. A
+    /// larger one (a gzip bomb) is refused before it takes the memory.
+    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]
+    max_size: u64,
     /// Rows in each of the regression and improvement tables.
     #[arg(long, value_name = "N", default_value_t = 10)]
     top: usize,
+}
+
+/// A size with an optional KiB, MiB or GiB suffix.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (number, shift) = [("GiB", 30), ("MiB", 20), ("KiB", 10)]
+        .iter()
+        .find_map(|(suffix, shift)| text.strip_suffix(suffix).map(|n| (n, *shift)))
+        .unwrap_or((text, 0));
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_shl(shift).filter(|v| v >> shift == n))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{text}` is not a size such as 128MiB, 512KiB or 1048576"))
 }
 
 /// Compares, reports, and returns 1 when the check fails, else 0.
@@ -89,7 +108,8 @@ pub fn run(args: DiffArgs) -> Result<u8> {
         .transpose()?;
     let sample_type = args.sample_type.as_deref();
     let load = |paths: &[PathBuf]| {
-        Side::load(paths, sample_type, args.by).map_err(|e| Exit::usage(format!("{e:#}")))
+        Side::load(paths, sample_type, args.by, args.max_size)
+            .map_err(|e| Exit::usage(format!("{e:#}")))
     };
     let (base, head) = (load(&base)?, load(&head)?);
     let options = Options {

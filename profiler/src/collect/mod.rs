@@ -7,7 +7,7 @@ use std::{
     collections::HashMap as StdHashMap,
     os::fd::{AsFd as _, OwnedFd},
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{anyhow, Context as _, Result};
@@ -154,6 +154,12 @@ pub struct Collector {
     /// Generation flips so far: samples taken before a process exit noticed at flip `n` have all
     /// been read once this reaches `n + 2`.
     flips: u64,
+    /// When the active generation became active.
+    active_since: SystemTime,
+    /// When the inactive generation was last the active one: the time its samples were taken.
+    inactive_window: (SystemTime, SystemTime),
+    /// The window of the samples the last drain returned.
+    drained_window: (SystemTime, SystemTime),
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -242,6 +248,7 @@ impl Collector {
             .context("loading the sampling program")?;
         let cpus =
             aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        let started = SystemTime::now();
         for cpu in cpus {
             program
                 .attach(
@@ -264,6 +271,9 @@ impl Collector {
             lost_stack_missing: 0,
             filter_updates_failed: 0,
             flips: 0,
+            active_since: started,
+            inactive_window: (started, started),
+            drained_window: (started, started),
         })
     }
 
@@ -346,11 +356,16 @@ impl Collector {
     }
 
     /// Reads and clears the generation that has been inactive since the previous drain, then
-    /// makes it the active one. Samples reach user space one drain interval after they are taken.
+    /// makes it the active one. Samples reach user space one drain interval after they are
+    /// taken; [`Collector::drained_window`] says when.
     pub fn drain(&mut self) -> Result<Vec<RawSample>> {
         let inactive = 1 - self.active;
         let samples = self.read_generation(inactive)?;
         self.generation.set(0, inactive, 0)?;
+        let now = SystemTime::now();
+        self.drained_window = self.inactive_window;
+        self.inactive_window = (self.active_since, now);
+        self.active_since = now;
         self.active = inactive;
         self.flips += 1;
         Ok(samples)
@@ -359,10 +374,18 @@ impl Collector {
     /// Drains both generations: for the end of a recording.
     pub fn drain_all(&mut self) -> Result<Vec<RawSample>> {
         let mut samples = self.drain()?;
+        let first = self.drained_window;
         // Programs that read the old generation number finish within microseconds.
         std::thread::sleep(Duration::from_millis(20));
         samples.extend(self.drain()?);
+        self.drained_window.0 = first.0;
         Ok(samples)
+    }
+
+    /// When the samples of the last drain were taken: from the start of the generation it read
+    /// to the flip that ended it.
+    pub fn drained_window(&self) -> (SystemTime, SystemTime) {
+        self.drained_window
     }
 
     fn read_generation(&mut self, index: u32) -> Result<Vec<RawSample>> {

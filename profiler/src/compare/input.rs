@@ -124,11 +124,17 @@ pub struct Side {
 }
 
 impl Side {
-    /// Reads and merges `paths`, comparing by `by`, with `sample_type` or the default.
-    pub fn load(paths: &[PathBuf], sample_type: Option<&str>, by: KeyBy) -> Result<Side> {
+    /// Reads and merges `paths`, comparing by `by`, with `sample_type` or the default; a file
+    /// larger than `max_size` bytes, or that inflates to more, is refused.
+    pub fn load(
+        paths: &[PathBuf],
+        sample_type: Option<&str>,
+        by: KeyBy,
+        max_size: u64,
+    ) -> Result<Side> {
         let mut merged: Option<Side> = None;
         for path in paths {
-            let profile = read_profile(path)?;
+            let profile = read_profile(path, max_size)?;
             let side = Side::from_profile(path, &profile, sample_type, by)?;
             match merged.as_mut() {
                 Some(merged) => merged.merge(side)?,
@@ -247,10 +253,28 @@ impl Side {
     }
 }
 
-/// Reads a pprof file, gzipped or not, and checks that it is one.
-pub fn read_profile(path: &Path) -> Result<Profile> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-    decode_profile(&bytes).with_context(|| format!("{} is not a pprof profile", path.display()))
+/// The most a profile may take, read or inflated, unless told otherwise: pprof files of real
+/// programs are a few MiB; a gzip bomb is not allowed to take the machine's memory.
+pub const DEFAULT_MAX_SIZE: u64 = 128 << 20;
+
+/// Reads a pprof file of at most `max_size` bytes (inflated), gzipped or not, and checks that
+/// it is one.
+pub fn read_profile(path: &Path, max_size: u64) -> Result<Profile> {
+    let file =
+        std::fs::File::open(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(max_size.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > max_size {
+        bail!(
+            "{} is larger than {} (--max-size)",
+            path.display(),
+            size_text(max_size)
+        );
+    }
+    decode_profile_within(&bytes, max_size)
+        .with_context(|| format!("{} is not a pprof profile", path.display()))
 }
 
 /// Decodes pprof bytes, gunzipping them first when they start with gzip's magic number.
@@ -258,11 +282,23 @@ pub fn read_profile(path: &Path) -> Result<Profile> {
 /// for what every pprof writer puts there: an empty first string and at least one sample type
 /// that every sample has a value for.
 pub fn decode_profile(bytes: &[u8]) -> Result<Profile> {
+    decode_profile_within(bytes, DEFAULT_MAX_SIZE)
+}
+
+/// [`decode_profile`], refusing input that inflates to more than `max_size` bytes.
+fn decode_profile_within(bytes: &[u8], max_size: u64) -> Result<Profile> {
     let mut raw = Vec::new();
     let bytes = if bytes.starts_with(&[0x1f, 0x8b]) {
         GzDecoder::new(bytes)
+            .take(max_size.saturating_add(1))
             .read_to_end(&mut raw)
             .context("cannot gunzip it")?;
+        if raw.len() as u64 > max_size {
+            bail!(
+                "it inflates to more than {} (--max-size)",
+                size_text(max_size)
+            );
+        }
         &raw
     } else {
         bytes
@@ -294,6 +330,15 @@ pub fn decode_profile(bytes: &[u8]) -> Result<Profile> {
         );
     }
     Ok(profile)
+}
+
+/// A size for people: whole MiB where it is one, else bytes.
+pub fn size_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 /// String `index` of the profile's table, empty when out of range.
@@ -561,5 +606,11 @@ pub(crate) mod tests {
         let mut short = good;
         short.sample[0].value.pop();
         assert!(decode_profile(&short.encode_to_vec()).is_err());
+        // Inflating past the cap stops there, with the cap named.
+        let mut zeros = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut zeros, &vec![0u8; 4 << 20]).unwrap();
+        let bomb = zeros.finish().unwrap();
+        let err = super::decode_profile_within(&bomb, 1 << 20).unwrap_err();
+        assert!(format!("{err:#}").contains("more than 1 MiB"), "{err:#}");
     }
 }
