@@ -1,0 +1,181 @@
+//! The simulator unwinding real running processes: registers and stack captured with ptrace,
+//! walked with the tables and the shared step, named with the binaries' symbols.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+
+use common::*;
+use profiler_common::unwind::StopReason;
+use profiler_unwind::simulate::{Snapshot, Unwound};
+use profiler_unwind::{Options, Tables};
+
+/// A child killed when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(out: &mut BufReader<ChildStdout>, expected: &str) {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), expected);
+}
+
+/// Each frame named `binary:function` (`?` where the binary has no symbol for it).
+fn names(snapshot: &Snapshot, unwound: &Unwound, tables: &mut Tables) -> Vec<String> {
+    let mappings = snapshot.mappings(tables);
+    let mut symbols = std::collections::HashMap::new();
+    unwound
+        .frames
+        .iter()
+        .map(|frame| {
+            let pc = frame.address - frame.is_return_address as u64;
+            let Some(mapping) = mappings.iter().find(|m| m.start <= pc && pc < m.end) else {
+                return format!("{:#x}", frame.address);
+            };
+            let binary = Path::new(&mapping.name)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            if !mapping.name.starts_with('/') {
+                return binary;
+            }
+            let symbols = symbols
+                .entry(mapping.name.clone())
+                .or_insert_with(|| Symbols::of(Path::new(&mapping.name)));
+            let name = symbols.name(pc.wrapping_sub(mapping.bias)).unwrap_or("?");
+            format!("{binary}:{name}")
+        })
+        .collect()
+}
+
+/// Captures and unwinds `pid` once its leaf is `leaf`: the line a test waits for is printed
+/// just before the process reaches the loop it is captured in, so early captures are retried.
+fn unwind(pid: u32, leaf: &str) -> (Unwound, Vec<String>) {
+    let mut tables = Tables::new(Options::default());
+    for _ in 0..50 {
+        let snapshot =
+            Snapshot::capture(pid as i32, 512 * 1024).expect("ptrace the child (needs root)");
+        let unwound = snapshot.unwind(&mut tables, 127);
+        let names = names(&snapshot, &unwound, &mut tables);
+        if names[0].ends_with(leaf) {
+            eprintln!("{:?}: {names:#?}", unwound.stop);
+            return (unwound, names);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{pid} never reached {leaf}");
+}
+
+fn start_frames() -> (Running, BufReader<ChildStdout>) {
+    let mut child = Command::new(frames())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let child = Running(child);
+    wait_for(&mut out, "ready");
+    (child, out)
+}
+
+#[test]
+fn unwinds_a_frameless_process_to_main_and_start() {
+    let (child, _out) = start_frames();
+    let (unwound, names) = unwind(child.0.id(), ":leaf");
+    let ours: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("frames:"))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            "leaf",
+            "big_frame",
+            "level3",
+            "level2",
+            "level1",
+            "main",
+            "_start"
+        ],
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+    assert!(!unwound.frames[0].is_return_address);
+    assert!(unwound.frames[1..].iter().all(|f| f.is_return_address));
+    // main and _start are joined by libc's start code, unwound from libc's table.
+    let main = names.iter().position(|n| n == "frames:main").unwrap();
+    assert!(names[main + 1].starts_with("libc.so.6:"), "{names:?}");
+}
+
+#[test]
+fn unwinds_through_a_signal_frame() {
+    let (child, mut out) = start_frames();
+    // Interrupt the leaf, not the write of "ready".
+    unwind(child.0.id(), ":leaf");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGUSR1) }, 0);
+    wait_for(&mut out, "handler");
+    let (unwound, names) = unwind(child.0.id(), ":handler_spin");
+    let ours: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("frames:"))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            "handler_spin",
+            "on_signal",
+            "leaf",
+            "big_frame",
+            "level3",
+            "level2",
+            "level1",
+            "main",
+            "_start"
+        ],
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+    // on_signal returns into libc's __restore_rt, whose signal row yields the interrupted leaf at
+    // its exact pc (not a return address).
+    let handler = names.iter().position(|n| n == "frames:on_signal").unwrap();
+    assert!(names[handler + 1].starts_with("libc.so.6:"), "{names:?}");
+    assert_eq!(names[handler + 2], "frames:leaf");
+    assert!(!unwound.frames[handler + 2].is_return_address);
+}
+
+#[test]
+fn unwinds_python_to_py_runmain() {
+    let Some(python) = required(PYTHON) else {
+        return;
+    };
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import sys\nprint('ready', flush=True)\nwhile True: pass",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let child = Running(child);
+    wait_for(&mut out, "ready");
+    let (unwound, names) = unwind(child.0.id(), "_PyEval_EvalFrameDefault");
+    assert!(
+        names.iter().any(|n| n == "python3.11:Py_RunMain"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("_PyEval_EvalFrameDefault")),
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+}

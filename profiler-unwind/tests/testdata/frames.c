@@ -1,0 +1,78 @@
+/* The unwinder's test program. tests/common/mod.rs builds it with
+ *   cc -O2 -fomit-frame-pointer -g frames.c
+ * (and variants), so that no function keeps a frame pointer and the leaves build no frame.
+ *
+ * It calls main -> level1 -> level2 -> level3 -> big_frame (40 KiB of locals) -> leaf, prints
+ * "ready" from big_frame and spins in leaf forever. On SIGUSR1 the handler prints "handler" and
+ * spins in handler_spin, so a snapshot then holds a signal frame. Every call is followed by work
+ * so that none becomes a tail call and every caller stays on the stack. */
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define KEEP __attribute__((noipa))
+
+volatile unsigned long sink;
+
+/* A restorer outside any function: top-level asm gets no CFI, as musl's __restore_rt. */
+__asm__(".text\n"
+        ".globl bare_restorer\n"
+        ".type bare_restorer, @function\n"
+        "bare_restorer:\n"
+        "  mov $15, %rax\n"
+        "  syscall\n"
+        ".size bare_restorer, .-bare_restorer\n");
+
+/* Goes through the PLT to libc's write. */
+KEEP void say(const char *line) {
+    if (write(1, line, strlen(line)) < 0)
+        abort();
+    sink++;
+}
+
+KEEP void handler_spin(void) {
+    for (;;)
+        sink++;
+}
+
+KEEP void on_signal(int sig) {
+    say(sig == SIGUSR1 ? "handler\n" : "other\n");
+    handler_spin();
+    sink++;
+}
+
+/* A leaf that builds no frame. */
+KEEP void leaf(unsigned long n) {
+    for (;;)
+        sink += n;
+}
+
+/* 40 KiB of locals: a CFA offset far beyond 16 signed bits. */
+KEEP void big_frame(unsigned long n) {
+    volatile char buf[40 * 1024];
+    buf[n % sizeof buf] = (char)n;
+    say("ready\n");
+    leaf(buf[(n * 7) % sizeof buf]);
+    sink += buf[0];
+}
+
+KEEP unsigned long level3(unsigned long n) {
+    big_frame(n + 1);
+    return n ^ sink;
+}
+
+KEEP unsigned long level2(unsigned long n) { return level3(n * 3) + 1; }
+
+KEEP unsigned long level1(unsigned long n) { return level2(n + 2) * 5; }
+
+int main(int argc, char **argv) {
+    (void)argv;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_signal;
+    sigaction(SIGUSR1, &action, NULL);
+    sink = level1((unsigned long)argc);
+    return (int)(sink & 1);
+}
