@@ -75,8 +75,9 @@ fn unwind(pid: u32, leaf: &str) -> (Unwound, Vec<String>) {
     panic!("{pid} never reached {leaf}");
 }
 
-fn start_frames() -> (Running, BufReader<ChildStdout>) {
+fn start_frames(args: &[&str]) -> (Running, BufReader<ChildStdout>) {
     let mut child = Command::new(frames())
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -88,7 +89,7 @@ fn start_frames() -> (Running, BufReader<ChildStdout>) {
 
 #[test]
 fn unwinds_a_frameless_process_to_main_and_start() {
-    let (child, _out) = start_frames();
+    let (child, _out) = start_frames(&[]);
     let (unwound, names) = unwind(child.0.id(), ":leaf");
     let ours: Vec<&str> = names
         .iter()
@@ -117,7 +118,7 @@ fn unwinds_a_frameless_process_to_main_and_start() {
 
 #[test]
 fn unwinds_through_a_signal_frame() {
-    let (child, mut out) = start_frames();
+    let (child, mut out) = start_frames(&[]);
     // Interrupt the leaf, not the write of "ready".
     unwind(child.0.id(), ":leaf");
     // SAFETY: signalling our own child.
@@ -150,6 +151,19 @@ fn unwinds_through_a_signal_frame() {
     assert!(names[handler + 1].starts_with("libc.so.6:"), "{names:?}");
     assert_eq!(names[handler + 2], "frames:leaf");
     assert!(!unwound.frames[handler + 2].is_return_address);
+}
+
+#[test]
+fn unwinds_out_of_the_vdso() {
+    let (child, _out) = start_frames(&["vdso"]);
+    // The table of the vDSO comes from its image, read out of the process.
+    let (unwound, names) = unwind(child.0.id(), "[vdso]");
+    let ours: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("frames:"))
+        .collect();
+    assert_eq!(ours, ["vdso_loop", "main", "_start"], "{names:?}");
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
 }
 
 #[test]

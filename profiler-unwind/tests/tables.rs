@@ -203,10 +203,11 @@ fn check_every_pc(path: &Path) {
         &c.mismatches[..c.mismatches.len().min(10)]
     );
     assert!(c.pcs > 500, "{}: only {} pcs", path.display(), c.pcs);
-    // What we cannot unwind must stay a rounding error: gcc's stack-realignment prologues
-    // (CFA in r10 for a few instructions) and nothing else in these binaries.
+    // What we cannot unwind must stay a rounding error: CFA in a register other than rsp/rbp,
+    // for a few instructions of `setcontext` (rdi, rdx) in libc and of ring's perlasm
+    // prologues (rax, rsi, r11) in the profiler: 0.01% and 0.1% of their pcs.
     assert!(
-        c.unsupported * 1000 <= c.pcs,
+        c.unsupported * 200 <= c.pcs,
         "{}: {} of {} pcs unsupported",
         path.display(),
         c.unsupported,

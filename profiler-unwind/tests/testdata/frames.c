@@ -4,12 +4,14 @@
  *
  * It calls main -> level1 -> level2 -> level3 -> big_frame (40 KiB of locals) -> leaf, prints
  * "ready" from big_frame and spins in leaf forever. On SIGUSR1 the handler prints "handler" and
- * spins in handler_spin, so a snapshot then holds a signal frame. Every call is followed by work
+ * spins in handler_spin, so a snapshot then holds a signal frame. With the argument "vdso" it
+ * calls clock_gettime (the vDSO's) in a loop from vdso_loop instead. Every call is followed by work
  * so that none becomes a tail call and every caller stays on the stack. */
 #define _GNU_SOURCE
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KEEP __attribute__((noipa))
@@ -67,8 +69,20 @@ KEEP unsigned long level2(unsigned long n) { return level3(n * 3) + 1; }
 
 KEEP unsigned long level1(unsigned long n) { return level2(n + 2) * 5; }
 
+KEEP void vdso_loop(void) {
+    struct timespec now;
+    say("ready\n");
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        sink += (unsigned long)now.tv_nsec;
+    }
+}
+
 int main(int argc, char **argv) {
-    (void)argv;
+    if (argc > 1 && strcmp(argv[1], "vdso") == 0) {
+        vdso_loop();
+        return 0;
+    }
     struct sigaction action;
     memset(&action, 0, sizeof action);
     action.sa_handler = on_signal;
