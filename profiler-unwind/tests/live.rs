@@ -60,11 +60,15 @@ fn names(snapshot: &Snapshot, unwound: &Unwound, tables: &mut Tables) -> Vec<Str
 /// Captures and unwinds `pid` once its leaf is `leaf`: the line a test waits for is printed
 /// just before the process reaches the loop it is captured in, so early captures are retried.
 fn unwind(pid: u32, leaf: &str) -> (Unwound, Vec<String>) {
+    unwind_at_most(pid, leaf, 127)
+}
+
+fn unwind_at_most(pid: u32, leaf: &str, max_frames: usize) -> (Unwound, Vec<String>) {
     let mut tables = Tables::new(Options::default());
     for _ in 0..50 {
         let snapshot =
             Snapshot::capture(pid as i32, 512 * 1024).expect("ptrace the child (needs root)");
-        let unwound = snapshot.unwind(&mut tables, 127);
+        let unwound = snapshot.unwind(&mut tables, max_frames);
         let names = names(&snapshot, &unwound, &mut tables);
         if names[0].ends_with(leaf) {
             eprintln!("{:?}: {names:#?}", unwound.stop);
@@ -192,4 +196,49 @@ fn unwinds_python_to_py_runmain() {
         "{names:?}"
     );
     assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+}
+
+#[test]
+fn unwinds_a_go_program_from_its_debug_frame() {
+    let mut child = Command::new(go_binary())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let child = Running(child);
+    wait_for(&mut out, "ready");
+    let (unwound, names) = unwind(child.0.id(), ":main.spin");
+    let ours: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("spin-go:"))
+        .collect();
+    assert_eq!(
+        ours,
+        [
+            "main.spin",
+            "main.main",
+            "runtime.main",
+            "runtime.goexit.abi0"
+        ],
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+}
+
+#[test]
+fn deep_recursion_stops_at_the_frame_limit_with_the_first_frames_right() {
+    let (child, _out) = start_frames(&["deep"]);
+    let (unwound, names) = unwind(child.0.id(), ":leaf");
+    assert_eq!(unwound.stop, StopReason::FrameLimit);
+    assert_eq!(names.len(), 127);
+    assert!(
+        names[1..].iter().all(|n| n == "frames:recurse"),
+        "{names:?}"
+    );
+    // With room for all of it, the same stack ends cleanly below main.
+    let (unwound, names) = unwind_at_most(child.0.id(), ":leaf", 400);
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+    let recursions = names.iter().filter(|n| *n == "frames:recurse").count();
+    assert_eq!(recursions, 301);
+    assert!(names.iter().any(|n| n == "frames:main"));
 }

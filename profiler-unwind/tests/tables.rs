@@ -111,25 +111,54 @@ struct Comparison {
 }
 
 /// Compares the table with gimli at every pc of every FDE in `.eh_frame`.
+/// Compares the table with gimli at every pc of every FDE in `.eh_frame`, or in `.debug_frame`
+/// (inflated here with flate2 when compressed, as Go writes it) when there is no `.eh_frame`.
 fn compare(path: &Path, table: &UnwindTable) -> Comparison {
     let data = std::fs::read(path).unwrap();
     let elf = object::File::parse(&data[..]).unwrap();
-    let eh_frame = elf.section_by_name(".eh_frame").expect(".eh_frame");
-    let mut section = gimli::EhFrame::new(eh_frame.data().unwrap(), LittleEndian);
-    section.set_address_size(8);
-    let mut bases = gimli::BaseAddresses::default().set_eh_frame(eh_frame.address());
-    if let Some(text) = elf.section_by_name(".text") {
-        bases = bases.set_text(text.address());
+    if let Some(eh_frame) = elf.section_by_name(".eh_frame") {
+        let mut section = gimli::EhFrame::new(eh_frame.data().unwrap(), LittleEndian);
+        section.set_address_size(8);
+        let mut bases = gimli::BaseAddresses::default().set_eh_frame(eh_frame.address());
+        if let Some(text) = elf.section_by_name(".text") {
+            bases = bases.set_text(text.address());
+        }
+        return compare_section(&section, &bases, table);
     }
+    let debug_frame = elf.section_by_name(".debug_frame").expect("CFI");
+    let compressed = debug_frame.compressed_data().unwrap();
+    let bytes = match compressed.format {
+        object::CompressionFormat::None => compressed.data.to_vec(),
+        object::CompressionFormat::Zlib => {
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(
+                &mut flate2::read::ZlibDecoder::new(compressed.data),
+                &mut out,
+            )
+            .unwrap();
+            out
+        }
+        other => panic!("{other:?}"),
+    };
+    let mut section = gimli::DebugFrame::new(&bytes, LittleEndian);
+    section.set_address_size(8);
+    compare_section(&section, &gimli::BaseAddresses::default(), table)
+}
+
+fn compare_section<'a, S: UnwindSection<Slice<'a>>>(
+    section: &S,
+    bases: &gimli::BaseAddresses,
+    table: &UnwindTable,
+) -> Comparison {
     let mut ctx = Box::new(gimli::UnwindContext::new());
     let mut out = Comparison::default();
-    let mut entries = section.entries(&bases);
+    let mut entries = section.entries(bases);
     while let Some(entry) = entries.next().unwrap() {
         let gimli::CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let fde = partial.parse(gimli::EhFrame::cie_from_offset).unwrap();
-        let mut rows = fde.rows(&section, &bases, &mut ctx).unwrap();
+        let fde = partial.parse(S::cie_from_offset).unwrap();
+        let mut rows = fde.rows(section, bases, &mut ctx).unwrap();
         while let Some(row) = rows.next_row().unwrap() {
             for pc in row.start_address()..row.end_address() {
                 out.pcs += 1;
@@ -138,7 +167,7 @@ fn compare(path: &Path, table: &UnwindTable) -> Comparison {
                     rsp: 0x7ff0_0000_0000 + ((pc << 4) & 0xfff_fff0),
                     rbp: 0x7ff1_0000_0000 + ((pc << 3) & 0xfff_fff8),
                 };
-                let expected = gimli_caller(&section, row, regs);
+                let expected = gimli_caller(section, row, regs);
                 let ours = table.row_for(pc).expect("a row for every pc of an FDE");
                 let mut got = regs;
                 let result = step(ours, &mut got, memory);
@@ -246,6 +275,16 @@ fn rows_match_gimli_at_every_pc_of_rust_release_binaries() {
 #[test]
 fn rows_match_gimli_at_every_pc_of_a_frameless_c_binary() {
     check_every_pc(&frames());
+}
+
+#[test]
+fn rows_match_gimli_at_every_pc_of_a_go_binary() {
+    // Go writes no .eh_frame, only a zlib-compressed .debug_frame.
+    let go = go_binary();
+    assert!(section(&go, ".eh_frame").is_none());
+    let table = build_from_path(&go, &Options::default()).unwrap();
+    assert!(table.stats.debug_frame_fdes > 100, "{:?}", table.stats);
+    check_every_pc(&go);
 }
 
 #[test]

@@ -49,6 +49,22 @@ pub fn frames_binary(name: &str, extra: &[&str]) -> PathBuf {
     out
 }
 
+/// `testdata/spin.go` built with `go build` (golang-go, installed by `cargo xtask setup`).
+pub fn go_binary() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let out = scratch().join("spin-go");
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/spin.go");
+        run(Command::new("go")
+            .arg("build")
+            .arg("-o")
+            .arg(&out)
+            .arg(source));
+        out
+    })
+    .clone()
+}
+
 /// The default build of the C test program.
 pub fn frames() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();

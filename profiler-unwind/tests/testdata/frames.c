@@ -5,7 +5,8 @@
  * It calls main -> level1 -> level2 -> level3 -> big_frame (40 KiB of locals) -> leaf, prints
  * "ready" from big_frame and spins in leaf forever. On SIGUSR1 the handler prints "handler" and
  * spins in handler_spin, so a snapshot then holds a signal frame. With the argument "vdso" it
- * calls clock_gettime (the vDSO's) in a loop from vdso_loop instead. Every call is followed by work
+ * calls clock_gettime (the vDSO's) in a loop from vdso_loop instead; with "deep" it recurses 300
+ * deep in recurse before spinning in leaf. Every call is followed by work
  * so that none becomes a tail call and every caller stays on the stack. */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -78,7 +79,19 @@ KEEP void vdso_loop(void) {
     }
 }
 
+KEEP unsigned long recurse(unsigned long n) {
+    if (n == 0) {
+        say("ready\n");
+        leaf(1);
+    }
+    return recurse(n - 1) + sink;
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "deep") == 0) {
+        sink = recurse(300);
+        return 0;
+    }
     if (argc > 1 && strcmp(argv[1], "vdso") == 0) {
         vdso_loop();
         return 0;
