@@ -59,6 +59,14 @@ fn names(snapshot: &Snapshot, unwound: &Unwound, tables: &mut Tables) -> Vec<Str
 
 /// Captures and unwinds `pid` once its leaf is `leaf`: the line a test waits for is printed
 /// just before the process reaches the loop it is captured in, so early captures are retried.
+/// The function names of the frames in `binary` (a `binary:` prefix), in stack order.
+fn functions_in<'a>(names: &'a [String], binary: &str) -> Vec<&'a str> {
+    names
+        .iter()
+        .filter_map(|n| n.strip_prefix(binary))
+        .collect()
+}
+
 fn unwind(pid: u32, leaf: &str) -> (Unwound, Vec<String>) {
     unwind_at_most(pid, leaf, 127)
 }
@@ -79,39 +87,35 @@ fn unwind_at_most(pid: u32, leaf: &str, max_frames: usize) -> (Unwound, Vec<Stri
     panic!("{pid} never reached {leaf}");
 }
 
-fn start_frames(args: &[&str]) -> (Running, BufReader<ChildStdout>) {
-    let mut child = Command::new(frames())
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Starts `command` with its stdout piped and waits for its "ready" line.
+fn start(command: &mut Command) -> (Running, BufReader<ChildStdout>) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let child = Running(child);
     wait_for(&mut out, "ready");
     (child, out)
 }
 
+fn start_frames(args: &[&str]) -> (Running, BufReader<ChildStdout>) {
+    start(Command::new(frames()).args(args))
+}
+
+/// The test program's frames from its leaf down, as frames.c calls them.
+const CHAIN: [&str; 7] = [
+    "leaf",
+    "big_frame",
+    "level3",
+    "level2",
+    "level1",
+    "main",
+    "_start",
+];
+
 #[test]
 fn unwinds_a_frameless_process_to_main_and_start() {
     let (child, _out) = start_frames(&[]);
     let (unwound, names) = unwind(child.0.id(), ":leaf");
-    let ours: Vec<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix("frames:"))
-        .collect();
-    assert_eq!(
-        ours,
-        [
-            "leaf",
-            "big_frame",
-            "level3",
-            "level2",
-            "level1",
-            "main",
-            "_start"
-        ],
-        "{names:?}"
-    );
+    assert_eq!(functions_in(&names, "frames:"), CHAIN, "{names:?}");
     assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
     assert!(!unwound.frames[0].is_return_address);
     assert!(unwound.frames[1..].iter().all(|f| f.is_return_address));
@@ -129,25 +133,9 @@ fn unwinds_through_a_signal_frame() {
     assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGUSR1) }, 0);
     wait_for(&mut out, "handler");
     let (unwound, names) = unwind(child.0.id(), ":handler_spin");
-    let ours: Vec<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix("frames:"))
-        .collect();
-    assert_eq!(
-        ours,
-        [
-            "handler_spin",
-            "on_signal",
-            "leaf",
-            "big_frame",
-            "level3",
-            "level2",
-            "level1",
-            "main",
-            "_start"
-        ],
-        "{names:?}"
-    );
+    let ours = functions_in(&names, "frames:");
+    assert_eq!(ours[..2], ["handler_spin", "on_signal"], "{names:?}");
+    assert_eq!(ours[2..], CHAIN, "{names:?}");
     assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
     // on_signal returns into libc's __restore_rt, whose signal row yields the interrupted leaf at
     // its exact pc (not a return address).
@@ -162,10 +150,7 @@ fn unwinds_out_of_the_vdso() {
     let (child, _out) = start_frames(&["vdso"]);
     // The table of the vDSO comes from its image, read out of the process.
     let (unwound, names) = unwind(child.0.id(), "[vdso]");
-    let ours: Vec<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix("frames:"))
-        .collect();
+    let ours = functions_in(&names, "frames:");
     assert_eq!(ours, ["vdso_loop", "main", "_start"], "{names:?}");
     assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
 }
@@ -175,17 +160,8 @@ fn unwinds_python_to_py_runmain() {
     let Some(python) = required(PYTHON) else {
         return;
     };
-    let mut child = Command::new(python)
-        .args([
-            "-c",
-            "import sys\nprint('ready', flush=True)\nwhile True: pass",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let child = Running(child);
-    wait_for(&mut out, "ready");
+    let loop_forever = "print('ready', flush=True)\nwhile True: pass";
+    let (child, _out) = start(Command::new(python).args(["-c", loop_forever]));
     let (unwound, names) = unwind(child.0.id(), "_PyEval_EvalFrameDefault");
     assert!(
         names.iter().any(|n| n == "python3.11:Py_RunMain"),
@@ -200,18 +176,9 @@ fn unwinds_python_to_py_runmain() {
 
 #[test]
 fn unwinds_a_go_program_from_its_debug_frame() {
-    let mut child = Command::new(go_binary())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let child = Running(child);
-    wait_for(&mut out, "ready");
+    let (child, _out) = start(&mut Command::new(go_binary()));
     let (unwound, names) = unwind(child.0.id(), ":main.spin");
-    let ours: Vec<&str> = names
-        .iter()
-        .filter_map(|n| n.strip_prefix("spin-go:"))
-        .collect();
+    let ours = functions_in(&names, "spin-go:");
     assert_eq!(
         ours,
         [
