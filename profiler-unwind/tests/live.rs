@@ -209,3 +209,32 @@ fn deep_recursion_stops_at_the_frame_limit_with_the_first_frames_right() {
     assert_eq!(recursions, 301);
     assert!(names.iter().any(|n| n == "frames:main"));
 }
+
+#[test]
+fn falls_back_to_frame_pointers_where_no_cfi_covers() {
+    // No CFI for the program's own functions (only crt's), but frame pointers in all of them:
+    // each of its frames is one frame-pointer step, then libc's table takes over again.
+    let flags = [
+        "-fno-omit-frame-pointer",
+        "-fno-asynchronous-unwind-tables",
+        "-fno-unwind-tables",
+        "-g0",
+    ];
+    let binary = frames_binary("frames-fp-only", &flags);
+    let table = profiler_unwind::build_from_path(&binary, &Options::default()).unwrap();
+    let (leaf, _) = Symbols::of(&binary).find("leaf").unwrap();
+    let row = table.row_for(leaf).unwrap();
+    assert_eq!(row.kind, profiler_common::unwind::kind::NO_CFI);
+
+    let (child, _out) = start(&mut Command::new(binary));
+    let (unwound, names) = unwind(child.0.id(), ":leaf");
+    // gcc builds no frame for leaf (it never returns), so rbp still holds big_frame's frame and
+    // the first step lands in its caller: the gap of frame pointers the tables close.
+    let expected: Vec<&str> = CHAIN.into_iter().filter(|f| *f != "big_frame").collect();
+    assert_eq!(
+        functions_in(&names, "frames-fp-only:"),
+        expected,
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+}
