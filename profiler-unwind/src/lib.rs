@@ -8,6 +8,7 @@
 //!
 //! x86-64 only. See docs/design/0002-unwind-tables.md.
 
+mod cache;
 mod compile;
 mod elf;
 mod id;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use cache::DiskCache;
 pub use compile::{build, build_from_path, Options};
 pub use elf::load_bias;
 pub use id::BinaryId;
@@ -64,6 +66,8 @@ pub struct TableStats {
     /// Rows before adjacent equal rules were merged.
     pub rows_before_dedup: u64,
     pub build_time: Duration,
+    /// Read from a [`DiskCache`] rather than compiled (the other stats are then zero).
+    pub from_cache: bool,
 }
 
 impl UnwindTable {
@@ -91,30 +95,59 @@ impl UnwindTable {
     }
 }
 
-/// Tables by [`BinaryId`]: a binary mapped by many processes is compiled once.
+/// Tables by [`BinaryId`]: a binary mapped by many processes is compiled once, and with a
+/// [`DiskCache`] once per machine rather than once per agent start.
 #[derive(Default)]
 pub struct Tables {
     options: Options,
     by_id: HashMap<BinaryId, Arc<UnwindTable>>,
+    disk: Option<DiskCache>,
+    disk_write_errors: u64,
 }
 
 impl Tables {
     pub fn new(options: Options) -> Tables {
         Tables {
             options,
-            by_id: HashMap::new(),
+            ..Default::default()
         }
     }
 
-    /// The table of the file at `path`, compiled on first use.
+    /// Also keeps tables in `cache`, and looks there before compiling.
+    pub fn with_disk_cache(mut self, cache: DiskCache) -> Tables {
+        self.disk = Some(cache);
+        self
+    }
+
+    /// The table of the file at `path`: from memory, else from the disk cache, else compiled
+    /// (and then stored in the disk cache).
     pub fn get_or_build(&mut self, path: &Path) -> Result<(BinaryId, Arc<UnwindTable>), Error> {
         let id = BinaryId::of_path(path).map_err(|e| Error::Io(path.to_path_buf(), e))?;
         if let Some(table) = self.by_id.get(&id) {
             return Ok((id, table.clone()));
         }
-        let table = Arc::new(build_from_path(path, &self.options)?);
+        let cached = self.disk.as_ref().and_then(|disk| disk.load(&id));
+        let table = match cached {
+            Some(table) => table,
+            None => {
+                let table = build_from_path(path, &self.options)?;
+                if let Some(disk) = &self.disk {
+                    // A cache that cannot be written costs a rebuild next time, nothing more.
+                    if disk.store(&id, &table).is_err() {
+                        self.disk_write_errors += 1;
+                    }
+                }
+                table
+            }
+        };
+        let table = Arc::new(table);
         self.by_id.insert(id.clone(), table.clone());
         Ok((id, table))
+    }
+
+    /// Tables the disk cache could not store.
+    pub fn disk_write_errors(&self) -> u64 {
+        self.disk_write_errors
     }
 
     /// The table of an image already in memory (the vDSO). Images without a build ID are

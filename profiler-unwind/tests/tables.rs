@@ -458,3 +458,20 @@ fn binary_id_is_the_build_id_else_the_file() {
     std::fs::write(&copy, std::fs::read(&anonymous).unwrap()).unwrap();
     assert_ne!(before, BinaryId::of_path(&copy).unwrap());
 }
+
+#[test]
+fn disk_cache_serves_a_second_agent_the_same_table() {
+    let dir = scratch().join("cache");
+    let path = frames();
+    let cache = profiler_unwind::DiskCache::new(&dir).unwrap();
+    let mut first = profiler_unwind::Tables::new(Options::default()).with_disk_cache(cache.clone());
+    let (id, built) = first.get_or_build(&path).unwrap();
+    assert!(!built.stats.from_cache);
+    assert!(dir.join(format!("{id}.rows")).exists());
+
+    let mut second = profiler_unwind::Tables::new(Options::default()).with_disk_cache(cache);
+    let (_, loaded) = second.get_or_build(&path).unwrap();
+    assert!(loaded.stats.from_cache);
+    assert_eq!((loaded.base, &loaded.rows), (built.base, &built.rows));
+    assert_eq!(first.disk_write_errors() + second.disk_write_errors(), 0);
+}
