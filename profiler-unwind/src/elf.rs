@@ -166,18 +166,15 @@ pub(crate) const SIGRETURN_CODE: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 
 
 /// Addresses of every [`SIGRETURN_CODE`] in the executable segments.
 pub(crate) fn sigreturn_addresses(segments: &[CodeSegment<'_>]) -> Vec<u64> {
-    let mut found = Vec::new();
-    for segment in segments {
-        let mut from = 0;
-        while let Some(at) = segment.data[from..]
-            .windows(SIGRETURN_CODE.len())
-            .position(|window| window == SIGRETURN_CODE)
-        {
-            found.push(segment.address + (from + at) as u64);
-            from += at + 1;
-        }
-    }
-    found
+    let finder = memchr::memmem::Finder::new(&SIGRETURN_CODE);
+    segments
+        .iter()
+        .flat_map(|segment| {
+            finder
+                .find_iter(segment.data)
+                .map(|at| segment.address + at as u64)
+        })
+        .collect()
 }
 
 /// The load bias of a mapping: what to subtract from a runtime address in the mapping to get the
