@@ -238,3 +238,32 @@ fn falls_back_to_frame_pointers_where_no_cfi_covers() {
     );
     assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
 }
+
+#[test]
+fn unwinds_a_callback_through_libc_qsort() {
+    let (child, _out) = start_frames(&["qsort"]);
+    let (unwound, names) = unwind(child.0.id(), ":leaf");
+    let ours = functions_in(&names, "frames:");
+    assert_eq!(
+        ours,
+        [
+            "leaf",
+            "compare_then_spin",
+            "sort_numbers",
+            "main",
+            "_start"
+        ],
+        "{names:?}"
+    );
+    // Between the comparator and its caller: qsort's own frames, from libc's table.
+    let comparator = names
+        .iter()
+        .position(|n| n == "frames:compare_then_spin")
+        .unwrap();
+    assert!(names[comparator + 1].starts_with("libc.so.6:"), "{names:?}");
+    assert!(
+        names.iter().any(|n| n.starts_with("libc.so.6:qsort")),
+        "{names:?}"
+    );
+    assert_eq!(unwound.stop, StopReason::EndOfStack, "{names:?}");
+}

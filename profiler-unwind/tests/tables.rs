@@ -107,6 +107,8 @@ struct Comparison {
     unsupported: u64,
     /// Caller rbp gimli knows and we gave up on.
     rbp_lost: u64,
+    /// Pcs between FDEs, all checked to be "no CFI".
+    gap_pcs: u64,
     mismatches: Vec<String>,
 }
 
@@ -152,12 +154,14 @@ fn compare_section<'a, S: UnwindSection<Slice<'a>>>(
 ) -> Comparison {
     let mut ctx = Box::new(gimli::UnwindContext::new());
     let mut out = Comparison::default();
+    let mut ranges = Vec::new();
     let mut entries = section.entries(bases);
     while let Some(entry) = entries.next().unwrap() {
         let gimli::CieOrFde::Fde(partial) = entry else {
             continue;
         };
         let fde = partial.parse(S::cie_from_offset).unwrap();
+        ranges.push(fde.initial_address()..fde.end_address());
         let mut rows = fde.rows(section, bases, &mut ctx).unwrap();
         while let Some(row) = rows.next_row().unwrap() {
             for pc in row.start_address()..row.end_address() {
@@ -201,6 +205,18 @@ fn compare_section<'a, S: UnwindSection<Slice<'a>>>(
             }
         }
     }
+    // Between FDEs the table must say "no CFI" (or "signal restorer", found by its code), never
+    // a rule borrowed from a neighbour, nor the end of the stack.
+    ranges.sort_by_key(|r| r.start);
+    for pair in ranges.windows(2) {
+        for pc in pair[0].end..pair[1].start {
+            let kind = table.row_for(pc).unwrap().kind;
+            if kind != kind::NO_CFI && kind != kind::SIGNAL {
+                out.mismatches.push(format!("gap pc {pc:#x}: kind {kind}"));
+            }
+            out.gap_pcs += 1;
+        }
+    }
     out
 }
 
@@ -209,21 +225,23 @@ fn check_every_pc(path: &Path) {
     let c = compare(path, &table);
     let stats = &table.stats;
     eprintln!(
-        "{}: {} rows ({} before merging), {} KiB, {} FDEs, {} KiB .eh_frame, built in {:?}; \
-         {} pcs: {} match, {} end of stack, {} unsupported, {} rbp lost, {} mismatches",
+        "{}: {} rows ({} before merging), {} KiB, {} FDEs, {} KiB of CFI, built in {:?}; \
+         {} pcs: {} match, {} end of stack, {} unsupported, {} rbp lost, {} mismatches; \
+         {} pcs between FDEs",
         path.display(),
         table.rows.len(),
         stats.rows_before_dedup,
         table.size_bytes() / 1024,
-        stats.eh_frame_fdes,
-        stats.eh_frame_bytes / 1024,
+        stats.eh_frame_fdes + stats.debug_frame_fdes,
+        (stats.eh_frame_bytes + stats.debug_frame_bytes) / 1024,
         stats.build_time,
         c.pcs,
         c.matched,
         c.end_of_stack,
         c.unsupported,
         c.rbp_lost,
-        c.mismatches.len()
+        c.mismatches.len(),
+        c.gap_pcs
     );
     assert!(
         c.mismatches.is_empty(),

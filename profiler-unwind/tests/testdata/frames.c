@@ -6,7 +6,8 @@
  * "ready" from big_frame and spins in leaf forever. On SIGUSR1 the handler prints "handler" and
  * spins in handler_spin, so a snapshot then holds a signal frame. With the argument "vdso" it
  * calls clock_gettime (the vDSO's) in a loop from vdso_loop instead; with "deep" it recurses 300
- * deep in recurse before spinning in leaf. Every call is followed by work
+ * deep in recurse before spinning in leaf; with "qsort" it spins in leaf from a qsort comparator,
+ * below libc's qsort. Every call is followed by work
  * so that none becomes a tail call and every caller stays on the stack. */
 #define _GNU_SOURCE
 #include <signal.h>
@@ -87,7 +88,25 @@ KEEP unsigned long recurse(unsigned long n) {
     return recurse(n - 1) + sink;
 }
 
+KEEP int compare_then_spin(const void *a, const void *b) {
+    say("ready\n");
+    leaf(1);
+    return *(const int *)a - *(const int *)b;
+}
+
+KEEP void sort_numbers(void) {
+    int numbers[64];
+    for (int i = 0; i < 64; i++)
+        numbers[i] = 64 - i;
+    qsort(numbers, 64, sizeof numbers[0], compare_then_spin);
+    sink += (unsigned long)numbers[0];
+}
+
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "qsort") == 0) {
+        sort_numbers();
+        return 0;
+    }
     if (argc > 1 && strcmp(argv[1], "deep") == 0) {
         sink = recurse(300);
         return 0;
