@@ -107,8 +107,15 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
                 debug_map = unsafe { memmap2::Mmap::map(&debug_file) }.map_err(io)?;
                 let debug_elf = object::File::parse(&debug_map[..])
                     .map_err(|e| Error::Malformed(format!("{}: {e}", debug_path.display())))?;
-                debug_frame = elf::debug_frame(&debug_elf)?.map(|d| d.into_owned().into());
-                stats.debug_file = Some(debug_path);
+                // A debug file of another build (a stale debug link) would give wrong rows.
+                let (ours, theirs) = (
+                    file.build_id().ok().flatten(),
+                    debug_elf.build_id().ok().flatten(),
+                );
+                if ours.is_none() || theirs.is_none() || ours == theirs {
+                    debug_frame = elf::debug_frame(&debug_elf)?.map(|d| d.into_owned().into());
+                    stats.debug_file = Some(debug_path);
+                }
             }
         }
         if let Some(data) = debug_frame {

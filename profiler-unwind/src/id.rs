@@ -30,18 +30,25 @@ impl BinaryId {
     /// stat'ed; a file that is not ELF, or has no build ID, is identified by its metadata.
     pub fn of_path(path: &Path) -> std::io::Result<BinaryId> {
         let file = std::fs::File::open(path)?;
-        let meta = file.metadata()?;
         // SAFETY: the map is read-only and dropped before returning; a concurrent truncation
         // would at worst fault this read, as for every other profiler reading binaries.
         let map = unsafe { memmap2::Mmap::map(&file) }?;
-        Ok(build_id(&map)
-            .map(BinaryId::BuildId)
-            .unwrap_or(BinaryId::File {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                size: meta.size(),
-                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            }))
+        BinaryId::of_file(&file, &map)
+    }
+
+    /// The identity of an open file whose bytes are `data`, so that the identity and the table
+    /// built from `data` describe the same version of a file that may be replaced meanwhile.
+    pub fn of_file(file: &std::fs::File, data: &[u8]) -> std::io::Result<BinaryId> {
+        if let Some(id) = build_id(data) {
+            return Ok(BinaryId::BuildId(id));
+        }
+        let meta = file.metadata()?;
+        Ok(BinaryId::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        })
     }
 
     /// The build ID of an ELF image already in memory (the vDSO), `None` when it has none.

@@ -122,7 +122,11 @@ impl Tables {
     /// The table of the file at `path`: from memory, else from the disk cache, else compiled
     /// (and then stored in the disk cache).
     pub fn get_or_build(&mut self, path: &Path) -> Result<(BinaryId, Arc<UnwindTable>), Error> {
-        let id = BinaryId::of_path(path).map_err(|e| Error::Io(path.to_path_buf(), e))?;
+        let io = |e| Error::Io(path.to_path_buf(), e);
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: read-only map, dropped before returning.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let id = BinaryId::of_file(&file, &map).map_err(io)?;
         if let Some(table) = self.by_id.get(&id) {
             return Ok((id, table.clone()));
         }
@@ -130,7 +134,7 @@ impl Tables {
         let table = match cached {
             Some(table) => table,
             None => {
-                let table = build_from_path(path, &self.options)?;
+                let table = build(&map, Some(path), &self.options)?;
                 if let Some(disk) = &self.disk {
                     // A cache that cannot be written costs a rebuild next time, nothing more.
                     if disk.store(&id, &table).is_err() {

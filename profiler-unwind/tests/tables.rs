@@ -442,6 +442,16 @@ fn debug_frame_serves_when_eh_frame_covers_little() {
         Some(debug.as_path())
     );
     assert_eq!(from_debug_file.rows, table.rows);
+
+    // A stale debug file (another build under the linked name) is not used.
+    let other = frames_binary("frames-debug-frame-O1", &[&flags[..], &["-O1"]].concat());
+    run(std::process::Command::new("objcopy")
+        .arg("--only-keep-debug")
+        .arg(&other)
+        .arg(&debug));
+    let stale = build_from_path(&stripped, &Options::default()).unwrap();
+    assert_eq!(stale.stats.debug_file, None);
+    assert_eq!(stale.row_for(level2).unwrap().kind, kind::NO_CFI);
 }
 
 #[test]
