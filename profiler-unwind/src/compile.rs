@@ -1,5 +1,6 @@
 //! Compiling CFI (gimli's per-FDE rows) into one sorted, deduplicated [`UnwindTable`].
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -95,31 +96,9 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
 
     let covered = |functions: &[Function]| functions.iter().map(|f| f.end - f.start).sum::<u64>();
     if (covered(&functions) as f64) < MIN_EH_FRAME_COVERAGE * code_bytes as f64 {
-        let debug_map;
-        let mut debug_frame = elf::debug_frame(&file)?;
-        if debug_frame.is_none() {
-            if let Some(debug_path) =
-                path.and_then(|p| elf::find_debug_file(p, &file, &options.debug_dirs))
-            {
-                let io = |e| Error::Io(debug_path.clone(), e);
-                let debug_file = std::fs::File::open(&debug_path).map_err(io)?;
-                // SAFETY: read-only map, dropped before returning.
-                debug_map = unsafe { memmap2::Mmap::map(&debug_file) }.map_err(io)?;
-                let debug_elf = object::File::parse(&debug_map[..])
-                    .map_err(|e| Error::Malformed(format!("{}: {e}", debug_path.display())))?;
-                // A debug file of another build (a stale debug link) would give wrong rows.
-                let (ours, theirs) = (
-                    file.build_id().ok().flatten(),
-                    debug_elf.build_id().ok().flatten(),
-                );
-                if ours.is_none() || theirs.is_none() || ours == theirs {
-                    debug_frame = elf::debug_frame(&debug_elf)?.map(|d| d.into_owned().into());
-                    stats.debug_file = Some(debug_path);
-                }
-            }
-        }
-        if let Some(data) = debug_frame {
+        if let Some(DebugFrame { data, debug_file }) = debug_frame(&file, path, options)? {
             stats.debug_frame_bytes = data.len() as u64;
+            stats.debug_file = debug_file;
             let mut section = gimli::DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
             let bases = gimli::BaseAddresses::default();
@@ -134,6 +113,49 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
     stats.rows_before_dedup = rows_before_dedup;
     stats.build_time = started.elapsed();
     Ok(UnwindTable { base, rows, stats })
+}
+
+/// `.debug_frame` bytes and the separate debug file they came from, if any.
+struct DebugFrame<'data> {
+    data: Cow<'data, [u8]>,
+    debug_file: Option<PathBuf>,
+}
+
+/// `.debug_frame` from the file itself, else from its separate debug file. `None` when neither
+/// has one.
+fn debug_frame<'data>(
+    file: &object::File<'data>,
+    path: Option<&Path>,
+    options: &Options,
+) -> Result<Option<DebugFrame<'data>>, Error> {
+    if let Some(data) = elf::debug_frame(file)? {
+        return Ok(Some(DebugFrame {
+            data,
+            debug_file: None,
+        }));
+    }
+    let Some(debug_path) = path.and_then(|p| elf::find_debug_file(p, file, &options.debug_dirs))
+    else {
+        return Ok(None);
+    };
+    let io = |e| Error::Io(debug_path.clone(), e);
+    let debug_file = std::fs::File::open(&debug_path).map_err(io)?;
+    // SAFETY: read-only map, dropped before returning (the section is copied out).
+    let debug_map = unsafe { memmap2::Mmap::map(&debug_file) }.map_err(io)?;
+    let debug_elf = object::File::parse(&debug_map[..])
+        .map_err(|e| Error::Malformed(format!("{}: {e}", debug_path.display())))?;
+    // A debug file of another build (a stale debug link) would give wrong rows.
+    let (ours, theirs) = (
+        file.build_id().ok().flatten(),
+        debug_elf.build_id().ok().flatten(),
+    );
+    if ours.is_some() && theirs.is_some() && ours != theirs {
+        return Ok(None);
+    }
+    Ok(elf::debug_frame(&debug_elf)?.map(|data| DebugFrame {
+        data: Cow::Owned(data.into_owned()),
+        debug_file: Some(debug_path),
+    }))
 }
 
 /// Appends the rows of every FDE in `section` to `functions`; returns how many FDEs it read.
