@@ -73,7 +73,8 @@ fn unwind(pid: u32, leaf: &str) -> (Unwound, Vec<String>) {
 
 fn unwind_at_most(pid: u32, leaf: &str, max_frames: usize) -> (Unwound, Vec<String>) {
     let mut tables = Tables::new(Options::default());
-    for _ in 0..50 {
+    // Up to 5 s: CI runs tests side by side on two cores.
+    for _ in 0..250 {
         let snapshot =
             Snapshot::capture(pid as i32, 512 * 1024).expect("ptrace the child (needs root)");
         let unwound = snapshot.unwind(&mut tables, max_frames);
