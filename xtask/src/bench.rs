@@ -1112,6 +1112,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_rows_are_named_by_the_caller_and_skip_other_lines() {
+        let output = "Compiling...\n\
+            {\"stage\":\"unwind tables\",\"config\":\"libc.so.6\",\"metric\":\"rows\",\"unit\":\"rows\",\"value\":28274}\n";
+        let mut rows = Vec::new();
+        push_json_rows(output, &mut rows, |stage| {
+            assert_eq!(stage, "unwind tables");
+            "unwind tables"
+        });
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(
+            (row.config.as_str(), row.metric, row.unit),
+            ("libc.so.6", "rows", "rows")
+        );
+        assert_eq!((row.median, row.min, row.max), (28274.0, 28274.0, 28274.0));
+    }
+
+    #[test]
     fn table_round_trips_through_the_check() {
         let rows = vec![row(
             "slowdown",
