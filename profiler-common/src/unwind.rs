@@ -296,6 +296,11 @@ pub fn frame_pointer_step(regs: &mut Regs, mut read: impl FnMut(u64) -> Option<u
     StepResult::Caller
 }
 
+// SAFETY: plain `#[repr(C)]` integers with no padding (12 bytes: 4 + 1 + 1 + 2 + 4), valid for
+// any bit pattern, as aya requires of map values.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for UnwindRow {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
