@@ -29,7 +29,7 @@ use profiler_common::unwind::{find_row_in, kind, UnwindRow};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}: {1}")]
-    Io(PathBuf, #[source] std::io::Error),
+    Io(PathBuf, std::io::Error),
     #[error("not a usable ELF file: {0}")]
     Malformed(String),
     #[error("not an x86-64 ELF file")]

@@ -503,3 +503,23 @@ fn disk_cache_serves_a_second_agent_the_same_table() {
     assert_eq!((loaded.base, &loaded.rows), (built.base, &built.rows));
     assert_eq!(first.disk_write_errors() + second.disk_write_errors(), 0);
 }
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let text = scratch().join("not-elf");
+    std::fs::write(&text, "#!/bin/sh\necho hi\n").unwrap();
+    let err = build_from_path(&text, &Options::default()).unwrap_err();
+    assert!(
+        err.to_string().starts_with("not a usable ELF file"),
+        "{err}"
+    );
+    let missing = scratch().join("missing");
+    let err = build_from_path(&missing, &Options::default()).unwrap_err();
+    assert!(err.to_string().contains("No such file"), "{err}");
+    // Truncated in the middle of .eh_frame: an error or a shorter table, never a panic.
+    let data = std::fs::read(frames()).unwrap();
+    let (eh_frame, _) = section(&frames(), ".eh_frame").unwrap();
+    for cut in [64, 4096, eh_frame as usize + 40] {
+        let _ = profiler_unwind::build(&data[..cut.min(data.len())], None, &Options::default());
+    }
+}
