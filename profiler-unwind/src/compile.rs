@@ -168,13 +168,25 @@ fn read_functions<'a, S: UnwindSection<Slice<'a>>>(
 ) -> u64 {
     let mut ctx = Box::new(UnwindContext::new());
     let mut entries = section.entries(bases);
+    let mut cies: std::collections::HashMap<usize, gimli::CommonInformationEntry<Slice<'a>>> =
+        std::collections::HashMap::new();
     let mut fdes = 0;
     // A malformed entry ends the section: its length field can no longer be trusted.
     while let Ok(Some(entry)) = entries.next() {
         let gimli::CieOrFde::Fde(partial) = entry else {
             continue;
         };
-        let Ok(fde) = partial.parse(S::cie_from_offset) else {
+        // FDEs share a handful of CIEs: parse each once.
+        let fde = partial.parse(|section, bases, offset| {
+            let key: usize = gimli::UnwindOffset::into(offset);
+            if let Some(cie) = cies.get(&key) {
+                return Ok(cie.clone());
+            }
+            let cie = section.cie_from_offset(bases, offset)?;
+            cies.insert(key, cie.clone());
+            Ok(cie)
+        });
+        let Ok(fde) = fde else {
             continue;
         };
         let (start, end) = (fde.initial_address(), fde.end_address());
