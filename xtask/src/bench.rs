@@ -147,6 +147,7 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
+    unwind_tables(&mut rows)?;
     micro(mode, &mut rows)?;
 
     let markdown = render(mode, &rows, &notes);
@@ -604,36 +605,61 @@ fn startup(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
 /// Stages 5 and 6 (symbolization, profile building) from the profiler crate's own bench
 /// binary, which prints one JSON object per line.
 fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
-    let output = cargo()
+    let bench = [
+        "bench", "--quiet", "-p", "profiler", "--bench", "stages", "--",
+    ];
+    let output = json_lines(cargo().args(bench).arg(mode.name()), "the stages bench")?;
+    push_json_rows(&output, rows, |stage| {
+        if stage == "symbolize" {
+            "symbolization"
+        } else {
+            "profile building"
+        }
+    });
+    Ok(())
+}
+
+/// Unwind tables: rows, size and build time per MiB of CFI for Debian's libc and the profiler's
+/// own binary (profiler-unwind's `table_stats` example).
+fn unwind_tables(rows: &mut Vec<Row>) -> Result<()> {
+    let example = ["run", "--release", "--quiet", "-p", "profiler-unwind"];
+    let args = ["--example", "table_stats", "--", "--json"];
+    let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+    let mut command = cargo();
+    command
+        .args(example)
+        .args(args)
+        .arg(libc)
+        .arg(profiler_bin());
+    let output = json_lines(&mut command, "the unwind table bench")?;
+    push_json_rows(&output, rows, |_| "unwind tables");
+    Ok(())
+}
+
+/// Runs a cargo command at the workspace root and returns its stdout.
+fn json_lines(command: &mut Command, what: &str) -> Result<String> {
+    let output = command
         .current_dir(workspace_root())
-        .args([
-            "bench",
-            "--quiet",
-            "-p",
-            "profiler",
-            "--bench",
-            "stages",
-            "--",
-            mode.name(),
-        ])
         .stderr(Stdio::inherit())
         .output()
-        .context("running the stages bench")?;
+        .with_context(|| format!("running {what}"))?;
     if !output.status.success() {
-        bail!("the stages bench failed: {}", output.status);
+        bail!("{what} failed: {}", output.status);
     }
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// One row per flat JSON line (`stage`, `config`, `metric`, `unit`, `value`), under the stage
+/// name `stage` gives for the line's own.
+fn push_json_rows(output: &str, rows: &mut Vec<Row>, stage: impl Fn(&str) -> &'static str) {
+    for line in output.lines() {
         let Some(fields) = parse_flat_json(line) else {
             continue;
         };
         let get = |k: &str| fields.get(k).cloned().unwrap_or_default();
         let value: f64 = get("value").parse().unwrap_or(f64::NAN);
         rows.push(Row {
-            stage: if get("stage") == "symbolize" {
-                "symbolization"
-            } else {
-                "profile building"
-            },
+            stage: stage(&get("stage")),
             config: get("config"),
             metric: leak(get("metric")),
             unit: leak(get("unit")),
@@ -642,7 +668,6 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
             max: value,
         });
     }
-    Ok(())
 }
 
 /// Stage 7: criterion micro-benchmarks of the userspace hot paths (stack decode, symbol cache
@@ -1124,6 +1149,24 @@ fn serve_one(stream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_rows_are_named_by_the_caller_and_skip_other_lines() {
+        let output = "Compiling...\n\
+            {\"stage\":\"unwind tables\",\"config\":\"libc.so.6\",\"metric\":\"rows\",\"unit\":\"rows\",\"value\":28274}\n";
+        let mut rows = Vec::new();
+        push_json_rows(output, &mut rows, |stage| {
+            assert_eq!(stage, "unwind tables");
+            "unwind tables"
+        });
+        assert_eq!(rows.len(), 1);
+        let row = &rows[0];
+        assert_eq!(
+            (row.config.as_str(), row.metric, row.unit),
+            ("libc.so.6", "rows", "rows")
+        );
+        assert_eq!((row.median, row.min, row.max), (28274.0, 28274.0, 28274.0));
+    }
 
     #[test]
     fn table_round_trips_through_the_check() {

@@ -30,6 +30,7 @@ const APT_PACKAGES: &[&str] = &[
     "gcc", // linker for every Rust build (including `cargo install bpf-linker`) and test programs
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
+    "python3.11", // Debian's own python: profiler-unwind's tests unwind it from its .eh_frame
     // pip for Debian's python3, to install kubernetes-validate (see `PIP_PACKAGE`)
     "python3-pip",
 ];
