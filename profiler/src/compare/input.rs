@@ -334,7 +334,7 @@ fn decode_profile_within(bytes: &[u8], max_size: u64) -> Result<Profile> {
 
 /// A size for people: whole MiB where it is one, else bytes.
 pub fn size_text(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB", bytes >> 20)
     } else {
         format!("{bytes} bytes")
