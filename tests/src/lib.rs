@@ -294,3 +294,50 @@ pub fn inclusive_shares(
         .map(|(name, count)| (name, 100.0 * count as f64 / total.max(1) as f64))
         .collect()
 }
+
+/// Whether skipping is forbidden: CI (CI=true) runs `cargo xtask setup`, so a tool missing
+/// there is a bug.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Skips a test (printing why) where a tool it needs is missing; with CI=true it fails instead.
+fn missing(what: &str, why: &str) {
+    let message = format!("{what} is missing ({why}); `cargo xtask setup` installs it");
+    if in_ci() {
+        panic!("{message}, and CI=true forbids skipping");
+    }
+    eprintln!("skipped: {message}");
+}
+
+/// Whether `python3` can import `module` (from the PyPI package `package`). Where it cannot,
+/// prints why and returns false; with CI=true it panics instead.
+pub fn python_module(module: &str, package: &str) -> bool {
+    let probe = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output();
+    let why = match probe {
+        Ok(out) if out.status.success() => return true,
+        // The traceback's last line, e.g. "ModuleNotFoundError: No module named ...".
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            stderr.lines().last().unwrap_or_default().to_owned()
+        }
+        Err(e) => format!("cannot run python3: {e}"),
+    };
+    missing(&format!("PyPI {package} for python3"), &why);
+    false
+}
+
+/// `tool` on PATH (from the Debian package `package`), or None where it is not, after printing
+/// why; with CI=true it panics instead.
+pub fn tool(tool: &str, package: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file());
+    if found.is_none() {
+        missing(&format!("{tool} (Debian {package})"), "not on PATH");
+    }
+    found
+}

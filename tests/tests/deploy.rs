@@ -12,6 +12,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use profiler_tests::python_module;
+
 /// The Kubernetes version the manifests are validated against: the oldest they target, since
 /// 1.30 brought `securityContext.appArmorProfile`. kubernetes-validate ships schemas for the
 /// dozen releases before its own version (1.25 to 1.37 in 1.37.0).
@@ -58,38 +60,14 @@ fn manifests() -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether skipping is forbidden: CI runs `cargo xtask setup`, so a missing tool there is a bug.
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
 /// `python3 -m kubernetes_validate`, or None (after printing why) where it is not installed;
 /// with CI=true that panics instead.
 fn kubernetes_validate() -> Option<Command> {
-    let probe = Command::new("python3")
-        .args(["-c", "import kubernetes_validate"])
-        .output();
-    let why = match probe {
-        Ok(out) if out.status.success() => {
-            let mut cmd = Command::new("python3");
-            cmd.args(["-m", "kubernetes_validate"]);
-            return Some(cmd);
-        }
-        // The traceback's last line, e.g. "ModuleNotFoundError: No module named ...".
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            stderr.lines().last().unwrap_or_default().to_owned()
-        }
-        Err(e) => format!("cannot run python3: {e}"),
-    };
-    let message = format!(
-        "kubernetes-validate is not installed for python3 ({why}); `cargo xtask setup` installs it"
-    );
-    if in_ci() {
-        panic!("{message}, and CI=true forbids skipping");
-    }
-    eprintln!("skipped: {message}");
-    None
+    python_module("kubernetes_validate", "kubernetes-validate").then(|| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "kubernetes_validate"]);
+        cmd
+    })
 }
 
 #[test]
