@@ -400,26 +400,35 @@ impl Collector for BpfMapMemory {
     }
 }
 
-/// The sum of `memlock` over the BPF map descriptors in `fdinfo` (a /proc/PID/fdinfo
-/// directory): a map's fdinfo has a `map_type` line, a program's a `prog_type` line. A map
-/// shared by several descriptors is counted once per descriptor; the agent holds one each.
+/// The sum of `memlock` over the BPF maps open in `fdinfo` (a /proc/PID/fdinfo directory): a
+/// map's fdinfo has a `map_type` line, a program's a `prog_type` line. A map open under several
+/// descriptors (same `map_id`) counts once.
 pub fn bpf_map_memory(fdinfo: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(fdinfo) else {
         return 0;
     };
+    let mut seen = std::collections::HashSet::new();
     let mut total = 0;
     for entry in entries.flatten() {
         // Descriptors close between the listing and the read; those simply count nothing.
         let Ok(text) = std::fs::read_to_string(entry.path()) else {
             continue;
         };
-        if !text.lines().any(|line| line.starts_with("map_type:")) {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("map_type").is_none() {
             continue;
         }
-        total += text
-            .lines()
-            .find_map(|line| line.strip_prefix("memlock:"))
-            .and_then(|value| value.trim().parse::<u64>().ok())
+        if let Some(id) = field("map_id") {
+            if !seen.insert(id.to_owned()) {
+                continue;
+            }
+        }
+        total += field("memlock")
+            .and_then(|value| value.parse::<u64>().ok())
             .unwrap_or(0);
     }
     total
@@ -496,10 +505,18 @@ mod tests {
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
         write(
             "3",
-            "pos:\t0\nflags:\t02000002\nmap_type:\t1\nmemlock:\t4096\n",
+            "flags:\t02000002\nmap_type:\t1\nmemlock:\t4096\nmap_id:\t7\n",
         );
-        write("4", "pos:\t0\nmap_type:\t6\nmemlock:\t1052672\n");
-        write("5", "pos:\t0\nprog_type:\t7\nmemlock:\t8192\n");
+        write(
+            "4",
+            "pos:\t0\nmap_type:\t6\nmemlock:\t1052672\nmap_id:\t8\n",
+        );
+        // The same map again, under another descriptor.
+        write(
+            "9",
+            "pos:\t0\nmap_type:\t6\nmemlock:\t1052672\nmap_id:\t8\n",
+        );
+        write("5", "pos:\t0\nprog_type:\t7\nmemlock:\t8192\nprog_id:\t3\n");
         write("6", "pos:\t0\nflags:\t0100002\n");
         assert_eq!(bpf_map_memory(dir.path()), 4096 + 1052672);
         assert_eq!(bpf_map_memory(&dir.path().join("missing")), 0);

@@ -341,3 +341,47 @@ pub fn tool(tool: &str, package: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// The Kubernetes version manifests are validated against: the oldest they target, since 1.30
+/// brought `securityContext.appArmorProfile`. kubernetes-validate ships schemas for the dozen
+/// releases before its own version (1.25 to 1.37 in 1.37.0).
+pub const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Runs `kubernetes-validate --strict` for [`KUBERNETES_VERSION`] on `files` in `dir` and asserts
+/// that it passes and names each file as passed (a file without a single document would pass
+/// without a word), except `warn_only` ones (custom resources, which it has no schema for).
+/// Does nothing but print why where kubernetes-validate is missing; with CI=true that fails.
+pub fn kubernetes_validate<S: AsRef<str>>(dir: &Path, files: &[S]) {
+    kubernetes_validate_except(dir, files, &[]);
+}
+
+/// [`kubernetes_validate`], not requiring a "passed" for the files in `warn_only`.
+pub fn kubernetes_validate_except<S: AsRef<str>>(dir: &Path, files: &[S], warn_only: &[&str]) {
+    if !python_module("kubernetes_validate", "kubernetes-validate") {
+        return;
+    }
+    let files: Vec<&str> = files.iter().map(AsRef::as_ref).collect();
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(["--kubernetes-version", KUBERNETES_VERSION])
+        .args(&files)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict -k {KUBERNETES_VERSION} failed ({}):\n{output}",
+        out.status
+    );
+    for file in files.iter().filter(|f| !warn_only.contains(f)) {
+        assert!(
+            output.contains(&format!("{file} passed")),
+            "{file} was not validated:\n{output}"
+        );
+    }
+}

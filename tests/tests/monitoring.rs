@@ -363,7 +363,7 @@ fn prometheus_scrapes_alerts_and_fills_the_dashboard() {
     assert!(up, "targets: {}", prom.api("targets", &[]));
 
     // Every metric, from both agents, in Prometheus.
-    let names = |p: &Prometheus| -> BTreeMap<String, usize> {
+    let series_per_name = |p: &Prometheus| -> BTreeMap<String, usize> {
         let mut names = BTreeMap::new();
         for sample in p.query(
             r#"count by (__name__, node) ({job="profiler", __name__=~"profiler_.*|process_.*"})"#,
@@ -375,10 +375,10 @@ fn prometheus_scrapes_alerts_and_fills_the_dashboard() {
         names
     };
     let all_there = wait(Duration::from_secs(30), || {
-        let names = names(&prom);
+        let names = series_per_name(&prom);
         METRICS.iter().all(|m| names.get(*m) == Some(&2))
     });
-    let names = names(&prom);
+    let names = series_per_name(&prom);
     assert!(
         all_there,
         "missing from Prometheus: {:?}",
