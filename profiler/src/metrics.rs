@@ -1,5 +1,8 @@
 //! Self-observability: every `profiler_` metric is declared here, once, with its help text, and
-//! served as Prometheus text on `/metrics` next to `/healthz` and `/readyz`.
+//! served on `/metrics` next to `/healthz` and `/readyz`, in the OpenMetrics text format when
+//! the scraper asks for it and in Prometheus's classic text format (0.0.4) otherwise. The
+//! standard `process_*` metrics and the memory of the agent's BPF maps are read from /proc
+//! at each scrape.
 
 use std::{
     net::SocketAddr,
@@ -11,14 +14,21 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::State,
+    http::{header, HeaderMap, StatusCode},
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use profiler_push::{PushObserver, PushOutcome};
 use prometheus_client::{
-    encoding::text::encode,
+    collector::Collector,
+    encoding::{prometheus_text, text, DescriptorEncoder, EncodeMetric},
     metrics::{
-        counter::Counter,
+        counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
         info::Info,
     },
@@ -41,6 +51,7 @@ pub struct Metrics {
     pushes: Family<Labels, Counter>,
     push_duration: Histogram,
     queue_bytes: Gauge,
+    profiles_produced: Counter,
     profiles_dropped: Counter,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
@@ -50,7 +61,11 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("profiler");
+        let mut root = Registry::default();
+        // The standard process metrics carry no prefix: dashboards and alerts expect
+        // `process_cpu_seconds_total`, as every Prometheus client library names it.
+        root.register_collector(Box::new(ProcessCollector));
+        let registry = root.sub_registry_with_prefix("profiler");
         let metrics = Metrics {
             samples: Counter::default(),
             lost: Family::default(),
@@ -61,6 +76,7 @@ impl Metrics {
             pushes: Family::default(),
             push_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             queue_bytes: Gauge::default(),
+            profiles_produced: Counter::default(),
             profiles_dropped: Counter::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
@@ -112,6 +128,12 @@ impl Metrics {
             metrics.queue_bytes.clone(),
         );
         registry.register(
+            "profiles_produced",
+            "Profiles made for delivery, one per target and upload interval \
+             (the delivery SLI's denominator)",
+            metrics.profiles_produced.clone(),
+        );
+        registry.register(
             "profiles_dropped",
             "Profiles never delivered: queue full, rejected or undelivered at shutdown",
             metrics.profiles_dropped.clone(),
@@ -121,8 +143,9 @@ impl Metrics {
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        registry.register_collector(Box::new(BpfMapMemory));
         Arc::new(Metrics {
-            registry,
+            registry: root,
             ..metrics
         })
     }
@@ -158,15 +181,24 @@ impl Metrics {
         *last = (counters.clone(), *stats);
     }
 
+    /// A profile made for delivery: counted whether it then reaches the queue or not.
+    pub fn profile_produced(&self) {
+        self.profiles_produced.inc();
+    }
+
     /// Profiles dropped before they reached the queue (a target with nothing to send is not one).
     pub fn profile_dropped(&self) {
         self.profiles_dropped.inc();
     }
 
-    fn text(&self) -> String {
+    /// The metrics page in `format`.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = match format {
+            Format::OpenMetrics => text::encode(&mut out, &self.registry),
+            Format::Classic => prometheus_text::encode(&mut out, &self.registry),
+        };
         out
     }
 
@@ -187,13 +219,61 @@ impl Metrics {
     }
 }
 
-async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+/// The two text formats of /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (`info` type, `# EOF`), for scrapers that ask for it.
+    OpenMetrics,
+    /// Prometheus's classic text format 0.0.4, which every scraper reads.
+    Classic,
+}
+
+impl Format {
+    /// The `Content-Type` the page is sent with.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => prometheus_text::CONTENT_TYPE,
+        }
+    }
+
+    /// The format an `Accept` header prefers: OpenMetrics when it weighs
+    /// `application/openmetrics-text` above the classic format (`text/plain`, `text/*`,
+    /// `*/*`), the classic format otherwise, also when there is no header at all.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let (mut openmetrics, mut classic) = (0.0f32, 0.0f32);
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let quality = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse().unwrap_or(0.0));
+            match media.as_str() {
+                "application/openmetrics-text" => openmetrics = openmetrics.max(quality),
+                "text/plain" | "text/*" | "*/*" => classic = classic.max(quality),
+                _ => {}
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= classic {
+            Format::OpenMetrics
+        } else {
+            Format::Classic
+        }
+    }
+}
+
+async fn metrics_handler(
+    State(metrics): State<Arc<Metrics>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok());
+    let format = Format::negotiate(accept);
     (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.text(),
+        [(header::CONTENT_TYPE, format.content_type())],
+        metrics.encode(format),
     )
 }
 
@@ -227,5 +307,218 @@ impl PushObserver for Metrics {
 
     fn queue_bytes(&self, bytes: usize) {
         self.queue_bytes.set(bytes as i64);
+    }
+}
+
+/// The standard process metrics of the agent itself, read from /proc at each scrape, named
+/// as every Prometheus client library names them.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        // A /proc read that fails leaves its metric out of this scrape rather than failing it.
+        let me = procfs::process::Process::myself().ok();
+        let stat = me.as_ref().and_then(|p| p.stat().ok());
+        let ticks = procfs::ticks_per_second() as f64;
+        if let Some(stat) = &stat {
+            let cpu = (stat.utime + stat.stime) as f64 / ticks;
+            let rss = stat.rss * procfs::page_size();
+            counter(
+                &mut encoder,
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                cpu,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                rss as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                stat.vsize as f64,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_threads",
+                "Number of OS threads in the process.",
+                stat.num_threads as f64,
+            )?;
+            if let Ok(boot) = procfs::boot_time_secs() {
+                let start = boot as f64 + stat.starttime as f64 / ticks;
+                gauge(
+                    &mut encoder,
+                    "process_start_time_seconds",
+                    "Start time of the process since unix epoch in seconds.",
+                    start,
+                )?;
+            }
+        }
+        if let Some(fds) = me.as_ref().and_then(|p| p.fd_count().ok()) {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors.",
+                fds as f64,
+            )?;
+        }
+        let max_fds = me.as_ref().and_then(|p| p.limits().ok()).and_then(|l| {
+            match l.max_open_files.soft_limit {
+                procfs::process::LimitValue::Value(n) => Some(n),
+                procfs::process::LimitValue::Unlimited => None,
+            }
+        });
+        if let Some(max) = max_fds {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                max as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `profiler_bpf_map_memory_bytes`: what the kernel charges for the agent's BPF maps.
+#[derive(Debug)]
+struct BpfMapMemory;
+
+impl Collector for BpfMapMemory {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            &mut encoder,
+            "bpf_map_memory_bytes",
+            "Memory of this agent's BPF maps (memlock in /proc/self/fdinfo), which the kernel \
+             charges to its memory cgroup on top of the resident set",
+            bpf_map_memory(std::path::Path::new("/proc/self/fdinfo")) as f64,
+        )
+    }
+}
+
+/// The sum of `memlock` over the BPF maps open in `fdinfo` (a /proc/PID/fdinfo directory): a
+/// map's fdinfo has a `map_type` line, a program's a `prog_type` line. A map open under several
+/// descriptors (same `map_id`) counts once.
+pub fn bpf_map_memory(fdinfo: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(fdinfo) else {
+        return 0;
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for entry in entries.flatten() {
+        // Descriptors close between the listing and the read; those simply count nothing.
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("map_type").is_none() {
+            continue;
+        }
+        if let Some(id) = field("map_id") {
+            if !seen.insert(id.to_owned()) {
+                continue;
+            }
+        }
+        total += field("memlock")
+            .and_then(|value| value.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> std::fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> std::fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROMETHEUS_2_42: &str = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+    #[test]
+    fn accept_selects_the_format() {
+        assert_eq!(
+            Format::negotiate(Some(PROMETHEUS_2_42)),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::negotiate(None), Format::Classic);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Classic);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Classic);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        // Weights decide, not order; q=0 refuses.
+        assert_eq!(
+            Format::negotiate(Some("text/plain;q=0.9, application/openmetrics-text;q=0.5")),
+            Format::Classic
+        );
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0")),
+            Format::Classic
+        );
+        assert_eq!(Format::negotiate(Some("garbage;;;,")), Format::Classic);
+    }
+
+    #[test]
+    fn classic_page_has_no_openmetrics_only_syntax() {
+        let metrics = Metrics::new();
+        metrics.profile_produced();
+        let page = metrics.encode(Format::Classic);
+        assert!(!page.contains("# EOF"), "{page}");
+        assert!(!page.contains(" info\n"), "{page}");
+        assert!(page.contains("# TYPE profiler_profiles_produced_total counter\nprofiler_profiles_produced_total 1\n"), "{page}");
+        assert!(
+            page.contains("# TYPE profiler_build_info gauge\n"),
+            "{page}"
+        );
+        assert!(page.contains("\nprocess_cpu_seconds_total "), "{page}");
+        let open = metrics.encode(Format::OpenMetrics);
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        assert!(open.contains("# TYPE profiler_build info\n"), "{open}");
+    }
+
+    #[test]
+    fn map_memory_sums_map_descriptors_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "3",
+            "flags:\t02000002\nmap_type:\t1\nmemlock:\t4096\nmap_id:\t7\n",
+        );
+        write(
+            "4",
+            "pos:\t0\nmap_type:\t6\nmemlock:\t1052672\nmap_id:\t8\n",
+        );
+        // The same map again, under another descriptor.
+        write(
+            "9",
+            "pos:\t0\nmap_type:\t6\nmemlock:\t1052672\nmap_id:\t8\n",
+        );
+        write("5", "pos:\t0\nprog_type:\t7\nmemlock:\t8192\nprog_id:\t3\n");
+        write("6", "pos:\t0\nflags:\t0100002\n");
+        assert_eq!(bpf_map_memory(dir.path()), 4096 + 1052672);
+        assert_eq!(bpf_map_memory(&dir.path().join("missing")), 0);
     }
 }

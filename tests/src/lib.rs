@@ -294,3 +294,94 @@ pub fn inclusive_shares(
         .map(|(name, count)| (name, 100.0 * count as f64 / total.max(1) as f64))
         .collect()
 }
+
+/// Whether skipping is forbidden: CI (CI=true) runs `cargo xtask setup`, so a tool missing
+/// there is a bug.
+pub fn in_ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+/// Skips a test (printing why) where a tool it needs is missing; with CI=true it fails instead.
+fn missing(what: &str, why: &str) {
+    let message = format!("{what} is missing ({why}); `cargo xtask setup` installs it");
+    if in_ci() {
+        panic!("{message}, and CI=true forbids skipping");
+    }
+    eprintln!("skipped: {message}");
+}
+
+/// Whether `python3` can import `module` (from the PyPI package `package`). Where it cannot,
+/// prints why and returns false; with CI=true it panics instead.
+pub fn python_module(module: &str, package: &str) -> bool {
+    let probe = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output();
+    let why = match probe {
+        Ok(out) if out.status.success() => return true,
+        // The traceback's last line, e.g. "ModuleNotFoundError: No module named ...".
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            stderr.lines().last().unwrap_or_default().to_owned()
+        }
+        Err(e) => format!("cannot run python3: {e}"),
+    };
+    missing(&format!("PyPI {package} for python3"), &why);
+    false
+}
+
+/// `tool` on PATH (from the Debian package `package`), or None where it is not, after printing
+/// why; with CI=true it panics instead.
+pub fn tool(tool: &str, package: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|candidate| candidate.is_file());
+    if found.is_none() {
+        missing(&format!("{tool} (Debian {package})"), "not on PATH");
+    }
+    found
+}
+
+/// The Kubernetes version manifests are validated against: the oldest they target, since 1.30
+/// brought `securityContext.appArmorProfile`. kubernetes-validate ships schemas for the dozen
+/// releases before its own version (1.25 to 1.37 in 1.37.0).
+pub const KUBERNETES_VERSION: &str = "1.30.0";
+
+/// Runs `kubernetes-validate --strict` for [`KUBERNETES_VERSION`] on `files` in `dir` and asserts
+/// that it passes and names each file as passed (a file without a single document would pass
+/// without a word), except `warn_only` ones (custom resources, which it has no schema for).
+/// Does nothing but print why where kubernetes-validate is missing; with CI=true that fails.
+pub fn kubernetes_validate<S: AsRef<str>>(dir: &Path, files: &[S]) {
+    kubernetes_validate_except(dir, files, &[]);
+}
+
+/// [`kubernetes_validate`], not requiring a "passed" for the files in `warn_only`.
+pub fn kubernetes_validate_except<S: AsRef<str>>(dir: &Path, files: &[S], warn_only: &[&str]) {
+    if !python_module("kubernetes_validate", "kubernetes-validate") {
+        return;
+    }
+    let files: Vec<&str> = files.iter().map(AsRef::as_ref).collect();
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(["--kubernetes-version", KUBERNETES_VERSION])
+        .args(&files)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict -k {KUBERNETES_VERSION} failed ({}):\n{output}",
+        out.status
+    );
+    for file in files.iter().filter(|f| !warn_only.contains(f)) {
+        assert!(
+            output.contains(&format!("{file} passed")),
+            "{file} was not validated:\n{output}"
+        );
+    }
+}

@@ -12,10 +12,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The Kubernetes version the manifests are validated against: the oldest they target, since
-/// 1.30 brought `securityContext.appArmorProfile`. kubernetes-validate ships schemas for the
-/// dozen releases before its own version (1.25 to 1.37 in 1.37.0).
-const KUBERNETES_VERSION: &str = "1.30.0";
+use profiler_tests::kubernetes_validate;
 
 /// The agent's top-level configuration keys (its flags in snake_case; the agent rejects others).
 const CONFIG_KEYS: &[&str] = &[
@@ -58,70 +55,11 @@ fn manifests() -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether skipping is forbidden: CI runs `cargo xtask setup`, so a missing tool there is a bug.
-fn in_ci() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
-
-/// `python3 -m kubernetes_validate`, or None (after printing why) where it is not installed;
-/// with CI=true that panics instead.
-fn kubernetes_validate() -> Option<Command> {
-    let probe = Command::new("python3")
-        .args(["-c", "import kubernetes_validate"])
-        .output();
-    let why = match probe {
-        Ok(out) if out.status.success() => {
-            let mut cmd = Command::new("python3");
-            cmd.args(["-m", "kubernetes_validate"]);
-            return Some(cmd);
-        }
-        // The traceback's last line, e.g. "ModuleNotFoundError: No module named ...".
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            stderr.lines().last().unwrap_or_default().to_owned()
-        }
-        Err(e) => format!("cannot run python3: {e}"),
-    };
-    let message = format!(
-        "kubernetes-validate is not installed for python3 ({why}); `cargo xtask setup` installs it"
-    );
-    if in_ci() {
-        panic!("{message}, and CI=true forbids skipping");
-    }
-    eprintln!("skipped: {message}");
-    None
-}
-
 #[test]
 fn manifests_validate_strictly() {
-    let Some(mut validate) = kubernetes_validate() else {
-        return;
-    };
     let files = manifests();
     assert!(files.len() >= 7, "too few manifests: {files:?}");
-    let out = validate
-        .current_dir(kubernetes_dir())
-        .args(["--strict", "--kubernetes-version", KUBERNETES_VERSION])
-        .args(&files)
-        .output()
-        .unwrap();
-    let output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "kubernetes-validate --strict -k {KUBERNETES_VERSION} failed ({}):\n{output}",
-        out.status
-    );
-    // A file without a single document would pass without a word; every one must be named.
-    for file in &files {
-        assert!(
-            output.contains(&format!("{file} passed")),
-            "{file} was not validated:\n{output}"
-        );
-    }
+    kubernetes_validate(&kubernetes_dir(), &files.iter().collect::<Vec<_>>());
 }
 
 /// The entries of the top-level `resources:` list of a kustomization, read line by line.

@@ -31,14 +31,19 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
     "python3.11", // Debian's own python: profiler-unwind's tests unwind it from its .eh_frame
-    // pip for Debian's python3, to install kubernetes-validate (see `PIP_PACKAGE`)
+    // pip for Debian's python3, to install the PyPI packages (see `PIP_PACKAGES`)
     "python3-pip",
+    "prometheus", // a real Prometheus server and `promtool` for the monitoring tests
 ];
 
-/// PyPI package (and the module it installs) that the deploy tests validate the Kubernetes
-/// manifests with; `setup` installs it into whatever `python3` is first on PATH.
-const PIP_PACKAGE: &str = "kubernetes-validate";
-const PIP_MODULE: &str = "kubernetes_validate";
+/// PyPI packages (and the modules they install) the tests use; `setup` installs them into
+/// whatever `python3` is first on PATH.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    // validates the Kubernetes manifests and the rendered Helm chart
+    ("kubernetes-validate", "kubernetes_validate"),
+    // Helm's own engine (its Go library) to render and lint the chart, without a helm binary
+    ("helm-python-sdk", "helm_python"),
+];
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
 const NIGHTLY: &str = "nightly";
@@ -114,7 +119,9 @@ fn setup() -> Result<()> {
         );
     }
     report("apt packages", install_apt_packages(&missing)?);
-    report(PIP_PACKAGE, install_pip_package()?);
+    for &(package, module) in PIP_PACKAGES {
+        report(package, install_pip_package(package, module)?);
+    }
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
     let llvm = link_nightly_llvm()?;
@@ -257,25 +264,23 @@ fn install_apt_packages(missing: &[&str]) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-/// Installs [`PIP_PACKAGE`] with `python3 -m pip` unless `python3` can already import it.
+/// Installs the PyPI `package` with `python3 -m pip` unless `python3` can already import its
+/// `module`.
 ///
 /// The tests call the same `python3` (`python3 -m kubernetes_validate`), so this works for a
 /// pyenv or venv interpreter as well as for Debian's, which refuses installs outside a venv
 /// (PEP 668) unless told `--break-system-packages`; that flag is passed only there.
-fn install_pip_package() -> Result<Outcome> {
+fn install_pip_package(package: &str, module: &str) -> Result<Outcome> {
     let mut installed = Command::new("python3");
     installed.args([
         "-c",
         &format!(
-            "import {PIP_MODULE}; from importlib.metadata import version; \
-             print(version('{PIP_PACKAGE}'))"
+            "import {module}; from importlib.metadata import version; \
+             print(version('{package}'))"
         ),
     ]);
     if let Some(version) = probe(&mut installed)? {
-        return Ok(Outcome::Skipped(format!(
-            "{PIP_PACKAGE} {}",
-            version.trim()
-        )));
+        return Ok(Outcome::Skipped(format!("{package} {}", version.trim())));
     }
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "--quiet"]);
@@ -283,7 +288,7 @@ fn install_pip_package() -> Result<Outcome> {
         cmd.arg("--break-system-packages");
     }
     // Root is expected here (CI, containers); pip's warning about it is noise.
-    cmd.arg(PIP_PACKAGE).env("PIP_ROOT_USER_ACTION", "ignore");
+    cmd.arg(package).env("PIP_ROOT_USER_ACTION", "ignore");
     run(&mut cmd)?;
     Ok(Outcome::Done)
 }

@@ -176,6 +176,7 @@ impl Interval {
             let Some(labels) = self.labels.get(&key) else {
                 continue;
             };
+            metrics.profile_produced();
             match export::upload(&profile, labels, self.start, until, self.frequency) {
                 Ok(upload) => pusher.enqueue(upload),
                 Err(err) => {
