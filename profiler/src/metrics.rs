@@ -44,6 +44,8 @@ pub struct Metrics {
     registry: Registry,
     samples: Counter,
     lost: Family<Labels, Counter>,
+    events: Family<Labels, Counter>,
+    maps_reads: Counter,
     truncated: Counter,
     processes: Gauge,
     cache_hits: Counter,
@@ -69,6 +71,8 @@ impl Metrics {
         let metrics = Metrics {
             samples: Counter::default(),
             lost: Family::default(),
+            events: Family::default(),
+            maps_reads: Counter::default(),
             truncated: Counter::default(),
             processes: Gauge::default(),
             cache_hits: Counter::default(),
@@ -91,6 +95,18 @@ impl Metrics {
             "samples_lost",
             "Samples missing from profiles, by reason",
             metrics.lost.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "What the kernel side counted besides samples (forks followed and not followed, \
+             processes exited, idle and filtered samples, lost announcements, filter updates that \
+             failed), by event",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "maps_reads",
+            "Reads of /proc/PID/maps (new processes, execs, and rereads for unmapped addresses)",
+            metrics.maps_reads.clone(),
         );
         registry.register(
             "stacks_truncated",
@@ -167,12 +183,14 @@ impl Metrics {
             last.0.get(K::StacksTruncated),
         ));
         for ((name, now, is_loss), (_, before, _)) in counters.all().into_iter().zip(last.0.all()) {
-            if is_loss {
-                self.lost
-                    .get_or_create(&vec![("reason", name.to_owned())])
-                    .inc_by(delta(now, before));
-            }
+            let family = if is_loss { &self.lost } else { &self.events };
+            let key = if is_loss { "reason" } else { "event" };
+            family
+                .get_or_create(&vec![(key, name.to_owned())])
+                .inc_by(delta(now, before));
         }
+        self.maps_reads
+            .inc_by(delta(stats.maps_reads, last.1.maps_reads));
         self.processes.set(stats.processes as i64);
         self.cache_hits
             .inc_by(delta(stats.cache_hits, last.1.cache_hits));
