@@ -23,9 +23,10 @@ use crate::collect::{ProcessChange, ProcessKey, RawSample};
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use symbols::kernel_build_id;
 
-/// The soonest a process's mappings are read again for addresses none of them covers: a
-/// stray address (a JIT, a stack read mid-update) must not cost a reread every drain.
-const MAPS_REREAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Bounds of the wait before a process's mappings are read again for addresses none of them
+/// covers: a stray address (a JIT, a stack read mid-update) must not cost a reread every drain.
+const MAPS_REREAD_MIN: Duration = Duration::from_millis(250);
+const MAPS_REREAD_MAX: Duration = Duration::from_secs(30);
 
 /// One frame of a resolved stack.
 #[derive(Debug, Clone)]
@@ -145,7 +146,10 @@ impl Resolver {
         let (comm, raw) = match read_process(process.tgid, process.start_ns) {
             Some((comm, raw)) => (comm, raw),
             None => {
-                if self.processes.contains_key(&process) {
+                if let Some(known) = self.processes.get_mut(&process) {
+                    known.read_at = Instant::now();
+                    known.reread_wait =
+                        (known.reread_wait * 2).clamp(MAPS_REREAD_MIN, MAPS_REREAD_MAX);
                     return;
                 }
                 let comm = if comm.is_empty() {
@@ -161,9 +165,19 @@ impl Resolver {
         if previous.is_none() {
             self.processes_seen += 1;
         }
-        let (threads, ended_at) = previous
-            .map(|p| (p.threads, p.ended_at))
-            .unwrap_or_default();
+        let (threads, ended_at, reread_wait) = match previous {
+            Some(p) => {
+                let found_new = mappings.len() != p.mappings.len()
+                    || mappings.iter().zip(&p.mappings).any(|(a, b)| a.start != b.start);
+                let wait = if found_new {
+                    Duration::ZERO
+                } else {
+                    (p.reread_wait * 2).clamp(MAPS_REREAD_MIN, MAPS_REREAD_MAX)
+                };
+                (p.threads, p.ended_at, wait)
+            }
+            None => Default::default(),
+        };
         self.processes.insert(
             process,
             ProcessInfo {
@@ -171,6 +185,7 @@ impl Resolver {
                 mappings,
                 threads,
                 read_at: Instant::now(),
+                reread_wait,
                 ended_at,
             },
         );
@@ -333,23 +348,21 @@ impl Resolver {
     }
 
     /// Rereads the mappings of live processes with addresses no mapping covers (a library
-    /// loaded since the process was first seen), at most once per [`MAPS_REREAD_INTERVAL`].
+    /// loaded since the process was first seen), with a backoff per process (see
+    /// [`ProcessInfo::reread_wait`]).
     fn refresh_stale_mappings(&mut self, samples: &[RawSample]) {
         let stale: HashSet<ProcessKey> = samples
             .iter()
             .filter(|s| {
                 self.processes.get(&s.process).is_some_and(|p| {
                     p.ended_at.is_none()
-                        && p.read_at.elapsed() >= MAPS_REREAD_INTERVAL
+                        && p.read_at.elapsed() >= p.reread_wait
                         && s.user.iter().any(|addr| p.mapping_for(*addr).is_none())
                 })
             })
             .map(|s| s.process)
             .collect();
         for process in stale {
-            if let Some(info) = self.processes.get_mut(&process) {
-                info.read_at = Instant::now();
-            }
             self.observe(process, "");
         }
     }

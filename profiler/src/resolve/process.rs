@@ -74,6 +74,11 @@ pub struct ProcessInfo {
     pub threads: HashMap<u32, Arc<str>>,
     /// When /proc/PID/maps was last read, to bound rereads.
     pub read_at: Instant,
+    /// How long after `read_at` addresses outside every mapping may cause a reread: none at
+    /// first (a process read while its loader still maps libraries needs one soon), doubling
+    /// each time a reread finds no new mapping (a JIT's stray addresses), back to none when one
+    /// does.
+    pub reread_wait: std::time::Duration,
     /// The generation flip at which the process was seen to end (exit, exec, reused tgid).
     pub ended_at: Option<u64>,
 }
