@@ -39,9 +39,9 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     pushes: Family<Labels, Counter>,
-    push_duration: Histogram,
-    queue_bytes: Gauge,
-    profiles_dropped: Counter,
+    push_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    queue_bytes: Family<Labels, Gauge>,
+    profiles_dropped: Family<Labels, Counter>,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -59,9 +59,11 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             pushes: Family::default(),
-            push_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
-            queue_bytes: Gauge::default(),
-            profiles_dropped: Counter::default(),
+            push_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 12))
+            }),
+            queue_bytes: Family::default(),
+            profiles_dropped: Family::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -98,22 +100,22 @@ impl Metrics {
         );
         registry.register(
             "pushes",
-            "Push attempts, by result (delivered, retrying, rejected)",
+            "Push requests attempted, by backend (pyroscope, otlp) and result (delivered, retrying, rejected, gave_up)",
             metrics.pushes.clone(),
         );
         registry.register(
             "push_duration_seconds",
-            "Time of one push attempt",
+            "Time of one push attempt, by backend",
             metrics.push_duration.clone(),
         );
         registry.register(
             "queue_bytes",
-            "Profile bytes waiting for delivery",
+            "Profile bytes waiting for delivery, by backend",
             metrics.queue_bytes.clone(),
         );
         registry.register(
             "profiles_dropped",
-            "Profiles never delivered: queue full, rejected or undelivered at shutdown",
+            "Profiles never delivered, by backend: not encodable, queue full, rejected, retries given up, or undelivered at shutdown",
             metrics.profiles_dropped.clone(),
         );
         registry.register(
@@ -158,9 +160,16 @@ impl Metrics {
         *last = (counters.clone(), *stats);
     }
 
-    /// Profiles dropped before they reached the queue (a target with nothing to send is not one).
-    pub fn profile_dropped(&self) {
-        self.profiles_dropped.inc();
+    /// The push metrics of one backend (`pyroscope`, `otlp`), as its queue's observer.
+    pub fn backend(self: &Arc<Self>, backend: &'static str) -> Arc<BackendMetrics> {
+        let metrics = BackendMetrics {
+            metrics: self.clone(),
+            backend,
+        };
+        // Every series exists from the start, so a dashboard sees zeros rather than gaps.
+        metrics.queue_bytes(0);
+        metrics.dropped(0);
+        Arc::new(metrics)
     }
 
     fn text(&self) -> String {
@@ -189,7 +198,10 @@ impl Metrics {
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.text(),
     )
 }
@@ -202,27 +214,51 @@ async fn ready_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse
     }
 }
 
-impl PushObserver for Metrics {
-    fn pushed(&self, outcome: PushOutcome, elapsed: Duration) {
-        let result = match outcome {
-            PushOutcome::Delivered => "delivered",
-            PushOutcome::Retrying => "retrying",
-            PushOutcome::Rejected => "rejected",
-        };
-        self.pushes
-            .get_or_create(&vec![("result", result.to_owned())])
-            .inc();
-        self.push_duration.observe(elapsed.as_secs_f64());
-        if matches!(outcome, PushOutcome::Rejected) {
-            self.profiles_dropped.inc();
+/// One backend's view of the push metrics: every series it touches carries
+/// `backend="<name>"`.
+pub struct BackendMetrics {
+    metrics: Arc<Metrics>,
+    backend: &'static str,
+}
+
+impl BackendMetrics {
+    fn labels(&self, result: Option<&'static str>) -> Labels {
+        let mut labels = vec![("backend", self.backend.to_owned())];
+        if let Some(result) = result {
+            labels.push(("result", result.to_owned()));
         }
+        labels
     }
 
-    fn dropped(&self, uploads: usize) {
-        self.profiles_dropped.inc_by(uploads as u64);
+    /// Profiles dropped before they reached the queue (a target with nothing to send is not one).
+    pub fn profile_dropped(&self) {
+        self.dropped(1);
+    }
+}
+
+impl PushObserver for BackendMetrics {
+    fn pushed(&self, outcome: PushOutcome, elapsed: Duration) {
+        self.metrics
+            .pushes
+            .get_or_create(&self.labels(Some(outcome.as_str())))
+            .inc();
+        self.metrics
+            .push_duration
+            .get_or_create(&self.labels(None))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn dropped(&self, profiles: usize) {
+        self.metrics
+            .profiles_dropped
+            .get_or_create(&self.labels(None))
+            .inc_by(profiles as u64);
     }
 
     fn queue_bytes(&self, bytes: usize) {
-        self.queue_bytes.set(bytes as i64);
+        self.metrics
+            .queue_bytes
+            .get_or_create(&self.labels(None))
+            .set(bytes as i64);
     }
 }

@@ -30,14 +30,23 @@ const APT_PACKAGES: &[&str] = &[
     "gcc", // linker for every Rust build (including `cargo install bpf-linker`) and test programs
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
-    // pip for Debian's python3, to install kubernetes-validate (see `PIP_PACKAGE`)
+    // pip for Debian's python3, to install the readers in `PIP_PACKAGES`
     "python3-pip",
 ];
 
-/// PyPI package (and the module it installs) that the deploy tests validate the Kubernetes
-/// manifests with; `setup` installs it into whatever `python3` is first on PATH.
-const PIP_PACKAGE: &str = "kubernetes-validate";
-const PIP_MODULE: &str = "kubernetes_validate";
+/// PyPI packages the tests read our output with, as (package, version prefix, a module it
+/// installs); `setup` installs each into whatever `python3` is first on PATH unless that
+/// module imports and the installed version has the prefix ("" for any version).
+const PIP_PACKAGES: &[(&str, &str, &str)] = &[
+    // The deploy tests validate the Kubernetes manifests with it.
+    ("kubernetes-validate", "", "kubernetes_validate"),
+    // The OTLP tests decode our export requests with it (profiles v1development).
+    (
+        "opentelemetry-proto",
+        "1.45.",
+        "opentelemetry.proto.profiles.v1development.profiles_pb2",
+    ),
+];
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
 const NIGHTLY: &str = "nightly";
@@ -113,7 +122,9 @@ fn setup() -> Result<()> {
         );
     }
     report("apt packages", install_apt_packages(&missing)?);
-    report(PIP_PACKAGE, install_pip_package()?);
+    for &(package, version, module) in PIP_PACKAGES {
+        report(package, install_pip_package(package, version, module)?);
+    }
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
     let llvm = link_nightly_llvm()?;
@@ -256,25 +267,25 @@ fn install_apt_packages(missing: &[&str]) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-/// Installs [`PIP_PACKAGE`] with `python3 -m pip` unless `python3` can already import it.
+/// Installs `package` (`version` is a prefix, "" for any) with `python3 -m pip` unless
+/// `python3` can already import `module` from a matching version.
 ///
 /// The tests call the same `python3` (`python3 -m kubernetes_validate`), so this works for a
 /// pyenv or venv interpreter as well as for Debian's, which refuses installs outside a venv
 /// (PEP 668) unless told `--break-system-packages`; that flag is passed only there.
-fn install_pip_package() -> Result<Outcome> {
+fn install_pip_package(package: &str, version: &str, module: &str) -> Result<Outcome> {
     let mut installed = Command::new("python3");
     installed.args([
         "-c",
         &format!(
-            "import {PIP_MODULE}; from importlib.metadata import version; \
-             print(version('{PIP_PACKAGE}'))"
+            "import {module}; from importlib.metadata import version; \
+             print(version('{package}'))"
         ),
     ]);
-    if let Some(version) = probe(&mut installed)? {
-        return Ok(Outcome::Skipped(format!(
-            "{PIP_PACKAGE} {}",
-            version.trim()
-        )));
+    if let Some(found) = probe(&mut installed)? {
+        if found.trim().starts_with(version) {
+            return Ok(Outcome::Skipped(format!("{package} {}", found.trim())));
+        }
     }
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "--quiet"]);
@@ -282,7 +293,11 @@ fn install_pip_package() -> Result<Outcome> {
         cmd.arg("--break-system-packages");
     }
     // Root is expected here (CI, containers); pip's warning about it is noise.
-    cmd.arg(PIP_PACKAGE).env("PIP_ROOT_USER_ACTION", "ignore");
+    let requirement = match version.strip_suffix('.') {
+        Some(prefix) => format!("{package}=={prefix}.*"),
+        None => package.to_owned(),
+    };
+    cmd.arg(requirement).env("PIP_ROOT_USER_ACTION", "ignore");
     run(&mut cmd)?;
     Ok(Outcome::Done)
 }
