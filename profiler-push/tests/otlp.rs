@@ -172,3 +172,19 @@ fn bad_otlp_configuration_is_refused() {
     cfg.headers = vec![("authorization".into(), "Bearer s3cret".into())];
     assert!(!format!("{cfg:?}").contains("s3cret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_with_a_custom_ca_start_without_connecting() {
+    // A CA bundle that exists on most systems stands in for a private CA.
+    let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+    if !bundle.exists() {
+        eprintln!("skipped: no {}", bundle.display());
+        return;
+    }
+    for protocol in [OtlpProtocol::Grpc, OtlpProtocol::Http] {
+        let mut cfg = otlp_config("https://127.0.0.1:9".into(), protocol);
+        cfg.ca_cert = Some(bundle.into());
+        let pusher = OtlpPusher::start(cfg, Arc::new(Recording::default())).unwrap();
+        assert_eq!(pusher.shutdown(Duration::from_millis(100)).await, 0);
+    }
+}

@@ -212,6 +212,24 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     assert!(mine.iter().all(|r| r.label("pid") == Some(pid.as_str())));
     let samples = samples(&decode(&first.raw_profile));
     assert!(has_function(&samples, "heavy"), "{samples:?}");
+    // Every target of an interval (each process on the machine here) travels in one request.
+    let mut requests_of_interval: BTreeMap<i64, HashSet<usize>> = BTreeMap::new();
+    for r in &received {
+        requests_of_interval
+            .entry(decode(&r.raw_profile).time_nanos)
+            .or_default()
+            .insert(r.request);
+    }
+    assert!(
+        requests_of_interval
+            .values()
+            .all(|requests| requests.len() == 1),
+        "{requests_of_interval:?}"
+    );
+    assert!(
+        received.len() > requests_of_interval.len(),
+        "several targets per interval expected"
+    );
 
     assert!(
         metric(&metrics, "profiler_samples_collected_total") > 0.0,

@@ -372,3 +372,222 @@ impl Dictionary {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use profiler_proto::pprof::{Function, Line, Location, Mapping, Profile, Sample, ValueType};
+
+    use super::*;
+
+    /// A pprof profile of `main -> work` with `count` samples, as the aggregate stage builds.
+    fn pprof(binary: &str, count: i64) -> Profile {
+        let strings = [
+            "",
+            "samples",
+            "count",
+            "cpu",
+            "nanoseconds",
+            "main",
+            "work",
+            binary,
+            "abc123",
+        ];
+        Profile {
+            sample_type: vec![
+                ValueType { r#type: 1, unit: 2 },
+                ValueType { r#type: 3, unit: 4 },
+            ],
+            sample: vec![Sample {
+                location_id: vec![2, 1],
+                value: vec![count, count * 10_101_010],
+                label: vec![],
+            }],
+            mapping: vec![Mapping {
+                id: 1,
+                memory_start: 0x1000,
+                memory_limit: 0x2000,
+                filename: 7,
+                build_id: 8,
+                ..Default::default()
+            }],
+            location: vec![
+                Location {
+                    id: 1,
+                    mapping_id: 1,
+                    address: 0x1100,
+                    line: vec![Line {
+                        function_id: 1,
+                        line: 3,
+                        column: 0,
+                    }],
+                    is_folded: false,
+                },
+                Location {
+                    id: 2,
+                    mapping_id: 1,
+                    address: 0x1200,
+                    line: vec![Line {
+                        function_id: 2,
+                        line: 9,
+                        column: 0,
+                    }],
+                    is_folded: false,
+                },
+            ],
+            function: vec![
+                Function {
+                    id: 1,
+                    name: 5,
+                    system_name: 5,
+                    ..Default::default()
+                },
+                Function {
+                    id: 2,
+                    name: 6,
+                    system_name: 6,
+                    ..Default::default()
+                },
+            ],
+            string_table: strings.iter().map(|s| s.to_string()).collect(),
+            time_nanos: 1_700_000_000_000_000_000,
+            duration_nanos: 15_000_000_000,
+            period_type: Some(ValueType { r#type: 3, unit: 4 }),
+            period: 10_101_010,
+            ..Default::default()
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn one_dictionary_with_zero_values_shared_by_every_target() {
+        let a = pprof("/bin/app", 5);
+        let b = pprof("/bin/app", 7);
+        let (la, lb) = (
+            labels(&[("service_name", "app"), ("node", "n1"), ("pid", "1")]),
+            labels(&[("service_name", "app2"), ("node", "n1"), ("pid", "2")]),
+        );
+        let request = request(&[
+            TargetProfile {
+                labels: &la,
+                profile: &a,
+            },
+            TargetProfile {
+                labels: &lb,
+                profile: &b,
+            },
+        ]);
+        let d = request.dictionary.as_ref().unwrap();
+        assert_eq!(d.string_table[0], "");
+        assert_eq!(d.mapping_table[0], super::Mapping::default());
+        assert_eq!(d.location_table[0], super::Location::default());
+        assert_eq!(d.function_table[0], super::Function::default());
+        assert_eq!(d.link_table[0], Link::default());
+        assert_eq!(d.attribute_table[0], KeyValueAndUnit::default());
+        assert_eq!(d.stack_table[0], Stack::default());
+        // The same functions, mapping and stack are stored once for both targets.
+        assert_eq!(d.function_table.len(), 3);
+        assert_eq!(d.mapping_table.len(), 2);
+        assert_eq!(d.stack_table.len(), 2);
+        let strings: std::collections::HashSet<_> = d.string_table.iter().collect();
+        assert_eq!(strings.len(), d.string_table.len(), "strings are interned");
+
+        assert_eq!(request.resource_profiles.len(), 2);
+        let profile = &request.resource_profiles[1].scope_profiles[0].profiles[0];
+        assert_eq!(profile.samples[0].values, vec![7]);
+        let text = |i: i32| d.string_table[i as usize].as_str();
+        let st = profile.sample_type.unwrap();
+        let pt = profile.period_type.unwrap();
+        assert_eq!(
+            (text(st.type_strindex), text(st.unit_strindex)),
+            ("samples", "count")
+        );
+        assert_eq!(
+            (text(pt.type_strindex), text(pt.unit_strindex)),
+            ("cpu", "nanoseconds")
+        );
+        assert_eq!(profile.period, 10_101_010);
+        assert_eq!(profile.time_unix_nano, 1_700_000_000_000_000_000);
+        assert_eq!(profile.duration_nano, 15_000_000_000);
+        // Leaf first, as in pprof.
+        let stack = &d.stack_table[profile.samples[0].stack_index as usize];
+        let leaf = &d.location_table[stack.location_indices[0] as usize];
+        let function = d.function_table[leaf.lines[0].function_index as usize];
+        assert_eq!(text(function.name_strindex), "work");
+        // The build ID as the attribute Pyroscope reads.
+        let mapping = &d.mapping_table[leaf.mapping_index as usize];
+        let attribute = &d.attribute_table[mapping.attribute_indices[0] as usize];
+        assert_eq!(text(attribute.key_strindex), BUILD_ID_KEY);
+        assert_eq!(
+            attribute.value.as_ref().unwrap().value,
+            Some(any_value::Value::StringValue("abc123".into()))
+        );
+    }
+
+    #[test]
+    fn resource_attributes_follow_semantic_conventions_without_per_restart_labels() {
+        let pod = labels(&[
+            ("__name__", "process_cpu"),
+            ("service_name", "shop/web"),
+            ("node", "n1"),
+            ("namespace", "shop"),
+            ("pod", "web-1"),
+            ("container", "app"),
+            ("container_id", "abcdef"),
+            ("team", "payments"),
+        ]);
+        let got: BTreeMap<String, String> = resource_attributes(&pod)
+            .into_iter()
+            .map(|kv| match kv.value.unwrap().value {
+                Some(any_value::Value::StringValue(s)) => (kv.key, s),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let want = labels(&[
+            ("service.name", "shop/web"),
+            ("k8s.node.name", "n1"),
+            ("host.name", "n1"),
+            ("k8s.namespace.name", "shop"),
+            ("k8s.pod.name", "web-1"),
+            ("k8s.container.name", "app"),
+            ("team", "payments"),
+        ]);
+        assert_eq!(got, want);
+        let host = labels(&[("service_name", "nginx"), ("pid", "7"), ("comm", "nginx")]);
+        let keys: Vec<String> = resource_attributes(&host)
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        assert_eq!(keys, ["comm", "process.executable.name", "service.name"]);
+    }
+
+    #[test]
+    fn an_interval_is_split_below_the_bound_each_with_its_own_dictionary() {
+        let profiles: Vec<Profile> = (0..8).map(|i| pprof(&format!("/bin/app{i}"), 1)).collect();
+        let label_sets: Vec<_> = (0..8)
+            .map(|i| labels(&[("service_name", &format!("s{i}"))]))
+            .collect();
+        let targets: Vec<_> = profiles
+            .iter()
+            .zip(&label_sets)
+            .map(|(profile, labels)| TargetProfile { labels, profile })
+            .collect();
+        let whole = request(&targets).encoded_len();
+        assert_eq!(requests(&targets, whole).len(), 1);
+        let split = requests(&targets, whole / 3);
+        assert!(split.len() >= 3, "{} requests", split.len());
+        assert!(split.iter().all(|r| r.encoded_len() <= whole / 3));
+        let total: usize = split.iter().map(|r| r.resource_profiles.len()).sum();
+        assert_eq!(total, 8, "every target once");
+        for r in &split {
+            assert_eq!(r.dictionary.as_ref().unwrap().string_table[0], "");
+        }
+    }
+}
