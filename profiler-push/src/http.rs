@@ -6,13 +6,11 @@
 //! `service_name` label as-is, and `__name__` (the profile type) is worked out by Pyroscope
 //! from the pprof's sample types, so neither a `.cpu` suffix nor our `__name__` label is sent.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
-use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig};
-
-use crate::{Attempt, Checked, Item};
+use crate::endpoint::{classify_http, classify_ureq, Endpoint};
+use crate::queue::Attempt;
+use crate::Series;
 
 /// The service name sent when the upload has no (or an empty) `service_name` label;
 /// Pyroscope refuses an empty name.
@@ -22,126 +20,104 @@ pub(crate) struct HttpSender {
     agent: ureq::Agent,
     /// `{url}/ingest`, without query.
     ingest: url::Url,
-    tenant: Option<String>,
-    authorization: Option<String>,
+    headers: Vec<(String, String)>,
 }
 
 impl HttpSender {
-    pub(crate) fn new(checked: &Checked) -> anyhow::Result<HttpSender> {
-        let mut ingest = checked.url.clone();
-        let path = format!("{}/ingest", ingest.path().trim_end_matches('/'));
-        ingest.set_path(&path);
-        ingest.set_query(None);
-        ingest.set_fragment(None);
-
-        let mut config = ureq::Agent::config_builder()
-            .timeout_global(Some(checked.timeout))
-            .user_agent(crate::USER_AGENT)
-            // Status codes are classified below, not turned into errors.
-            .http_status_as_error(false)
-            // Following a redirect would turn the POST into a GET and lose the profile.
-            .max_redirects(0)
-            .max_redirects_will_error(false);
-        if checked.tls {
-            config = config.tls_config(tls_config(checked)?);
-        }
+    pub(crate) fn new(endpoint: &Endpoint) -> anyhow::Result<HttpSender> {
         Ok(HttpSender {
-            agent: config.build().new_agent(),
-            ingest,
-            tenant: checked.tenant.clone(),
-            authorization: checked.authorization.clone(),
+            agent: endpoint.http_agent()?,
+            ingest: with_path(&endpoint.url, "ingest"),
+            headers: endpoint.headers.clone(),
         })
     }
 
-    pub(crate) async fn send(&self, item: &Arc<Item>) -> Attempt {
-        let url = self.url_for(item);
-        let agent = self.agent.clone();
-        let tenant = self.tenant.clone();
-        let authorization = self.authorization.clone();
-        let body = item.pprof_gz.clone();
-        // ureq is blocking; keep it off the async worker threads.
-        let posted = tokio::task::spawn_blocking(move || {
-            let mut request = agent
-                .post(url.as_str())
-                .header("Content-Type", "application/octet-stream");
-            if let Some(tenant) = &tenant {
-                request = request.header("X-Scope-OrgID", tenant);
-            }
-            if let Some(authorization) = &authorization {
-                request = request.header("Authorization", authorization);
-            }
-            match request.send(&body[..]) {
-                Ok(mut response) => {
-                    let status = response.status().as_u16();
-                    if (200..300).contains(&status) {
-                        return Attempt::Delivered;
-                    }
-                    let text = response
-                        .body_mut()
-                        .with_config()
-                        .limit(1024)
-                        .read_to_string()
-                        .unwrap_or_default();
-                    let why = format!("HTTP {status}: {}", text.trim());
-                    if status == 429 || status >= 500 {
-                        Attempt::Retry(why)
-                    } else {
-                        Attempt::Rejected(why)
-                    }
-                }
-                Err(err) => classify(err),
-            }
-        })
-        .await;
-        posted.unwrap_or_else(|err| Attempt::Retry(format!("HTTP ingest task failed: {err}")))
+    pub(crate) async fn send(&self, series: &Series) -> Attempt {
+        let url = self.url_for(series);
+        post(
+            &self.agent,
+            url,
+            &self.headers,
+            "application/octet-stream",
+            None,
+            series.pprof_gz.to_vec(),
+            "HTTP ingest",
+        )
+        .await
+        .0
     }
 
-    fn url_for(&self, item: &Item) -> url::Url {
+    fn url_for(&self, series: &Series) -> url::Url {
         let mut url = self.ingest.clone();
         url.query_pairs_mut()
-            .append_pair("name", &series_name(&item.labels))
-            .append_pair("from", &unix_seconds(item.from).to_string())
-            .append_pair("until", &unix_seconds(item.until).to_string())
+            .append_pair("name", &series_name(&series.labels))
+            .append_pair("from", &unix_seconds(series.from).to_string())
+            .append_pair("until", &unix_seconds(series.until).to_string())
             .append_pair("format", "pprof")
-            .append_pair("sampleRate", &item.sample_rate.to_string());
+            .append_pair("sampleRate", &series.sample_rate.to_string());
         url
     }
 }
 
-/// Transport failures may pass; a request we cannot even build never will.
-fn classify(err: ureq::Error) -> Attempt {
-    let why = format!("HTTP ingest: {err}");
-    match err {
-        ureq::Error::BadUri(_)
-        | ureq::Error::Http(_)
-        | ureq::Error::InvalidProxyUrl
-        | ureq::Error::BodyExceedsLimit(_) => Attempt::Rejected(why),
-        // Connection refused/reset, DNS, timeouts, TLS, protocol errors, ...
-        _ => Attempt::Retry(why),
-    }
+/// `url` with `path` appended to its own path (kept as a prefix), without query or fragment.
+pub(crate) fn with_path(url: &url::Url, path: &str) -> url::Url {
+    let mut out = url.clone();
+    let joined = format!("{}/{path}", out.path().trim_end_matches('/'));
+    out.set_path(&joined);
+    out.set_query(None);
+    out.set_fragment(None);
+    out
 }
 
-/// The system's root certificates plus the configured CA bundle. Falls back to ureq's
-/// bundled Mozilla roots when the system has none and no bundle is configured.
-fn tls_config(checked: &Checked) -> anyhow::Result<TlsConfig> {
-    let mut roots: Vec<Certificate<'static>> = rustls_native_certs::load_native_certs()
-        .certs
-        .iter()
-        .map(|der| Certificate::from_der(der.as_ref()).to_owned())
-        .collect();
-    if let Some(pem) = &checked.ca_pem {
-        for item in ureq::tls::parse_pem(pem) {
-            if let PemItem::Certificate(cert) = item.context("cannot parse the CA bundle")? {
-                roots.push(cert);
-            }
+/// POSTs `body` with `headers` on a blocking thread (ureq is blocking; the async workers stay
+/// free). Returns what the attempt came to and, when it was delivered, the response body (at
+/// most 64 KiB). `what` names the API in failure reasons.
+pub(crate) async fn post(
+    agent: &ureq::Agent,
+    url: url::Url,
+    headers: &[(String, String)],
+    content_type: &'static str,
+    content_encoding: Option<&'static str>,
+    body: Vec<u8>,
+    what: &'static str,
+) -> (Attempt, Vec<u8>) {
+    let agent = agent.clone();
+    let headers = headers.to_vec();
+    let posted = tokio::task::spawn_blocking(move || {
+        let mut request = agent
+            .post(url.as_str())
+            .header("Content-Type", content_type);
+        if let Some(encoding) = content_encoding {
+            request = request.header("Content-Encoding", encoding);
         }
-    }
-    let roots = if roots.is_empty() {
-        RootCerts::WebPki
-    } else {
-        RootCerts::new_with_certs(&roots)
-    };
-    Ok(TlsConfig::builder().root_certs(roots).build())
+        for (name, value) in &headers {
+            request = request.header(name, value);
+        }
+        match request.send(&body[..]) {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let text = response
+                    .body_mut()
+                    .with_config()
+                    .limit(64 * 1024)
+                    .read_to_vec()
+                    .unwrap_or_default();
+                let why = format!(
+                    "{what}: HTTP {status}: {}",
+                    String::from_utf8_lossy(&text[..text.len().min(1024)]).trim()
+                );
+                (classify_http(status, why), text)
+            }
+            Err(err) => (classify_ureq(err, what), Vec::new()),
+        }
+    })
+    .await;
+    posted.unwrap_or_else(|err| {
+        (
+            Attempt::Retry(format!("{what} task failed: {err}")),
+            Vec::new(),
+        )
+    })
 }
 
 /// Pyroscope's `name` parameter: `<service_name>{k=v,...}` from the upload's labels, in

@@ -1,34 +1,50 @@
-//! Delivers finished profiles to a Pyroscope-compatible backend.
+//! Delivers finished profiles to a Pyroscope-compatible backend ([`Pusher`]) and to an
+//! OpenTelemetry (OTLP profiles) endpoint ([`OtlpPusher`]).
 //!
-//! The sampling path hands each profile to [`Pusher::enqueue`], which never blocks: the upload
-//! goes into a queue bounded by bytes, and one background task delivers the queue in order
-//! through either Pyroscope's gRPC push API ([`Protocol::Grpc`]) or its HTTP `/ingest`
-//! endpoint ([`Protocol::Http`]). Transient failures (backend down, overloaded, timing out)
-//! are retried with capped exponential backoff and full jitter; rejections (bad request,
-//! bad credentials) are logged once and dropped. When the backend stays away long enough for
-//! the queue to fill up, the oldest profiles are dropped first, so what eventually arrives is
-//! the most recent data. Everything that happens is reported through a [`PushObserver`].
+//! The sampling path hands each interval's profiles to [`Pusher::enqueue_all`] (or an OTLP
+//! request to [`OtlpPusher::enqueue`]), which never blocks: they go into a queue bounded by
+//! bytes, one per backend, and a background task delivers it with at most `max_in_flight`
+//! requests under way, through Pyroscope's gRPC push API ([`Protocol::Grpc`]), its HTTP
+//! `/ingest` endpoint ([`Protocol::Http`]), or OTLP over gRPC or HTTP. One interval's series
+//! travel together in as few requests as the `max_request_bytes` bound allows.
+//!
+//! Transient failures (backend down, overloaded, timing out) are retried with capped
+//! exponential backoff and full jitter; rejections (bad request, bad credentials) are logged
+//! once and dropped; gRPC `Unknown`/`Internal`, which is what a proxy's 413 or 400 becomes,
+//! are retried `suspect_retries` times and then dropped, so one oversized request cannot hold
+//! the queue up for good. When the backend stays away long enough for the queue to fill up,
+//! the oldest requests are dropped first, so what eventually arrives is the most recent data.
+//! Everything that happens is reported through a [`PushObserver`].
 
 #![warn(missing_docs)]
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context};
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use anyhow::bail;
 use tonic::codegen::Bytes;
 
 mod basic_auth;
+mod endpoint;
 mod grpc;
 mod http;
+pub mod otlp;
+mod queue;
+
+pub use otlp::{OtlpConfig, OtlpProtocol, OtlpPusher};
+
+use endpoint::Endpoint;
+use queue::{Limits, Payload, Queue};
 
 /// The first retry waits up to this long (less if `max_backoff` is smaller); each further
-/// retry of the same upload doubles it, up to `max_backoff`.
+/// retry of the same request doubles it, up to `max_backoff`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Default bound on one request: gRPC servers (tonic, grpc-go) refuse bigger messages unless
+/// configured otherwise, and so do many proxies in front of them.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 
 /// Sent as the User-Agent of every request, so the backend's logs show who is pushing.
 pub(crate) const USER_AGENT: &str = concat!("profiler-push/", env!("CARGO_PKG_VERSION"));
@@ -37,14 +53,85 @@ pub(crate) const USER_AGENT: &str = concat!("profiler-push/", env!("CARGO_PKG_VE
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// `push.v1.PusherService/Push` over HTTP/2: plain-text h2c for `http://` URLs, TLS for
-    /// `https://`. Pyroscope serves it on its HTTP port (4040 by default).
+    /// `https://`. Pyroscope serves it on its HTTP port (4040 by default). One request
+    /// carries many series.
     Grpc,
     /// `POST /ingest?format=pprof`, the older HTTP API, for backends or proxies that do not
-    /// speak gRPC.
+    /// speak gRPC. One request per series.
     Http,
 }
 
-/// Where and how to deliver profiles.
+/// How a delivery queue behaves, whatever the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// Upper bound on the bytes of queued payloads. When a request would push the queue past
+    /// it, the oldest requests are dropped to make room.
+    pub queue_bytes: usize,
+    /// Requests under way at once.
+    pub max_in_flight: usize,
+    /// Upper bound on one request's size; an interval's profiles are split over as many
+    /// requests as it takes. A single profile larger than this goes alone.
+    pub max_request_bytes: usize,
+    /// Time limit of one delivery attempt (connecting included). An attempt that runs out of
+    /// time is retried.
+    pub timeout: Duration,
+    /// Longest wait between two retries of the same request.
+    pub max_backoff: Duration,
+    /// How often a request that failed with gRPC `Unknown`/`Internal` (or HTTP 500) is
+    /// retried before it is dropped.
+    pub suspect_retries: u32,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            queue_bytes: 64 << 20,
+            max_in_flight: 2,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            timeout: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
+            suspect_retries: 3,
+        }
+    }
+}
+
+impl Delivery {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.queue_bytes == 0 {
+            bail!("push queue_bytes must be greater than zero");
+        }
+        if self.max_in_flight == 0 {
+            bail!("max_in_flight must be at least 1");
+        }
+        if self.max_request_bytes < 1024 {
+            bail!("max_request_bytes must be at least 1024");
+        }
+        if self.timeout.is_zero() {
+            bail!("push timeout must be greater than zero");
+        }
+        if self.max_backoff.is_zero() {
+            bail!("push max_backoff must be greater than zero");
+        }
+        Ok(())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            queue_bytes: self.queue_bytes,
+            max_in_flight: self.max_in_flight,
+            initial_backoff: INITIAL_BACKOFF.min(self.max_backoff),
+            max_backoff: self.max_backoff,
+            suspect_retries: self.suspect_retries,
+        }
+    }
+
+    /// The size requests are packed to: never more than the queue could hold.
+    fn request_bytes(&self) -> usize {
+        self.max_request_bytes.min(self.queue_bytes)
+    }
+}
+
+/// Where and how to deliver profiles to Pyroscope.
 #[derive(Clone)]
 pub struct PushConfig {
     /// Base URL of the backend, e.g. `http://pyroscope:4040` (plain text; h2c for gRPC) or
@@ -62,14 +149,8 @@ pub struct PushConfig {
     /// PEM bundle of extra CA certificates to trust for `https://` URLs, in addition to the
     /// system's roots. Ignored for `http://` URLs.
     pub ca_cert: Option<PathBuf>,
-    /// Upper bound on the bytes of queued `pprof_gz` payloads. When an upload would push the
-    /// queue past it, the oldest uploads are dropped to make room.
-    pub queue_bytes: usize,
-    /// Time limit of one delivery attempt (connecting included). An attempt that runs out of
-    /// time is retried.
-    pub timeout: Duration,
-    /// Longest wait between two retries of the same upload.
-    pub max_backoff: Duration,
+    /// Queue bound, concurrency, request size, timeouts and retries.
+    pub delivery: Delivery,
 }
 
 impl fmt::Debug for PushConfig {
@@ -87,24 +168,9 @@ impl fmt::Debug for PushConfig {
                     .map(|(user, _)| (user, "<redacted>")),
             )
             .field("ca_cert", &self.ca_cert)
-            .field("queue_bytes", &self.queue_bytes)
-            .field("timeout", &self.timeout)
-            .field("max_backoff", &self.max_backoff)
+            .field("delivery", &self.delivery)
             .finish()
     }
-}
-
-/// A [`PushConfig`] that passed validation, with everything the transports need already
-/// read and parsed.
-pub(crate) struct Checked {
-    pub(crate) url: url::Url,
-    pub(crate) tls: bool,
-    /// The CA bundle's bytes, only when the URL is `https://` and a bundle was configured.
-    pub(crate) ca_pem: Option<Vec<u8>>,
-    pub(crate) tenant: Option<String>,
-    /// The complete `Authorization` header value.
-    pub(crate) authorization: Option<String>,
-    pub(crate) timeout: Duration,
 }
 
 impl PushConfig {
@@ -113,41 +179,14 @@ impl PushConfig {
     ///
     /// Rejects: a URL that does not parse, is not `http`/`https`, or has no host; a CA file
     /// that cannot be read or holds no PEM certificate; a tenant ID or basic-auth user that
-    /// cannot be sent as a header; and a zero `queue_bytes`, `timeout` or `max_backoff`.
-    /// Returns `Ok(())` when none of those is found.
+    /// cannot be sent as a header; and a zero `queue_bytes`, `max_in_flight`, `timeout` or
+    /// `max_backoff`. Returns `Ok(())` when none of those is found.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.check().map(|_| ())
     }
 
-    pub(crate) fn check(&self) -> anyhow::Result<Checked> {
-        let url = url::Url::parse(&self.url)
-            .with_context(|| format!("push URL {:?} is not a valid URL", self.url))?;
-        let tls = match url.scheme() {
-            "http" => false,
-            "https" => true,
-            other => bail!(
-                "push URL {:?} has scheme {other:?}; use http:// (plain text) or https:// (TLS)",
-                self.url
-            ),
-        };
-        if url.host_str().is_none_or(str::is_empty) {
-            bail!("push URL {:?} has no host", self.url);
-        }
-        // http:// never uses TLS, so a CA bundle would be dead configuration; it is not read.
-        let ca_pem = match (&self.ca_cert, tls) {
-            (Some(path), true) => {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("cannot read CA bundle {}", path.display()))?;
-                let certs = ureq::tls::parse_pem(&pem)
-                    .filter(|item| matches!(item, Ok(ureq::tls::PemItem::Certificate(_))))
-                    .count();
-                if certs == 0 {
-                    bail!("CA bundle {} holds no PEM certificate", path.display());
-                }
-                Some(pem)
-            }
-            _ => None,
-        };
+    pub(crate) fn check(&self) -> anyhow::Result<Endpoint> {
+        let mut headers = Vec::new();
         if let Some(tenant) = &self.tenant_id {
             if tenant.is_empty() || !tenant.bytes().all(|b| b.is_ascii_graphic()) {
                 bail!(
@@ -155,31 +194,26 @@ impl PushConfig {
                      (it is sent as the X-Scope-OrgID header)"
                 );
             }
+            headers.push(("x-scope-orgid".to_owned(), tenant.clone()));
         }
-        let authorization = match &self.basic_auth {
+        match &self.basic_auth {
             Some((user, _)) if user.contains(':') => {
                 bail!("basic-auth user {user:?} must not contain ':'")
             }
-            Some((user, password)) => Some(basic_auth::header_value(user, password)),
-            None => None,
-        };
-        if self.queue_bytes == 0 {
-            bail!("push queue_bytes must be greater than zero");
+            Some((user, password)) => headers.push((
+                "authorization".to_owned(),
+                basic_auth::header_value(user, password),
+            )),
+            None => {}
         }
-        if self.timeout.is_zero() {
-            bail!("push timeout must be greater than zero");
-        }
-        if self.max_backoff.is_zero() {
-            bail!("push max_backoff must be greater than zero");
-        }
-        Ok(Checked {
-            url,
-            tls,
-            ca_pem,
-            tenant: self.tenant_id.clone(),
-            authorization,
-            timeout: self.timeout,
-        })
+        self.delivery.check()?;
+        Endpoint::check(
+            "push URL",
+            &self.url,
+            self.ca_cert.as_deref(),
+            headers,
+            self.delivery.timeout,
+        )
     }
 }
 
@@ -211,36 +245,56 @@ impl fmt::Debug for Upload {
     }
 }
 
-/// The result of one delivery attempt, as reported to [`PushObserver::pushed`].
+/// The result of one delivery attempt (one request), as reported to [`PushObserver::pushed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PushOutcome {
-    /// The backend accepted the upload; it has left the queue.
+    /// The backend accepted the request; it has left the queue.
     Delivered,
     /// The attempt failed in a way that may pass (backend unreachable, overloaded, timing
-    /// out); the upload stays at the head of the queue and is tried again after a backoff.
+    /// out); the request stays queued and is tried again after a backoff.
     Retrying,
-    /// The backend refused the upload (bad request, bad credentials, ...); sending it again
+    /// The backend refused the request (bad request, bad credentials, ...); sending it again
     /// would not help, so it has been dropped and a warning printed to stderr.
     Rejected,
+    /// The request kept failing with an error that may be its own fault (gRPC
+    /// `Unknown`/`Internal`) until its retry cap ran out; it has been dropped.
+    GaveUp,
 }
 
-/// Receives what the pusher does, typically to turn it into metrics. Called from the
-/// delivery task and from [`Pusher::enqueue`]'s caller, so implementations must be quick
-/// and must not call back into the [`Pusher`].
+impl PushOutcome {
+    /// A short lowercase name, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushOutcome::Delivered => "delivered",
+            PushOutcome::Retrying => "retrying",
+            PushOutcome::Rejected => "rejected",
+            PushOutcome::GaveUp => "gave_up",
+        }
+    }
+}
+
+/// Receives what a pusher does, typically to turn it into metrics. Called from the
+/// delivery tasks and from the enqueuing caller, so implementations must be quick and must
+/// not call back into the pusher.
 pub trait PushObserver: Send + Sync + 'static {
-    /// Called once per delivery attempt with its outcome and how long it took.
+    /// Called once per delivery attempt of one request with its outcome and how long it took.
     fn pushed(&self, outcome: PushOutcome, elapsed: Duration);
-    /// Called when `uploads` uploads were thrown away undelivered: the oldest ones when the
-    /// queue was full, one that alone exceeded the queue bound, or those still queued when
-    /// [`Pusher::shutdown`] gave up.
-    fn dropped(&self, uploads: usize);
+    /// Called when a backend accepted `profiles` profiles (one request carries many).
+    fn delivered(&self, profiles: usize) {
+        let _ = profiles;
+    }
+    /// Called when `profiles` profiles were thrown away undelivered: the oldest ones when
+    /// the queue was full, a request that alone exceeded the queue bound, one the backend
+    /// refused or gave up on, or those still queued when shutdown gave up.
+    fn dropped(&self, profiles: usize);
     /// Called with the queue's new size in payload bytes every time it changes.
     fn queue_bytes(&self, bytes: usize);
 }
 
-/// A queued upload. The ID is generated once, when the upload is queued, so every retry of
-/// it carries the same ID and the backend can tell a retry from a new profile.
-pub(crate) struct Item {
+/// One profile of a Pyroscope request. The ID is generated once, when the profile is
+/// queued, so every retry carries the same ID and the backend can tell a retry from a new
+/// profile.
+pub(crate) struct Series {
     pub(crate) labels: Vec<(String, String)>,
     pub(crate) pprof_gz: Bytes,
     pub(crate) from: SystemTime,
@@ -249,9 +303,9 @@ pub(crate) struct Item {
     pub(crate) id: String,
 }
 
-impl Item {
-    fn new(upload: Upload) -> Item {
-        Item {
+impl Series {
+    fn new(upload: Upload) -> Series {
+        Series {
             labels: upload.labels,
             pprof_gz: Bytes::from(upload.pprof_gz),
             from: upload.from,
@@ -261,16 +315,33 @@ impl Item {
         }
     }
 
-    fn size(&self) -> usize {
-        self.pprof_gz.len()
+    /// An upper bound of this series' bytes in an encoded `PushRequest`: every field's tag
+    /// and length prefix counted at their largest (1 + 5 bytes).
+    fn wire_bytes(&self) -> usize {
+        const FIELD: usize = 6;
+        let labels: usize = self
+            .labels
+            .iter()
+            .map(|(k, v)| FIELD + FIELD + k.len() + FIELD + v.len())
+            .sum();
+        FIELD + labels + FIELD + FIELD + self.pprof_gz.len() + FIELD + self.id.len()
     }
 }
 
-/// What one attempt came to, with a reason for failures.
-pub(crate) enum Attempt {
-    Delivered,
-    Retry(String),
-    Rejected(String),
+/// One Pyroscope request: a `PushRequest` over gRPC, one `/ingest` POST over HTTP.
+pub(crate) struct Request {
+    pub(crate) series: Vec<Series>,
+    payload_bytes: usize,
+}
+
+impl Payload for Request {
+    fn bytes(&self) -> usize {
+        self.payload_bytes
+    }
+
+    fn profiles(&self) -> usize {
+        self.series.len()
+    }
 }
 
 enum Transport {
@@ -278,57 +349,22 @@ enum Transport {
     Http(http::HttpSender),
 }
 
-impl Transport {
-    async fn send(&self, item: &Arc<Item>) -> Attempt {
+impl queue::Transport<Request> for Transport {
+    async fn send(&self, request: &Request) -> queue::Attempt {
         match self {
-            Transport::Grpc(sender) => sender.send(item).await,
-            Transport::Http(sender) => sender.send(item).await,
+            Transport::Grpc(sender) => sender.send(request).await,
+            Transport::Http(sender) => sender.send(&request.series[0]).await,
         }
     }
 }
 
-struct State {
-    queue: VecDeque<Arc<Item>>,
-    bytes: usize,
-    closed: bool,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    wake: Notify,
-    observer: Arc<dyn PushObserver>,
-    limit: usize,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic elsewhere must not take the sampling path down with it: the queue is
-        // consistent after every individual operation, so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Removes `item` from the head of the queue, if it is still there (the queue may have
-    /// dropped it to make room while it was being sent).
-    fn remove_head(&self, item: &Arc<Item>) {
-        let mut state = self.lock();
-        if state
-            .queue
-            .front()
-            .is_some_and(|head| Arc::ptr_eq(head, item))
-        {
-            state.queue.pop_front();
-            state.bytes -= item.size();
-            self.observer.queue_bytes(state.bytes);
-        }
-    }
-}
-
-/// A running delivery queue. Create it with [`Pusher::start`], feed it with
-/// [`Pusher::enqueue`], and stop it with [`Pusher::shutdown`] (dropping it instead stops the
-/// delivery task at once, abandoning whatever is queued).
+/// A running Pyroscope delivery queue. Create it with [`Pusher::start`], feed it with
+/// [`Pusher::enqueue_all`], and stop it with [`Pusher::shutdown`] (dropping it instead stops
+/// delivery at once, abandoning whatever is queued).
 pub struct Pusher {
-    shared: Arc<Shared>,
-    worker: Option<JoinHandle<()>>,
+    queue: Queue<Request>,
+    request_bytes: usize,
+    series_per_request: usize,
 }
 
 impl Pusher {
@@ -340,181 +376,75 @@ impl Pusher {
     /// certificate can be found (neither system roots nor `ca_cert`), or when called outside a
     /// tokio runtime.
     pub fn start(config: PushConfig, observer: Arc<dyn PushObserver>) -> anyhow::Result<Pusher> {
-        let checked = config.check()?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| anyhow::anyhow!("Pusher::start must be called inside a tokio runtime"))?;
-        let transport = match config.protocol {
-            Protocol::Grpc => {
-                // The lazy channel spawns its connection task, which needs the runtime entered.
-                let _guard = runtime.enter();
-                Transport::Grpc(grpc::GrpcSender::new(&config.url, &checked)?)
-            }
-            Protocol::Http => Transport::Http(http::HttpSender::new(&checked)?),
+        let endpoint = config.check()?;
+        let runtime = endpoint::runtime("Pusher::start")?;
+        let _guard = runtime.enter();
+        let (transport, series_per_request) = match config.protocol {
+            Protocol::Grpc => (
+                Transport::Grpc(grpc::GrpcSender::new(&config.url, &endpoint)?),
+                usize::MAX,
+            ),
+            // /ingest takes one profile per POST; retrying a POST of several would send
+            // again those that already arrived.
+            Protocol::Http => (Transport::Http(http::HttpSender::new(&endpoint)?), 1),
         };
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                queue: VecDeque::new(),
-                bytes: 0,
-                closed: false,
-            }),
-            wake: Notify::new(),
-            observer,
-            limit: config.queue_bytes,
-        });
-        let initial_backoff = INITIAL_BACKOFF.min(config.max_backoff);
-        let worker = runtime.spawn(deliver(
-            shared.clone(),
-            transport,
-            initial_backoff,
-            config.max_backoff,
-        ));
+        let delivery = config.delivery;
         Ok(Pusher {
-            shared,
-            worker: Some(worker),
+            queue: Queue::start(transport, delivery.limits(), observer, "pyroscope"),
+            request_bytes: delivery.request_bytes(),
+            series_per_request,
         })
     }
 
-    /// Queues `upload` for delivery. Never blocks and never fails, so the sampling path can
-    /// call it directly: it only takes a short lock.
-    ///
-    /// When the queue would exceed `queue_bytes`, the oldest uploads are dropped (reported
-    /// through [`PushObserver::dropped`]) to make room; an upload larger than the whole bound
-    /// is dropped itself and the queue is left alone. After [`Pusher::shutdown`] has begun,
-    /// uploads are dropped as well.
+    /// Queues one profile; see [`Pusher::enqueue_all`].
     pub fn enqueue(&self, upload: Upload) {
-        let size = upload.pprof_gz.len();
-        let shared = &self.shared;
-        let mut dropped = 0;
-        if size > shared.limit {
-            dropped = 1;
-        } else {
-            let item = Arc::new(Item::new(upload));
-            let mut state = shared.lock();
-            if state.closed {
-                dropped = 1;
-            } else {
-                while state.bytes + size > shared.limit {
-                    let Some(oldest) = state.queue.pop_front() else {
-                        break;
-                    };
-                    state.bytes -= oldest.size();
-                    dropped += 1;
-                }
-                state.queue.push_back(item);
-                state.bytes += size;
-                shared.observer.queue_bytes(state.bytes);
-            }
-        }
-        if dropped > 0 {
-            shared.observer.dropped(dropped);
-        }
-        shared.wake.notify_one();
+        self.enqueue_all(vec![upload]);
     }
 
-    /// Stops accepting uploads and keeps delivering until the queue is empty or `deadline`
+    /// Queues one interval's profiles, packed in order into as few requests as the request
+    /// bound allows (one per profile for `/ingest`). Never blocks and never fails, so the
+    /// sampling path can call it directly: it only takes a short lock.
+    ///
+    /// When the queue would exceed `queue_bytes`, the oldest requests are dropped (reported
+    /// through [`PushObserver::dropped`]) to make room; a request larger than the whole bound
+    /// is dropped itself. After [`Pusher::shutdown`] has begun, requests are dropped as well.
+    pub fn enqueue_all(&self, uploads: Vec<Upload>) {
+        let mut requests = Vec::new();
+        let mut current: Vec<Series> = Vec::new();
+        let mut wire = 0;
+        for upload in uploads {
+            let series = Series::new(upload);
+            let size = series.wire_bytes();
+            if !current.is_empty()
+                && (wire + size > self.request_bytes || current.len() >= self.series_per_request)
+            {
+                requests.push(request(std::mem::take(&mut current)));
+                wire = 0;
+            }
+            wire += size;
+            current.push(series);
+        }
+        if !current.is_empty() {
+            requests.push(request(current));
+        }
+        self.queue.enqueue(requests);
+    }
+
+    /// Stops accepting profiles and keeps delivering until the queue is empty or `deadline`
     /// has passed, whichever comes first.
     ///
-    /// Returns how many uploads were left undelivered (0 when everything got through); they
+    /// Returns how many profiles were left undelivered (0 when everything got through); they
     /// are also reported through [`PushObserver::dropped`].
-    pub async fn shutdown(mut self, deadline: Duration) -> usize {
-        self.shared.lock().closed = true;
-        self.shared.wake.notify_one();
-        if let Some(mut worker) = self.worker.take() {
-            if tokio::time::timeout(deadline, &mut worker).await.is_err() {
-                worker.abort();
-                let _ = worker.await;
-            }
-        }
-        let left = {
-            let mut state = self.shared.lock();
-            let left = state.queue.len();
-            state.queue.clear();
-            if state.bytes != 0 {
-                state.bytes = 0;
-                self.shared.observer.queue_bytes(0);
-            }
-            left
-        };
-        if left > 0 {
-            self.shared.observer.dropped(left);
-        }
-        left
+    pub async fn shutdown(self, deadline: Duration) -> usize {
+        self.queue.shutdown(deadline).await
     }
 }
 
-impl Drop for Pusher {
-    fn drop(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            self.shared.lock().closed = true;
-            worker.abort();
-        }
+fn request(series: Vec<Series>) -> Request {
+    Request {
+        payload_bytes: series.iter().map(|s| s.pprof_gz.len()).sum(),
+        series,
     }
-}
-
-/// The delivery task: sends the head of the queue until it is delivered or rejected, then
-/// moves on. Returns once the pusher is closed and the queue is empty.
-async fn deliver(
-    shared: Arc<Shared>,
-    transport: Transport,
-    initial_backoff: Duration,
-    max_backoff: Duration,
-) {
-    let mut backoff = initial_backoff;
-    let mut failing = false;
-    loop {
-        let head = {
-            let state = shared.lock();
-            match state.queue.front() {
-                Some(item) => Some(item.clone()),
-                None if state.closed => return,
-                None => None,
-            }
-        };
-        let Some(item) = head else {
-            // `notify_one` stores a permit when nobody waits, so an upload queued between
-            // the check above and this await still wakes us.
-            shared.wake.notified().await;
-            continue;
-        };
-
-        let started = Instant::now();
-        let attempt = transport.send(&item).await;
-        let elapsed = started.elapsed();
-        match attempt {
-            Attempt::Delivered => {
-                shared.observer.pushed(PushOutcome::Delivered, elapsed);
-                shared.remove_head(&item);
-                backoff = initial_backoff;
-                if failing {
-                    eprintln!("info: pyroscope push recovered");
-                    failing = false;
-                }
-            }
-            Attempt::Rejected(why) => {
-                shared.observer.pushed(PushOutcome::Rejected, elapsed);
-                eprintln!("warn: pyroscope rejected a profile: {why}");
-                shared.remove_head(&item);
-                backoff = initial_backoff;
-            }
-            Attempt::Retry(why) => {
-                shared.observer.pushed(PushOutcome::Retrying, elapsed);
-                if !failing {
-                    // One line per outage, not one per attempt.
-                    eprintln!("warn: pyroscope push failed, retrying: {why}");
-                    failing = true;
-                }
-                tokio::time::sleep(full_jitter(backoff)).await;
-                backoff = (backoff * 2).min(max_backoff);
-            }
-        }
-    }
-}
-
-/// A uniformly random wait in `[0, cap]` ("full jitter"), so many profilers retrying after
-/// the same outage do not come back in lockstep.
-fn full_jitter(cap: Duration) -> Duration {
-    let cap = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-    Duration::from_nanos(fastrand::u64(0..=cap))
 }
 
 #[cfg(test)]
@@ -528,9 +458,11 @@ mod tests {
             tenant_id: None,
             basic_auth: None,
             ca_cert: None,
-            queue_bytes: 1 << 20,
-            timeout: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(30),
+            delivery: Delivery {
+                queue_bytes: 1 << 20,
+                timeout: Duration::from_secs(5),
+                ..Delivery::default()
+            },
         }
     }
 
@@ -583,10 +515,13 @@ mod tests {
         c.basic_auth = Some(("us:er".into(), "pw".into()));
         assert!(c.validate().is_err());
         let mut c = config("http://pyroscope:4040");
-        c.queue_bytes = 0;
+        c.delivery.queue_bytes = 0;
         assert!(c.validate().is_err());
         let mut c = config("http://pyroscope:4040");
-        c.timeout = Duration::ZERO;
+        c.delivery.timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+        let mut c = config("http://pyroscope:4040");
+        c.delivery.max_in_flight = 0;
         assert!(c.validate().is_err());
     }
 
@@ -602,10 +537,28 @@ mod tests {
     }
 
     #[test]
+    fn wire_bytes_bound_the_encoded_request() {
+        use prost::Message as _;
+        let series = Series::new(Upload {
+            labels: vec![
+                ("__name__".into(), "process_cpu".into()),
+                ("service_name".into(), "x".repeat(300)),
+            ],
+            pprof_gz: vec![7; 70_000],
+            from: SystemTime::UNIX_EPOCH,
+            until: SystemTime::UNIX_EPOCH,
+            sample_rate: 19,
+        });
+        let bound = series.wire_bytes();
+        let exact = grpc::push_request(std::slice::from_ref(&series)).encoded_len();
+        assert!(exact <= bound && bound < exact + 64, "{exact} vs {bound}");
+    }
+
+    #[test]
     fn jitter_stays_within_cap() {
         for _ in 0..1000 {
-            assert!(full_jitter(Duration::from_millis(200)) <= Duration::from_millis(200));
+            assert!(queue::full_jitter(Duration::from_millis(200)) <= Duration::from_millis(200));
         }
-        assert_eq!(full_jitter(Duration::ZERO), Duration::ZERO);
+        assert_eq!(queue::full_jitter(Duration::ZERO), Duration::ZERO);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use profiler_push::{Protocol, PushOutcome, Pusher};
+use profiler_push::{Protocol, PushOutcome, Pusher, DEFAULT_MAX_REQUEST_BYTES};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -82,7 +82,7 @@ async fn full_queue_drops_the_oldest() {
     let addr = free_addr().await;
     let observer = Arc::new(Recording::default());
     let mut cfg = config(format!("http://{addr}"), Protocol::Grpc);
-    cfg.queue_bytes = 150; // less than two 100-byte uploads
+    cfg.delivery.queue_bytes = 150; // less than two 100-byte uploads
     let pusher = Pusher::start(cfg, observer.clone()).unwrap();
 
     for seq in 0..4 {
@@ -142,6 +142,7 @@ async fn rejection_is_not_retried() {
         vec![0, 1],
         "the refused upload is sent once"
     );
+    assert_eq!(observer.dropped(), 1, "a refused profile is counted");
     assert_eq!(
         observer.outcomes(),
         vec![PushOutcome::Rejected, PushOutcome::Delivered]
@@ -223,4 +224,112 @@ fn start_outside_a_runtime_is_an_error() {
     .err()
     .expect("no runtime");
     assert!(err.to_string().contains("tokio runtime"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_targets_arrive_as_one_request() {
+    let recorder = Recorder::default();
+    let server = start_server(recorder.clone()).await;
+    let observer = Arc::new(Recording::default());
+    let pusher = Pusher::start(
+        config(format!("http://{}", server.addr), Protocol::Grpc),
+        observer.clone(),
+    )
+    .unwrap();
+    pusher.enqueue_all((0..200).map(|seq| upload(seq, 2000)).collect());
+    assert_eq!(pusher.shutdown(Duration::from_secs(5)).await, 0);
+
+    let received = recorder.snapshot();
+    assert_eq!(seqs(&received), (0..200).collect::<Vec<_>>());
+    assert_eq!(recorder.requests(), 1, "one interval, one request");
+    assert!(received.iter().all(|r| r.request == 0));
+    assert_eq!(observer.outcomes(), vec![PushOutcome::Delivered]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interval_is_split_into_requests_below_the_bound() {
+    // tonic's server refuses messages over 4 MiB by default, like many gRPC servers: every
+    // request arriving proves the split.
+    let recorder = Recorder::default();
+    let server = start_server(recorder.clone()).await;
+    let observer = Arc::new(Recording::default());
+    let mut cfg = config(format!("http://{}", server.addr), Protocol::Grpc);
+    cfg.delivery.queue_bytes = 64 << 20;
+    cfg.delivery.max_in_flight = 2;
+    let pusher = Pusher::start(cfg, observer.clone()).unwrap();
+    // 10 profiles of 1.5 MiB: at most two fit one 4 MiB request.
+    let size = 3 << 19;
+    pusher.enqueue_all((0..10).map(|seq| upload(seq, size)).collect());
+    assert_eq!(pusher.shutdown(Duration::from_secs(20)).await, 0);
+
+    let received = recorder.snapshot();
+    let mut got = seqs(&received);
+    got.sort();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+    assert_eq!(recorder.requests(), 5, "two profiles per request");
+    let mut per_request = std::collections::HashMap::<usize, usize>::new();
+    for r in &received {
+        *per_request.entry(r.request).or_default() += r.raw_profile.len();
+    }
+    assert!(per_request
+        .values()
+        .all(|&bytes| bytes < DEFAULT_MAX_REQUEST_BYTES));
+    assert_eq!(observer.count(PushOutcome::Delivered), 5);
+    assert_eq!(observer.dropped(), 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_is_retried_a_bounded_number_of_times_then_dropped_and_counted() {
+    let recorder = Recorder::default();
+    let server = start_server(recorder.clone()).await;
+    let observer = Arc::new(Recording::default());
+    let mut cfg = config(format!("http://{}", server.addr), Protocol::Grpc);
+    cfg.delivery.suspect_retries = 2;
+    let pusher = Pusher::start(cfg, observer.clone()).unwrap();
+
+    // What a proxy's 413 looks like through gRPC: Unknown, every time.
+    let mut too_big = upload(0, 100);
+    too_big.labels.push(("reject".into(), "unknown".into()));
+    pusher.enqueue(too_big);
+    pusher.enqueue(upload(1, 100));
+    assert!(wait_until(WAIT, || async { seqs(&recorder.snapshot()).contains(&1) }).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert_eq!(
+        seqs(&recorder.snapshot()),
+        vec![0, 0, 0, 1],
+        "one attempt and two retries, then the queue moves on"
+    );
+    assert_eq!(
+        observer.outcomes(),
+        vec![
+            PushOutcome::Retrying,
+            PushOutcome::Retrying,
+            PushOutcome::GaveUp,
+            PushOutcome::Delivered
+        ]
+    );
+    assert_eq!(observer.dropped(), 1);
+    assert_eq!(pusher.shutdown(Duration::from_secs(5)).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_max_in_flight_requests_are_under_way() {
+    let recorder = Recorder::slow(Duration::from_millis(300));
+    let server = start_server(recorder.clone()).await;
+    let observer = Arc::new(Recording::default());
+    let mut cfg = config(format!("http://{}", server.addr), Protocol::Grpc);
+    cfg.delivery.max_in_flight = 2;
+    let pusher = Pusher::start(cfg, observer.clone()).unwrap();
+    // Six intervals, one request each, queued while the first ones are under way.
+    for seq in 0..6 {
+        pusher.enqueue(upload(seq, 100));
+    }
+    assert_eq!(pusher.shutdown(Duration::from_secs(10)).await, 0);
+    assert_eq!(recorder.requests(), 6);
+    assert_eq!(recorder.max_in_flight(), 2, "two at a time, never more");
+    server.stop().await;
 }

@@ -172,6 +172,7 @@ async fn ingest_gets_query_headers_and_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_retries_5xx_and_429_and_drops_4xx() {
     // Upload 0: 503, 429, then accepted. Upload 1: 400, dropped. Upload 2: accepted.
+    // One request at a time (the test config), so the statuses go in this order.
     let (server, url) = IngestServer::start(vec![503, 429, 200, 400]).await;
     let observer = Arc::new(Recording::default());
     // A path prefix in the URL is kept in front of /ingest.

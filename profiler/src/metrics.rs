@@ -51,10 +51,13 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     pushes: Family<Labels, Counter>,
-    push_duration: Histogram,
-    queue_bytes: Gauge,
-    profiles_produced: Counter,
-    profiles_dropped: Counter,
+    push_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    queue_bytes: Family<Labels, Gauge>,
+    profiles_dropped: Family<Labels, Counter>,
+    /// Profiles made for delivery, by backend: the delivery SLI's denominator.
+    profiles_produced: Family<Labels, Counter>,
+    /// Profiles a backend accepted: the delivery SLI's numerator (one request carries many).
+    profiles_delivered: Family<Labels, Counter>,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -78,10 +81,13 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             pushes: Family::default(),
-            push_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
-            queue_bytes: Gauge::default(),
-            profiles_produced: Counter::default(),
-            profiles_dropped: Counter::default(),
+            push_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 12))
+            }),
+            queue_bytes: Family::default(),
+            profiles_dropped: Family::default(),
+            profiles_produced: Family::default(),
+            profiles_delivered: Family::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -130,28 +136,33 @@ impl Metrics {
         );
         registry.register(
             "pushes",
-            "Push attempts, by result (delivered, retrying, rejected)",
+            "Push requests attempted, by backend (pyroscope, otlp) and result (delivered, retrying, rejected, gave_up)",
             metrics.pushes.clone(),
         );
         registry.register(
             "push_duration_seconds",
-            "Time of one push attempt",
+            "Time of one push attempt, by backend",
             metrics.push_duration.clone(),
         );
         registry.register(
             "queue_bytes",
-            "Profile bytes waiting for delivery",
+            "Profile bytes waiting for delivery, by backend",
             metrics.queue_bytes.clone(),
         );
         registry.register(
             "profiles_produced",
-            "Profiles made for delivery, one per target and upload interval \
+            "Profiles made for delivery, one per target and upload interval, by backend \
              (the delivery SLI's denominator)",
             metrics.profiles_produced.clone(),
         );
         registry.register(
+            "profiles_delivered",
+            "Profiles a backend accepted, by backend (the delivery SLI's numerator)",
+            metrics.profiles_delivered.clone(),
+        );
+        registry.register(
             "profiles_dropped",
-            "Profiles never delivered: queue full, rejected or undelivered at shutdown",
+            "Profiles never delivered, by backend: not encodable, queue full, rejected, retries given up, or undelivered at shutdown",
             metrics.profiles_dropped.clone(),
         );
         registry.register(
@@ -199,14 +210,16 @@ impl Metrics {
         *last = (counters.clone(), *stats);
     }
 
-    /// A profile made for delivery: counted whether it then reaches the queue or not.
-    pub fn profile_produced(&self) {
-        self.profiles_produced.inc();
-    }
-
-    /// Profiles dropped before they reached the queue (a target with nothing to send is not one).
-    pub fn profile_dropped(&self) {
-        self.profiles_dropped.inc();
+    /// The push metrics of one backend (`pyroscope`, `otlp`), as its queue's observer.
+    pub fn backend(self: &Arc<Self>, backend: &'static str) -> Arc<BackendMetrics> {
+        let metrics = BackendMetrics {
+            metrics: self.clone(),
+            backend,
+        };
+        // Every series exists from the start, so a dashboard sees zeros rather than gaps.
+        metrics.queue_bytes(0);
+        metrics.dropped(0);
+        Arc::new(metrics)
     }
 
     /// The metrics page in `format`.
@@ -303,28 +316,67 @@ async fn ready_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse
     }
 }
 
-impl PushObserver for Metrics {
-    fn pushed(&self, outcome: PushOutcome, elapsed: Duration) {
-        let result = match outcome {
-            PushOutcome::Delivered => "delivered",
-            PushOutcome::Retrying => "retrying",
-            PushOutcome::Rejected => "rejected",
-        };
-        self.pushes
-            .get_or_create(&vec![("result", result.to_owned())])
-            .inc();
-        self.push_duration.observe(elapsed.as_secs_f64());
-        if matches!(outcome, PushOutcome::Rejected) {
-            self.profiles_dropped.inc();
+/// One backend's view of the push metrics: every series it touches carries
+/// `backend="<name>"`.
+pub struct BackendMetrics {
+    metrics: Arc<Metrics>,
+    backend: &'static str,
+}
+
+impl BackendMetrics {
+    fn labels(&self, result: Option<&'static str>) -> Labels {
+        let mut labels = vec![("backend", self.backend.to_owned())];
+        if let Some(result) = result {
+            labels.push(("result", result.to_owned()));
         }
+        labels
     }
 
-    fn dropped(&self, uploads: usize) {
-        self.profiles_dropped.inc_by(uploads as u64);
+    /// Profiles dropped before they reached the queue (a target with nothing to send is not one).
+    pub fn profile_dropped(&self) {
+        self.dropped(1);
+    }
+
+    /// Profiles made for this backend: counted whether they then reach its queue or not.
+    pub fn produced(&self, profiles: usize) {
+        self.metrics
+            .profiles_produced
+            .get_or_create(&self.labels(None))
+            .inc_by(profiles as u64);
+    }
+}
+
+impl PushObserver for BackendMetrics {
+    fn pushed(&self, outcome: PushOutcome, elapsed: Duration) {
+        self.metrics
+            .pushes
+            .get_or_create(&self.labels(Some(outcome.as_str())))
+            .inc();
+        self.metrics
+            .push_duration
+            .get_or_create(&self.labels(None))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn delivered(&self, profiles: usize) {
+        self.metrics
+            .profiles_delivered
+            .get_or_create(&self.labels(None))
+            .inc_by(profiles as u64);
+    }
+
+    fn dropped(&self, profiles: usize) {
+        self.metrics
+            .profiles_dropped
+            .get_or_create(&self.labels(None))
+            .inc_by(profiles as u64);
     }
 
     fn queue_bytes(&self, bytes: usize) {
-        self.queue_bytes.set(bytes as i64);
+        self.metrics
+            .queue_bytes
+            .get_or_create(&self.labels(None))
+            .set(bytes as i64);
     }
 }
 
@@ -502,11 +554,17 @@ mod tests {
     #[test]
     fn classic_page_has_no_openmetrics_only_syntax() {
         let metrics = Metrics::new();
-        metrics.profile_produced();
+        metrics.backend("pyroscope").produced(1);
         let page = metrics.encode(Format::Classic);
         assert!(!page.contains("# EOF"), "{page}");
         assert!(!page.contains(" info\n"), "{page}");
-        assert!(page.contains("# TYPE profiler_profiles_produced_total counter\nprofiler_profiles_produced_total 1\n"), "{page}");
+        assert!(
+            page.contains(
+                "# TYPE profiler_profiles_produced_total counter\n\
+                 profiler_profiles_produced_total{backend=\"pyroscope\"} 1\n"
+            ),
+            "{page}"
+        );
         assert!(
             page.contains("# TYPE profiler_build_info gauge\n"),
             "{page}"

@@ -1,13 +1,24 @@
-//! A real Pyroscope push receiver for tests: a tonic `PusherService` server on loopback that
-//! records every profile with its request headers. Used by the push crate's tests and by the
+//! Real receivers for tests, on loopback: a tonic Pyroscope `PusherService` server and a tonic
+//! OTLP `ProfilesService` server, each recording what arrives with its request headers, and a
+//! minimal HTTP/1.1 server recording raw requests. Used by the push crate's tests and by the
 //! agent's end-to-end tests.
 
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
+
+use opentelemetry_proto::tonic::collector::profiles::v1development::{
+    profiles_service_server::{ProfilesService, ProfilesServiceServer},
+    ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+};
+use prost::Message as _;
+use tonic::codec::CompressionEncoding;
 
 use profiler_proto::push::v1::{
     pusher_service_server::{PusherService, PusherServiceServer},
@@ -25,6 +36,8 @@ pub struct Received {
     pub id: String,
     pub tenant: Option<String>,
     pub authorization: Option<String>,
+    /// Which request (0, 1, ...) carried this profile: series of one request share it.
+    pub request: usize,
 }
 
 impl Received {
@@ -37,19 +50,43 @@ impl Received {
 }
 
 /// A PusherService that records every request; requests carrying the label
-/// `reject="yes"` are recorded and then refused with InvalidArgument.
+/// `reject="yes"` are recorded and then refused with InvalidArgument, those carrying
+/// `reject="unknown"` with Unknown (what a proxy's 413 becomes). Each request takes `delay`
+/// to answer, and the most requests ever under way at once is kept.
 #[derive(Clone, Default)]
 pub struct Recorder {
     pub received: Arc<Mutex<Vec<Received>>>,
+    delay: Duration,
+    requests: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
 }
 
 impl Recorder {
+    /// A recorder whose every answer takes `delay`.
+    pub fn slow(delay: Duration) -> Recorder {
+        Recorder {
+            delay,
+            ..Recorder::default()
+        }
+    }
+
     pub fn snapshot(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }
 
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were under way at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
     }
 }
 
@@ -65,14 +102,21 @@ impl PusherService for Recorder {
         };
         let tenant = header("x-scope-orgid");
         let authorization = header("authorization");
-        let mut reject = false;
+        let index = self.requests.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mut reject = None;
         for series in request.into_inner().series {
             let labels: Vec<(String, String)> = series
                 .labels
                 .into_iter()
                 .map(|l| (l.name, l.value))
                 .collect();
-            reject |= labels.iter().any(|(k, v)| k == "reject" && v == "yes");
+            if let Some((_, how)) = labels.iter().find(|(k, _)| k == "reject") {
+                reject = Some(how.clone());
+            }
             for sample in series.samples {
                 self.received.lock().unwrap().push(Received {
                     labels: labels.clone(),
@@ -80,13 +124,15 @@ impl PusherService for Recorder {
                     id: sample.id,
                     tenant: tenant.clone(),
                     authorization: authorization.clone(),
+                    request: index,
                 });
             }
         }
-        if reject {
-            return Err(Status::invalid_argument("profile refused by test server"));
+        match reject.as_deref() {
+            Some("yes") => Err(Status::invalid_argument("profile refused by test server")),
+            Some("unknown") => Err(Status::unknown("413 Request Entity Too Large")),
+            _ => Ok(Response::new(PushResponse {})),
         }
-        Ok(Response::new(PushResponse {}))
     }
 }
 
@@ -143,6 +189,155 @@ pub fn serve(listener: TcpListener, recorder: Recorder) -> Server {
 /// Starts a server on a fresh loopback port.
 pub async fn start_server(recorder: Recorder) -> Server {
     serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), recorder)
+}
+
+/// One OTLP export request as the server saw it: the message encoded again, and the
+/// request's metadata (names lowercase).
+#[derive(Debug, Clone)]
+pub struct OtlpReceived {
+    pub bytes: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl OtlpReceived {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn request(&self) -> ExportProfilesServiceRequest {
+        ExportProfilesServiceRequest::decode(&self.bytes[..]).unwrap()
+    }
+}
+
+/// An OTLP ProfilesService that records every export request (gzip accepted).
+#[derive(Clone, Default)]
+pub struct OtlpRecorder {
+    pub received: Arc<Mutex<Vec<OtlpReceived>>>,
+}
+
+impl OtlpRecorder {
+    pub fn snapshot(&self) -> Vec<OtlpReceived> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl ProfilesService for OtlpRecorder {
+    async fn export(
+        &self,
+        request: Request<ExportProfilesServiceRequest>,
+    ) -> Result<Response<ExportProfilesServiceResponse>, Status> {
+        let headers = request
+            .metadata()
+            .iter()
+            .filter_map(|entry| match entry {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
+        self.received.lock().unwrap().push(OtlpReceived {
+            bytes: request.into_inner().encode_to_vec(),
+            headers,
+        });
+        Ok(Response::new(ExportProfilesServiceResponse::default()))
+    }
+}
+
+/// Serves `recorder` as an OTLP ProfilesService on `listener` (h2c).
+pub fn serve_otlp(listener: TcpListener, recorder: OtlpRecorder) -> Server {
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                ProfilesServiceServer::new(recorder)
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .max_decoding_message_size(64 << 20),
+                TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    Server {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// One HTTP request: its request line, headers (names lowercase) and body.
+#[derive(Debug, Clone)]
+pub struct HttpRequest {
+    pub line: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Requests an HTTP server received.
+pub type HttpRequests = Arc<Mutex<Vec<HttpRequest>>>;
+
+/// A minimal HTTP/1.1 server: records each request (Content-Length bodies) and answers 200
+/// with an empty body.
+pub async fn serve_http(listener: TcpListener, requests: HttpRequests) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut headers = Vec::new();
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).await.unwrap();
+                    if header == "\r\n" || header.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+                    }
+                }
+                let length = headers
+                    .iter()
+                    .find(|(k, _)| k == "content-length")
+                    .map_or(0, |(_, v)| v.parse().unwrap());
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).await.unwrap();
+                requests.lock().unwrap().push(HttpRequest {
+                    line: line.trim_end().to_owned(),
+                    headers,
+                    body,
+                });
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+    }
 }
 
 /// A loopback address nobody listens on (bound, then released).

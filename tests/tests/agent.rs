@@ -19,18 +19,20 @@ struct Agent {
 }
 
 impl Agent {
-    /// Starts `profiler agent` against `url`, uploading every `interval`.
+    /// Starts `profiler agent` against the Pyroscope server at `url`, uploading every
+    /// `interval`.
     fn start(url: &str, interval: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::spawn(&["--pyroscope-url", url], interval, extra, env)
+    }
+
+    /// Starts `profiler agent` with the `backends` flags, uploading every `interval`.
+    fn spawn(backends: &[&str], interval: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let metrics = free_port();
         let mut command = Command::new(profiler_bin());
         command
-            .args([
-                "agent",
-                "--pyroscope-url",
-                url,
-                "--upload-interval",
-                interval,
-            ])
+            .arg("agent")
+            .args(backends)
+            .args(["--upload-interval", interval])
             .args(["-F", "99", "--node-name", "test-node"])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(extra)
@@ -210,13 +212,34 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     assert!(mine.iter().all(|r| r.label("pid") == Some(pid.as_str())));
     let samples = samples(&decode(&first.raw_profile));
     assert!(has_function(&samples, "heavy"), "{samples:?}");
+    // Every target of an interval (each process on the machine here) travels in one request.
+    let mut requests_of_interval: BTreeMap<i64, HashSet<usize>> = BTreeMap::new();
+    for r in &received {
+        requests_of_interval
+            .entry(decode(&r.raw_profile).time_nanos)
+            .or_default()
+            .insert(r.request);
+    }
+    assert!(
+        requests_of_interval
+            .values()
+            .all(|requests| requests.len() == 1),
+        "{requests_of_interval:?}"
+    );
+    assert!(
+        received.len() > requests_of_interval.len(),
+        "several targets per interval expected"
+    );
 
     assert!(
         metric(&metrics, "profiler_samples_collected_total") > 0.0,
         "{metrics:?}"
     );
     assert!(
-        metric(&metrics, "profiler_pushes_total{result=\"delivered\"}") >= 2.0,
+        metric(
+            &metrics,
+            "profiler_pushes_total{backend=\"pyroscope\",result=\"delivered\"}"
+        ) >= 2.0,
         "{metrics:?}"
     );
     assert!(metric(&metrics, "profiler_processes_tracked") > 0.0);
@@ -225,8 +248,12 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     assert!(metrics
         .keys()
         .any(|k| k.starts_with("profiler_push_duration_seconds_bucket")));
-    assert!(metrics.contains_key("profiler_queue_bytes"));
-    assert!(metrics.contains_key("profiler_profiles_dropped_total"));
+    assert!(metrics.contains_key("profiler_queue_bytes{backend=\"pyroscope\"}"));
+    assert!(metrics.contains_key("profiler_profiles_dropped_total{backend=\"pyroscope\"}"));
+    assert!(
+        !metrics.keys().any(|k| k.contains("otlp")),
+        "no OTLP series without an OTLP endpoint"
+    );
 }
 
 #[test]
@@ -317,12 +344,15 @@ fn a_full_queue_drops_the_oldest_and_counts_it() {
         &[],
     );
     assert!(poll(Duration::from_secs(20), || {
-        metric(&agent.metrics(), "profiler_profiles_dropped_total") > 0.0
+        metric(
+            &agent.metrics(),
+            "profiler_profiles_dropped_total{backend=\"pyroscope\"}",
+        ) > 0.0
     }));
     assert!(
         metric(
             &agent.metrics(),
-            "profiler_pushes_total{result=\"retrying\"}"
+            "profiler_pushes_total{backend=\"pyroscope\",result=\"retrying\"}"
         ) > 0.0
     );
     assert!(agent.terminate().success());
@@ -347,12 +377,13 @@ fn http_ingest_reaches_a_real_http_server() {
         &["--protocol", "http"],
         &[],
     );
-    let found =
-        poll(Duration::from_secs(20), || {
-            requests.lock().unwrap().iter().any(|(line, _)| {
-                line.contains("name=workload%7B") || line.contains("name=workload{")
-            })
-        });
+    let found = poll(Duration::from_secs(20), || {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.line.contains("name=workload%7B") || r.line.contains("name=workload{"))
+    });
     assert!(agent.terminate().success());
     let _ = workload.kill();
     let _ = workload.wait();
@@ -363,13 +394,13 @@ fn http_ingest_reaches_a_real_http_server() {
             .lock()
             .unwrap()
             .iter()
-            .map(|r| &r.0)
+            .map(|r| &r.line)
             .collect::<Vec<_>>()
     );
     let requests = requests.lock().unwrap();
-    let (line, body) = requests
+    let HttpRequest { line, body, .. } = requests
         .iter()
-        .find(|(line, _)| line.contains("name=workload"))
+        .find(|r| r.line.contains("name=workload"))
         .unwrap();
     assert!(line.starts_with("POST /ingest?"), "{line}");
     for needle in [
@@ -382,50 +413,6 @@ fn http_ingest_reaches_a_real_http_server() {
         assert!(line.contains(needle), "{needle} missing from {line}");
     }
     assert!(has_function(&samples(&decode(body)), "burn_inner"));
-}
-
-/// Request lines and bodies an HTTP server received.
-type HttpRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
-
-/// A minimal HTTP/1.1 server: records each request line and body, answers 200.
-async fn serve_http(listener: tokio::net::TcpListener, requests: HttpRequests) {
-    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            return;
-        };
-        let requests = requests.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stream);
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut length = 0;
-                loop {
-                    let mut header = String::new();
-                    reader.read_line(&mut header).await.unwrap();
-                    if header == "\r\n" || header.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap();
-                    }
-                }
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body).await.unwrap();
-                requests
-                    .lock()
-                    .unwrap()
-                    .push((line.trim_end().to_owned(), body));
-                let _ = reader
-                    .get_mut()
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                    .await;
-            }
-        });
-    }
 }
 
 #[test]
@@ -529,13 +516,28 @@ fn bad_configuration_is_one_clear_error_at_start_up() {
             vec!["--config", "/nonexistent/agent.toml"],
             "/nonexistent/agent.toml",
         ),
-        (vec![], "pyroscope-url"),
+        (vec![], "--otlp-endpoint"),
+        (vec!["--otlp-endpoint", "grpc://c:4317"], "grpc://c:4317"),
+        (
+            vec![
+                "--otlp-endpoint",
+                "http://c:4317",
+                "--otlp-header-file",
+                "k=/nonexistent/t",
+            ],
+            "/nonexistent/t",
+        ),
+        (
+            vec!["--otlp-endpoint", "http://c:4317", "--otlp-protocol", "udp"],
+            "udp",
+        ),
     ];
     for (args, needle) in cases {
         let out = Command::new(profiler_bin())
             .arg("agent")
             .args(&args)
             .env_remove("PROFILER_PYROSCOPE_URL")
+            .env_remove("PROFILER_OTLP_ENDPOINT")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -546,4 +548,389 @@ fn bad_configuration_is_one_clear_error_at_start_up() {
             "{args:?}: {stderr}"
         );
     }
+}
+
+/// `python3 tests/scripts/otlp_decode.py`, or None (after printing why) where PyPI's
+/// opentelemetry-proto is not installed; with CI=true that panics instead.
+fn otlp_decoder() -> Option<Command> {
+    let probe = Command::new("python3")
+        .args([
+            "-c",
+            "import opentelemetry.proto.profiles.v1development.profiles_pb2",
+        ])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {
+            let mut cmd = Command::new("python3");
+            cmd.arg(profiler_tests::root().join("tests/scripts/otlp_decode.py"));
+            return Some(cmd);
+        }
+        _ => {}
+    }
+    let message =
+        "PyPI opentelemetry-proto is not installed for python3; `cargo xtask setup` installs it";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message}, and CI=true forbids skipping");
+    }
+    eprintln!("skipped: {message}");
+    None
+}
+
+/// Every profile of the export requests `raw` (one request each, gzipped or not), as PyPI's
+/// opentelemetry-proto decodes them (see tests/scripts/otlp_decode.py).
+fn decode_otlp(
+    decoder: &mut Command,
+    dir: &std::path::Path,
+    raw: &[Vec<u8>],
+) -> Vec<serde_json::Value> {
+    let mut paths = Vec::new();
+    for (i, bytes) in raw.iter().enumerate() {
+        let path = dir.join(format!("otlp-{i}.pb"));
+        std::fs::write(&path, bytes).unwrap();
+        paths.push(path);
+    }
+    let out = decoder.args(&paths).output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Python decoder refused our requests: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .flat_map(|line| {
+            let request: serde_json::Value = serde_json::from_str(line).unwrap();
+            request["profiles"].as_array().unwrap().clone()
+        })
+        .collect()
+}
+
+fn of_otlp_service<'a>(
+    profiles: &'a [serde_json::Value],
+    service: &str,
+) -> Vec<&'a serde_json::Value> {
+    profiles
+        .iter()
+        .filter(|p| p["resource"]["service.name"] == service)
+        .collect()
+}
+
+/// Inclusive shares (0-100) of each function over `profiles`' samples.
+fn otlp_shares(profiles: &[&serde_json::Value]) -> BTreeMap<String, f64> {
+    let samples: Vec<DecodedSample> = profiles
+        .iter()
+        .flat_map(|p| p["samples"].as_array().unwrap())
+        .map(|s| DecodedSample {
+            functions: s["functions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_owned())
+                .collect(),
+            count: s["count"].as_i64().unwrap(),
+            labels: Default::default(),
+        })
+        .collect();
+    inclusive_shares(&samples, |_| true).into_iter().collect()
+}
+
+#[test]
+fn otlp_grpc_export_decodes_with_the_reference_reader_and_has_the_workload_shares() {
+    let Some(t) = bpf_test() else { return };
+    let Some(mut decoder) = otlp_decoder() else {
+        return;
+    };
+    let rt = runtime();
+    let recorder = OtlpRecorder::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let server = rt.block_on(async { serve_otlp(listener, recorder.clone()) });
+    let token = t.path("token");
+    std::fs::write(&token, "Bearer s3cret\n").unwrap();
+    let header_file = format!("authorization={}", token.display());
+    let mut workload = spawn_workload(&["shares", "30"]);
+    let agent = Agent::spawn(
+        &["--otlp-endpoint", &format!("http://{}", server.addr)],
+        "2s",
+        &[
+            "--label",
+            "env=test",
+            "--otlp-header",
+            "x-team=a",
+            "--otlp-header-file",
+            &header_file,
+        ],
+        &[],
+    );
+    let workload_requests = || {
+        recorder
+            .snapshot()
+            .iter()
+            .filter(|r| r.bytes.windows(8).any(|w| w == b"workload"))
+            .count()
+    };
+    assert!(poll(Duration::from_secs(40), || workload_requests() >= 5));
+    let metrics = agent.metrics();
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+
+    let received = recorder.snapshot();
+    assert_eq!(received[0].header("authorization"), Some("Bearer s3cret"));
+    assert_eq!(received[0].header("x-team"), Some("a"));
+    assert_eq!(received[0].header("grpc-encoding"), Some("gzip"));
+    let raw: Vec<Vec<u8>> = received.iter().map(|r| r.bytes.clone()).collect();
+    let profiles = decode_otlp(&mut decoder, t.dir.path(), &raw);
+    let mine = of_otlp_service(&profiles, "workload");
+    assert!(mine.len() >= 3, "{} workload profiles", mine.len());
+
+    let first = mine[0];
+    let resource = &first["resource"];
+    for (key, value) in [
+        ("service.name", "workload"),
+        ("host.name", "test-node"),
+        ("k8s.node.name", "test-node"),
+        ("process.executable.name", "workload"),
+        ("env", "test"),
+    ] {
+        assert_eq!(resource[key], value, "{key}: {resource}");
+    }
+    for key in [
+        "pid",
+        "process.pid",
+        "container_id",
+        "container.id",
+        "__name__",
+    ] {
+        assert!(resource.get(key).is_none(), "{key} in {resource}");
+    }
+    assert_eq!(
+        first["sample_type"],
+        serde_json::json!(["samples", "count"])
+    );
+    assert_eq!(
+        first["period_type"],
+        serde_json::json!(["cpu", "nanoseconds"])
+    );
+    assert_eq!(first["period"], 1_000_000_000 / 99);
+    assert!(first["time_unix_nano"].as_u64().unwrap() > 1_600_000_000_000_000_000);
+    let seconds = first["duration_nano"].as_f64().unwrap() / 1e9;
+    assert!((1.0..4.0).contains(&seconds), "duration {seconds}s");
+    let exe = std::fs::canonicalize(profiler_tests::workload()).unwrap();
+    let mapping = first["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["filename"] == exe.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no mapping of {}: {}", exe.display(), first["mappings"]));
+    assert_eq!(
+        mapping["build_id"].as_str().unwrap().len(),
+        40,
+        "the GNU build ID as hex: {mapping}"
+    );
+
+    // The known shares of the workload: heavy 6, light 3, leaf_c 1 of every 10 units.
+    let shares = otlp_shares(&mine);
+    let total: i64 = mine
+        .iter()
+        .flat_map(|p| p["samples"].as_array().unwrap())
+        .map(|s| s["count"].as_i64().unwrap())
+        .sum();
+    let spans: Vec<_> = mine
+        .iter()
+        .map(|p| {
+            (
+                p["duration_nano"].as_u64().unwrap() / 1_000_000,
+                p["samples"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s["count"].as_i64().unwrap())
+                    .sum::<i64>(),
+            )
+        })
+        .collect();
+    assert!(
+        total > 150,
+        "too few samples: {total} (ms, samples): {spans:?}"
+    );
+    for (function, truth) in [
+        ("main", 100.0),
+        ("heavy", 60.0),
+        ("light", 30.0),
+        ("leaf_c", 10.0),
+    ] {
+        let got = shares.get(function).copied().unwrap_or(0.0);
+        // Sampling noise: three standard errors of a binomial share, plus two points.
+        let p: f64 = truth / 100.0;
+        let tolerance = 2.0 + 300.0 * (p * (1.0 - p) / total as f64).sqrt();
+        assert!(
+            (got - truth).abs() <= tolerance,
+            "{function}: {got:.1}% exported, {truth}% true (±{tolerance:.1}); all: {shares:?}"
+        );
+    }
+    assert!(
+        metric(
+            &metrics,
+            "profiler_pushes_total{backend=\"otlp\",result=\"delivered\"}"
+        ) >= 3.0,
+        "{metrics:?}"
+    );
+    assert!(
+        !metrics.keys().any(|k| k.contains("pyroscope")),
+        "{metrics:?}"
+    );
+    drop(server);
+}
+
+#[test]
+fn otlp_http_export_reaches_a_real_http_server() {
+    let Some(t) = bpf_test() else { return };
+    let Some(mut decoder) = otlp_decoder() else {
+        return;
+    };
+    let rt = runtime();
+    let requests = HttpRequests::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(serve_http(listener, requests.clone()));
+    let mut workload = spawn_workload(&["burn", "30"]);
+    let agent = Agent::spawn(
+        &[
+            "--otlp-endpoint",
+            &format!("http://{addr}"),
+            "--otlp-protocol",
+            "http",
+        ],
+        "1s",
+        &[],
+        &[],
+    );
+    let gunzip = |body: &[u8]| {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    let found = poll(Duration::from_secs(20), || {
+        requests
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| gunzip(&r.body).windows(10).any(|w| w == b"burn_inner"))
+    });
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(found);
+    let requests = requests.lock().unwrap().clone();
+    for r in &requests {
+        assert!(
+            r.line.starts_with("POST /v1development/profiles "),
+            "{}",
+            r.line
+        );
+        assert_eq!(r.header("content-type"), Some("application/x-protobuf"));
+        assert_eq!(r.header("content-encoding"), Some("gzip"));
+    }
+    let raw: Vec<Vec<u8>> = requests.iter().map(|r| r.body.clone()).collect();
+    let profiles = decode_otlp(&mut decoder, t.dir.path(), &raw);
+    let mine = of_otlp_service(&profiles, "workload");
+    assert!(!mine.is_empty());
+    assert!(otlp_shares(&mine).contains_key("burn_inner"));
+}
+
+#[test]
+fn an_otlp_outage_loses_nothing_while_pyroscope_pushes_continue() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let pyroscope = Recorder::default();
+    let pyroscope_server = rt.block_on(start_server(pyroscope.clone()));
+    let otlp = OtlpRecorder::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let otlp_addr = listener.local_addr().unwrap();
+    let otlp_server = rt.block_on(async { serve_otlp(listener, otlp.clone()) });
+    let mut workload = spawn_workload(&["burn", "60"]);
+    let agent = Agent::spawn(
+        &[
+            "--pyroscope-url",
+            &format!("http://{}", pyroscope_server.addr),
+            "--otlp-endpoint",
+            &format!("http://{otlp_addr}"),
+        ],
+        "1s",
+        &[],
+        &[],
+    );
+    let pyroscope_count = || of_service(&pyroscope.snapshot(), "workload").len();
+    assert!(poll(Duration::from_secs(20), || pyroscope_count() >= 1
+        && !otlp.snapshot().is_empty()));
+
+    // The OTLP endpoint goes away for over three intervals; Pyroscope keeps receiving.
+    rt.block_on(otlp_server.stop());
+    let before = pyroscope_count();
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        pyroscope_count() >= before + 2,
+        "Pyroscope pushes stalled during the OTLP outage"
+    );
+    let metrics = agent.metrics();
+    assert!(
+        metric(
+            &metrics,
+            "profiler_pushes_total{backend=\"otlp\",result=\"retrying\"}"
+        ) > 0.0,
+        "{metrics:?}"
+    );
+    let otlp_server = rt.block_on(async { serve_otlp(bind_again(otlp_addr).await, otlp.clone()) });
+    let target = pyroscope_count() + 2;
+    assert!(poll(Duration::from_secs(30), || pyroscope_count() >= target));
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    drop(otlp_server);
+
+    // Every interval Pyroscope got for the workload reached OTLP too, once.
+    let pyroscope_starts: HashSet<i64> = of_service(&pyroscope.snapshot(), "workload")
+        .iter()
+        .map(|r| decode(&r.raw_profile).time_nanos)
+        .collect();
+    let mut otlp_starts = Vec::new();
+    for received in otlp.snapshot() {
+        for resource in received.request().resource_profiles {
+            let is_workload = resource.resource.iter().flat_map(|r| &r.attributes).any(|kv| {
+                kv.key == "service.name"
+                    && matches!(
+                        &kv.value.as_ref().and_then(|v| v.value.clone()),
+                        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == "workload"
+                    )
+            });
+            if is_workload {
+                for scope in resource.scope_profiles {
+                    for profile in scope.profiles {
+                        otlp_starts.push(profile.time_unix_nano as i64);
+                    }
+                }
+            }
+        }
+    }
+    let unique: HashSet<i64> = otlp_starts.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        otlp_starts.len(),
+        "an interval arrived twice over OTLP"
+    );
+    let missing: Vec<_> = pyroscope_starts.difference(&unique).collect();
+    assert!(missing.is_empty(), "intervals lost over OTLP: {missing:?}");
+    assert!(
+        pyroscope_starts.len() >= 5,
+        "{} intervals",
+        pyroscope_starts.len()
+    );
 }

@@ -17,6 +17,14 @@ use profiler_tests::kubernetes_validate;
 /// The agent's top-level configuration keys (its flags in snake_case; the agent rejects others).
 const CONFIG_KEYS: &[&str] = &[
     "pyroscope_url",
+    "otlp_endpoint",
+    "otlp_protocol",
+    "otlp_headers",
+    "otlp_header_files",
+    "otlp_ca_cert",
+    "otlp_compression",
+    "max_in_flight",
+    "max_request_bytes",
     "frequency",
     "upload_interval",
     "labels",

@@ -309,6 +309,7 @@ const METRICS: &[&str] = &[
     "profiler_push_duration_seconds_count",
     "profiler_queue_bytes",
     "profiler_profiles_produced_total",
+    "profiler_profiles_delivered_total",
     "profiler_profiles_dropped_total",
     "profiler_build_info",
     "profiler_bpf_map_memory_bytes",

@@ -31,18 +31,25 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
     "python3.11", // Debian's own python: profiler-unwind's tests unwind it from its .eh_frame
-    // pip for Debian's python3, to install the PyPI packages (see `PIP_PACKAGES`)
+    // pip for Debian's python3, to install the readers in `PIP_PACKAGES`
     "python3-pip",
     "prometheus", // a real Prometheus server and `promtool` for the monitoring tests
 ];
 
-/// PyPI packages (and the modules they install) the tests use; `setup` installs them into
-/// whatever `python3` is first on PATH.
-const PIP_PACKAGES: &[(&str, &str)] = &[
-    // validates the Kubernetes manifests and the rendered Helm chart
-    ("kubernetes-validate", "kubernetes_validate"),
+/// PyPI packages the tests read our output with, as (package, version prefix, a module it
+/// installs); `setup` installs each into whatever `python3` is first on PATH unless that
+/// module imports and the installed version has the prefix ("" for any version).
+const PIP_PACKAGES: &[(&str, &str, &str)] = &[
+    // The deploy tests validate the Kubernetes manifests with it.
+    ("kubernetes-validate", "", "kubernetes_validate"),
     // Helm's own engine (its Go library) to render and lint the chart, without a helm binary
-    ("helm-python-sdk", "helm_python"),
+    ("helm-python-sdk", "", "helm_python"),
+    // The OTLP tests decode our export requests with it (profiles v1development).
+    (
+        "opentelemetry-proto",
+        "1.45.",
+        "opentelemetry.proto.profiles.v1development.profiles_pb2",
+    ),
 ];
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
@@ -119,8 +126,8 @@ fn setup() -> Result<()> {
         );
     }
     report("apt packages", install_apt_packages(&missing)?);
-    for &(package, module) in PIP_PACKAGES {
-        report(package, install_pip_package(package, module)?);
+    for &(package, version, module) in PIP_PACKAGES {
+        report(package, install_pip_package(package, version, module)?);
     }
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
@@ -264,13 +271,13 @@ fn install_apt_packages(missing: &[&str]) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-/// Installs the PyPI `package` with `python3 -m pip` unless `python3` can already import its
-/// `module`.
+/// Installs `package` (`version` is a prefix, "" for any) with `python3 -m pip` unless
+/// `python3` can already import `module` from a matching version.
 ///
 /// The tests call the same `python3` (`python3 -m kubernetes_validate`), so this works for a
 /// pyenv or venv interpreter as well as for Debian's, which refuses installs outside a venv
 /// (PEP 668) unless told `--break-system-packages`; that flag is passed only there.
-fn install_pip_package(package: &str, module: &str) -> Result<Outcome> {
+fn install_pip_package(package: &str, version: &str, module: &str) -> Result<Outcome> {
     let mut installed = Command::new("python3");
     installed.args([
         "-c",
@@ -279,8 +286,10 @@ fn install_pip_package(package: &str, module: &str) -> Result<Outcome> {
              print(version('{package}'))"
         ),
     ]);
-    if let Some(version) = probe(&mut installed)? {
-        return Ok(Outcome::Skipped(format!("{package} {}", version.trim())));
+    if let Some(found) = probe(&mut installed)? {
+        if found.trim().starts_with(version) {
+            return Ok(Outcome::Skipped(format!("{package} {}", found.trim())));
+        }
     }
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "--quiet"]);
@@ -288,7 +297,11 @@ fn install_pip_package(package: &str, module: &str) -> Result<Outcome> {
         cmd.arg("--break-system-packages");
     }
     // Root is expected here (CI, containers); pip's warning about it is noise.
-    cmd.arg(package).env("PIP_ROOT_USER_ACTION", "ignore");
+    let requirement = match version.strip_suffix('.') {
+        Some(prefix) => format!("{package}=={prefix}.*"),
+        None => package.to_owned(),
+    };
+    cmd.arg(requirement).env("PIP_ROOT_USER_ACTION", "ignore");
     run(&mut cmd)?;
     Ok(Outcome::Done)
 }

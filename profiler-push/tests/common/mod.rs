@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use profiler_push::{Protocol, PushConfig, PushObserver, PushOutcome, Upload};
+use profiler_push::{Delivery, Protocol, PushConfig, PushObserver, PushOutcome, Upload};
 pub use profiler_tests::receiver::*;
 
 /// Everything the pusher reported.
@@ -41,8 +41,8 @@ impl PushObserver for Recording {
         self.outcomes.lock().unwrap().push(outcome);
     }
 
-    fn dropped(&self, uploads: usize) {
-        self.dropped.fetch_add(uploads, Ordering::SeqCst);
+    fn dropped(&self, profiles: usize) {
+        self.dropped.fetch_add(profiles, Ordering::SeqCst);
     }
 
     fn queue_bytes(&self, bytes: usize) {
@@ -58,9 +58,18 @@ pub fn config(url: String, protocol: Protocol) -> PushConfig {
         tenant_id: None,
         basic_auth: None,
         ca_cert: None,
+        delivery: delivery(),
+    }
+}
+
+/// Short timeouts and backoffs; one request at a time, so tests can check the order.
+pub fn delivery() -> Delivery {
+    Delivery {
         queue_bytes: 1 << 20,
+        max_in_flight: 1,
         timeout: Duration::from_secs(2),
         max_backoff: Duration::from_millis(50),
+        ..Delivery::default()
     }
 }
 

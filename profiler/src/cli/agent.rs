@@ -19,9 +19,11 @@ use crate::{
     aggregate::ProfileSet,
     collect::{CollectConfig, Collector, ProcessChange, Targets as Filter},
     export,
-    metrics::Metrics,
+    metrics::{BackendMetrics, Metrics},
     resolve::{ResolvedSample, Resolver, TargetKey, Targets},
 };
+use profiler_proto::pprof::Profile;
+use profiler_push::{OtlpPusher, Pusher};
 
 /// How often the kernel maps are drained at most: every second, or four times per upload
 /// interval when that is shorter, so that every interval holds the samples of its own time.
@@ -43,7 +45,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     })?;
     metrics.set_ready();
 
-    let pusher = profiler_push::Pusher::start(config.push.clone(), metrics.clone())?;
+    let backends = Backends::start(&config, &metrics)?;
     let pods = match profiler_metadata::kubernetes::watch_pods(
         &config.node_name,
         config.kubeconfig.as_deref(),
@@ -90,7 +92,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
                 interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
                 interval.until = collector.drained_window().1;
                 forget_ended(&collector, &mut resolver, &mut targets);
-                interval.send(&pusher, &metrics);
+                interval.send(&backends);
                 targets.retry_unknown_pods();
             }
         }
@@ -100,9 +102,9 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     take_changes(&mut collector, &mut resolver, &mut targets);
     interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
     interval.until = collector.drained_window().1;
-    interval.send(&pusher, &metrics);
+    interval.send(&backends);
     metrics.update(&collector.counters()?, &resolver.stats());
-    let left = pusher.shutdown(config.shutdown_timeout).await;
+    let left = backends.shutdown(config.shutdown_timeout).await;
     if left > 0 {
         eprintln!("warn: {left} profiles were not delivered before the shutdown deadline");
     }
@@ -169,23 +171,94 @@ impl Interval {
         }
     }
 
-    /// Queues one profile per target and starts the next interval.
-    fn send(&mut self, pusher: &profiler_push::Pusher, metrics: &Metrics) {
+    /// Queues one profile per target with every backend and starts the next interval.
+    fn send(&mut self, backends: &Backends) {
         let until = self.until;
-        for (key, profile) in self.profiles.take(self.start, until) {
-            let Some(labels) = self.labels.get(&key) else {
-                continue;
-            };
-            metrics.profile_produced();
-            match export::upload(&profile, labels, self.start, until, self.frequency) {
-                Ok(upload) => pusher.enqueue(upload),
-                Err(err) => {
-                    eprintln!("warn: cannot encode the profile of {key:?}: {err:#}");
-                    metrics.profile_dropped();
-                }
-            }
-        }
+        let profiles = self.profiles.take(self.start, until);
+        let targets: Vec<_> = profiles
+            .iter()
+            .filter_map(|(key, profile)| Some((self.labels.get(key)?, profile)))
+            .collect();
+        backends.send(&targets, self.start, until, self.frequency);
         self.labels.clear();
         self.start = until;
+    }
+}
+
+/// Where profiles go: Pyroscope, an OTLP endpoint or both, each with its own queue, retries
+/// and metrics, so that an outage of one never holds up the other.
+struct Backends {
+    pyroscope: Option<(Pusher, Arc<BackendMetrics>)>,
+    otlp: Option<(OtlpPusher, Arc<BackendMetrics>)>,
+}
+
+impl Backends {
+    fn start(config: &AgentConfig, metrics: &Arc<Metrics>) -> Result<Backends> {
+        let pyroscope = match &config.push {
+            Some(push) => {
+                let observer = metrics.backend("pyroscope");
+                Some((Pusher::start(push.clone(), observer.clone())?, observer))
+            }
+            None => None,
+        };
+        let otlp = match &config.otlp {
+            Some(otlp) => {
+                let observer = metrics.backend("otlp");
+                Some((OtlpPusher::start(otlp.clone(), observer.clone())?, observer))
+            }
+            None => None,
+        };
+        Ok(Backends { pyroscope, otlp })
+    }
+
+    /// Queues one interval's profiles, `(labels, profile)` per target, with every backend.
+    fn send(
+        &self,
+        targets: &[(&BTreeMap<String, String>, &Profile)],
+        from: SystemTime,
+        until: SystemTime,
+        frequency: u64,
+    ) {
+        if let Some((pusher, observer)) = &self.pyroscope {
+            observer.produced(targets.len());
+            let mut uploads = Vec::with_capacity(targets.len());
+            for (labels, profile) in targets {
+                match export::upload(profile, labels, from, until, frequency) {
+                    Ok(upload) => uploads.push(upload),
+                    Err(err) => {
+                        eprintln!("warn: cannot encode the profile of {labels:?}: {err:#}");
+                        observer.profile_dropped();
+                    }
+                }
+            }
+            pusher.enqueue_all(uploads);
+        }
+        if let Some((pusher, observer)) = &self.otlp {
+            observer.produced(targets.len());
+            let targets: Vec<_> = targets
+                .iter()
+                .map(|(labels, profile)| export::otlp::TargetProfile { labels, profile })
+                .collect();
+            pusher.enqueue(export::otlp::requests(&targets, pusher.max_request_bytes()));
+        }
+    }
+
+    /// Delivers what is queued until `deadline`, every backend at once; returns the number
+    /// of profiles left undelivered.
+    async fn shutdown(self, deadline: Duration) -> usize {
+        let pyroscope = async {
+            match self.pyroscope {
+                Some((pusher, _)) => pusher.shutdown(deadline).await,
+                None => 0,
+            }
+        };
+        let otlp = async {
+            match self.otlp {
+                Some((pusher, _)) => pusher.shutdown(deadline).await,
+                None => 0,
+            }
+        };
+        let (a, b) = tokio::join!(pyroscope, otlp);
+        a + b
     }
 }

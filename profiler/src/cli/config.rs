@@ -12,7 +12,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
 use profiler_metadata::relabel::{RelabelConfig, Relabeler};
-use profiler_push::{Protocol, PushConfig};
+use profiler_push::{Delivery, OtlpConfig, OtlpProtocol, Protocol, PushConfig};
 use serde::Deserialize;
 
 use super::{parse_duration, Exit};
@@ -23,9 +23,38 @@ pub struct AgentArgs {
     /// TOML configuration file; flags and PROFILER_* variables override it.
     #[arg(long, env = "PROFILER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Pyroscope (or compatible) server, e.g. http://pyroscope:4040.
+    /// Pyroscope (or compatible) server, e.g. http://pyroscope:4040 (this, --otlp-endpoint, or both).
     #[arg(long, env = "PROFILER_PYROSCOPE_URL", value_name = "URL")]
     pub pyroscope_url: Option<String>,
+    /// OTLP profiles endpoint, e.g. http://otel-collector:4317 (gRPC) or :4318 (HTTP).
+    #[arg(long, env = "PROFILER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// grpc (ProfilesService/Export) or http (POST URL/v1development/profiles) [default: grpc].
+    #[arg(long, env = "PROFILER_OTLP_PROTOCOL", value_name = "P")]
+    pub otlp_protocol: Option<String>,
+    /// Header sent to the OTLP endpoint, `name=value`; repeatable.
+    #[arg(
+        long = "otlp-header",
+        env = "PROFILER_OTLP_HEADERS",
+        value_name = "K=V",
+        value_delimiter = ','
+    )]
+    pub otlp_headers: Vec<String>,
+    /// Header sent to the OTLP endpoint whose value is read from a file (a mounted Secret),
+    /// `name=path`; repeatable.
+    #[arg(
+        long = "otlp-header-file",
+        env = "PROFILER_OTLP_HEADER_FILES",
+        value_name = "K=PATH",
+        value_delimiter = ','
+    )]
+    pub otlp_header_files: Vec<String>,
+    /// PEM file of CA certificates to trust for an https:// OTLP endpoint.
+    #[arg(long, env = "PROFILER_OTLP_CA_CERT", value_name = "PATH")]
+    pub otlp_ca_cert: Option<PathBuf>,
+    /// gzip or none [default: gzip].
+    #[arg(long, env = "PROFILER_OTLP_COMPRESSION", value_name = "C")]
+    pub otlp_compression: Option<String>,
     /// Samples per second on each CPU [default: 19].
     #[arg(short = 'F', long, env = "PROFILER_FREQUENCY", value_name = "HZ")]
     pub frequency: Option<u64>,
@@ -62,9 +91,15 @@ pub struct AgentArgs {
     /// This node's name: selects its pods and labels its profiles [default: the hostname].
     #[arg(long, env = "PROFILER_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// Bound on profile bytes waiting for delivery [default: 64 MiB].
+    /// Bound on profile bytes waiting for delivery, per backend [default: 64 MiB].
     #[arg(long, env = "PROFILER_QUEUE_BYTES", value_name = "N")]
     pub queue_bytes: Option<usize>,
+    /// Requests under way at once, per backend [default: 2].
+    #[arg(long, env = "PROFILER_MAX_IN_FLIGHT", value_name = "N")]
+    pub max_in_flight: Option<usize>,
+    /// Largest request; an interval's profiles are split to fit [default: 4 MiB].
+    #[arg(long, env = "PROFILER_MAX_REQUEST_BYTES", value_name = "N")]
+    pub max_request_bytes: Option<usize>,
     /// How long SIGTERM may wait for the last profiles to be delivered [default: 10s].
     #[arg(long, env = "PROFILER_SHUTDOWN_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
@@ -78,6 +113,16 @@ pub struct AgentArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     pyroscope_url: Option<String>,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
+    #[serde(default)]
+    otlp_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    otlp_header_files: BTreeMap<String, PathBuf>,
+    otlp_ca_cert: Option<PathBuf>,
+    otlp_compression: Option<String>,
+    max_in_flight: Option<usize>,
+    max_request_bytes: Option<usize>,
     frequency: Option<u64>,
     upload_interval: Option<String>,
     #[serde(default)]
@@ -106,7 +151,10 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     pub kubeconfig: Option<PathBuf>,
     pub relabel: Relabeler,
-    pub push: PushConfig,
+    /// Pyroscope, when a URL is configured.
+    pub push: Option<PushConfig>,
+    /// OTLP, when an endpoint is configured.
+    pub otlp: Option<OtlpConfig>,
 }
 
 impl AgentConfig {
@@ -141,10 +189,7 @@ impl AgentConfig {
         };
         let mut labels = file.labels;
         for pair in &args.labels {
-            let (key, value) = pair
-                .split_once('=')
-                .filter(|(k, _)| !k.is_empty())
-                .ok_or_else(|| anyhow!("label `{pair}` is not key=value"))?;
+            let (key, value) = key_value(pair, "label")?;
             labels.insert(key.to_owned(), value.to_owned());
         }
         let metrics_text = args
@@ -155,10 +200,11 @@ impl AgentConfig {
             .parse()
             .map_err(|e| anyhow!("metrics address `{metrics_text}`: {e}"))?;
         let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
-        let url = args
-            .pyroscope_url
-            .or(file.pyroscope_url)
-            .ok_or_else(|| anyhow!("no Pyroscope server: give --pyroscope-url, PROFILER_PYROSCOPE_URL or pyroscope_url in the config file"))?;
+        let url = args.pyroscope_url.or(file.pyroscope_url);
+        let otlp_endpoint = args.otlp_endpoint.or(file.otlp_endpoint);
+        if url.is_none() && otlp_endpoint.is_none() {
+            bail!("no backend: give --pyroscope-url or --otlp-endpoint (or PROFILER_PYROSCOPE_URL, PROFILER_OTLP_ENDPOINT, or pyroscope_url/otlp_endpoint in the config file)");
+        }
         let protocol = match args.protocol.or(file.protocol).as_deref() {
             None | Some("grpc") => Protocol::Grpc,
             Some("http") => Protocol::Http,
@@ -173,17 +219,74 @@ impl AgentConfig {
             None => None,
         };
         let relabel = Relabeler::new(&file.relabel_configs).context("relabel_configs")?;
-        let push = PushConfig {
-            url,
-            protocol,
-            tenant_id: args.tenant_id.or(file.tenant_id),
-            basic_auth,
-            ca_cert: args.ca_cert.or(file.ca_cert),
-            queue_bytes: args.queue_bytes.or(file.queue_bytes).unwrap_or(64 << 20),
-            timeout: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(30),
+        let defaults = Delivery::default();
+        let delivery = Delivery {
+            queue_bytes: args
+                .queue_bytes
+                .or(file.queue_bytes)
+                .unwrap_or(defaults.queue_bytes),
+            max_in_flight: args
+                .max_in_flight
+                .or(file.max_in_flight)
+                .unwrap_or(defaults.max_in_flight),
+            max_request_bytes: args
+                .max_request_bytes
+                .or(file.max_request_bytes)
+                .unwrap_or(defaults.max_request_bytes),
+            ..defaults
         };
-        push.validate()?;
+        let push = match url {
+            Some(url) => {
+                let push = PushConfig {
+                    url,
+                    protocol,
+                    tenant_id: args.tenant_id.or(file.tenant_id),
+                    basic_auth,
+                    ca_cert: args.ca_cert.or(file.ca_cert),
+                    delivery,
+                };
+                push.validate()?;
+                Some(push)
+            }
+            None => None,
+        };
+        let otlp = match otlp_endpoint {
+            Some(endpoint) => {
+                let protocol = match args.otlp_protocol.or(file.otlp_protocol).as_deref() {
+                    None | Some("grpc") => OtlpProtocol::Grpc,
+                    Some("http") => OtlpProtocol::Http,
+                    Some(other) => bail!("OTLP protocol `{other}` is not grpc or http"),
+                };
+                let gzip = match args.otlp_compression.or(file.otlp_compression).as_deref() {
+                    None | Some("gzip") => true,
+                    Some("none") => false,
+                    Some(other) => bail!("OTLP compression `{other}` is not gzip or none"),
+                };
+                let mut headers = file.otlp_headers;
+                for (name, path) in file.otlp_header_files {
+                    headers.insert(name, secret(&path)?);
+                }
+                for pair in &args.otlp_headers {
+                    let (name, value) = key_value(pair, "OTLP header")?;
+                    headers.insert(name.to_owned(), value.to_owned());
+                }
+                for pair in &args.otlp_header_files {
+                    let (name, path) = key_value(pair, "OTLP header file")?;
+                    headers.insert(name.to_owned(), secret(Path::new(path))?);
+                }
+                let otlp = OtlpConfig {
+                    endpoint,
+                    protocol,
+                    headers: headers.into_iter().collect(),
+                    ca_cert: args.otlp_ca_cert.or(file.otlp_ca_cert),
+                    gzip,
+                    delivery,
+                };
+                otlp.validate()?;
+                Some(otlp)
+            }
+            None => None,
+        };
         Ok(AgentConfig {
             frequency,
             upload_interval,
@@ -194,6 +297,7 @@ impl AgentConfig {
             kubeconfig: args.kubeconfig.or(file.kubeconfig),
             relabel,
             push,
+            otlp,
         })
     }
 }
@@ -208,12 +312,24 @@ fn read_file(path: &Path) -> Result<FileConfig> {
     })
 }
 
+/// `pair` split at its first `=`, with a non-empty key; `what` names it in the error.
+fn key_value<'a>(pair: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
+    pair.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| anyhow!("{what} `{pair}` is not key=value"))
+}
+
+/// A secret read from a file (a mounted Kubernetes Secret), without its trailing newline.
+fn secret(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
 /// The basic-auth password: from the file if one is named, else PROFILER_BASIC_AUTH_PASSWORD.
 fn password(file: Option<&Path>) -> Result<String> {
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the password file {}", path.display()))?;
-        return Ok(text.trim_end_matches(['\n', '\r']).to_owned());
+        return secret(path);
     }
     std::env::var("PROFILER_BASIC_AUTH_PASSWORD").map_err(|_| {
         anyhow!("a basic-auth user needs a password: --basic-auth-password-file or PROFILER_BASIC_AUTH_PASSWORD")
@@ -266,9 +382,12 @@ mod tests {
         let file = file.to_str().unwrap();
 
         let from_file = load(&["--config", file], &[]).unwrap();
-        assert_eq!(from_file.push.url, "http://from-file:4040");
+        assert_eq!(
+            from_file.push.as_ref().unwrap().url,
+            "http://from-file:4040"
+        );
         assert_eq!(from_file.upload_interval, Duration::from_secs(30));
-        assert_eq!(from_file.push.queue_bytes, 1000);
+        assert_eq!(from_file.push.as_ref().unwrap().delivery.queue_bytes, 1000);
         assert_eq!(from_file.labels["team"], "file");
         assert_eq!(from_file.frequency, 19, "the default");
 
@@ -278,7 +397,7 @@ mod tests {
         ];
         let from_env = load(&["--config", file], &env).unwrap();
         assert_eq!(from_env.upload_interval, Duration::from_secs(20));
-        assert_eq!(from_env.push.queue_bytes, 2000);
+        assert_eq!(from_env.push.as_ref().unwrap().delivery.queue_bytes, 2000);
         assert_eq!(
             from_env.shutdown_timeout,
             Duration::from_secs(3),
@@ -298,7 +417,94 @@ mod tests {
         )
         .unwrap();
         assert_eq!(from_flags.upload_interval, Duration::from_secs(5));
-        assert_eq!(from_flags.push.queue_bytes, 2000, "the environment's");
+        assert_eq!(
+            from_flags.push.as_ref().unwrap().delivery.queue_bytes,
+            2000,
+            "the environment's"
+        );
         assert_eq!(from_flags.labels["team"], "flag");
+    }
+
+    #[test]
+    fn otlp_alone_with_headers_from_flags_files_and_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "Bearer s3cret\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "otlp_endpoint = \"http://collector:4318\"\notlp_protocol = \"http\"\n\
+                 otlp_compression = \"none\"\nmax_in_flight = 3\n\
+                 [otlp_headers]\nx-team = \"file\"\nx-env = \"file\"\n\
+                 [otlp_header_files]\nauthorization = \"{}\"\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let config = load(
+            &[
+                "--config",
+                file.to_str().unwrap(),
+                "--otlp-header",
+                "x-team=flag",
+            ],
+            &[("PROFILER_MAX_REQUEST_BYTES", "100000")],
+        )
+        .unwrap();
+        assert!(config.push.is_none());
+        let otlp = config.otlp.unwrap();
+        assert_eq!(otlp.endpoint, "http://collector:4318");
+        assert_eq!(otlp.protocol, profiler_push::OtlpProtocol::Http);
+        assert!(!otlp.gzip);
+        assert_eq!(otlp.delivery.max_in_flight, 3);
+        assert_eq!(otlp.delivery.max_request_bytes, 100_000);
+        assert_eq!(
+            otlp.headers,
+            vec![
+                ("authorization".to_owned(), "Bearer s3cret".to_owned()),
+                ("x-env".to_owned(), "file".to_owned()),
+                ("x-team".to_owned(), "flag".to_owned()),
+            ]
+        );
+        // Both backends at once; neither is an error.
+        let both = load(
+            &[
+                "--pyroscope-url",
+                "http://p:4040",
+                "--otlp-endpoint",
+                "https://c:4317",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(both.push.is_some() && both.otlp.as_ref().unwrap().gzip);
+        let none = load(&[], &[]).err().unwrap();
+        assert!(format!("{none:#}").contains("--otlp-endpoint"), "{none:#}");
+        for bad in [
+            ["--otlp-endpoint", "grpc://c:4317", "", ""],
+            ["--otlp-endpoint", "http://c:4317", "--otlp-protocol", "udp"],
+            [
+                "--otlp-endpoint",
+                "http://c:4317",
+                "--otlp-header",
+                "novalue",
+            ],
+            [
+                "--otlp-endpoint",
+                "http://c:4317",
+                "--otlp-header-file",
+                "k=/nonexistent",
+            ],
+            [
+                "--otlp-endpoint",
+                "http://c:4317",
+                "--otlp-compression",
+                "zstd",
+            ],
+        ] {
+            let args: Vec<&str> = bad.into_iter().filter(|a| !a.is_empty()).collect();
+            assert!(load(&args, &[]).is_err(), "{args:?}");
+        }
     }
 }

@@ -25,8 +25,8 @@ struct Cli {
 enum Command {
     /// Record on-CPU stacks of processes, a command, or the whole machine into a profile.
     Record(RecordArgs),
-    /// Profile the whole node continuously and push profiles to Pyroscope.
-    Agent(config::AgentArgs),
+    /// Profile the whole node continuously and push profiles to Pyroscope and/or an OTLP endpoint.
+    Agent(Box<config::AgentArgs>),
     /// Compare two profiles (or sets of runs): which functions got more or less expensive, and
     /// whether beyond sampling noise; exits 1 on a significant regression with --fail-above.
     Diff(diff::DiffArgs),
@@ -96,7 +96,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Record(args) => record::run(args).await,
-            Command::Agent(args) => agent::run(args).await,
+            Command::Agent(args) => agent::run(*args).await,
             Command::Diff(args) => diff::run(args),
         }
     });

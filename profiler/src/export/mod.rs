@@ -1,6 +1,8 @@
-//! Export: writes a pprof profile as gzipped protobuf, folded stacks, or an SVG flame graph.
+//! Export: writes a pprof profile as gzipped protobuf, folded stacks, or an SVG flame graph,
+//! and turns profiles into Pyroscope uploads and OTLP export requests.
 
 mod folded;
+pub mod otlp;
 mod top;
 
 use std::{

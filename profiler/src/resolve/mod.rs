@@ -168,7 +168,10 @@ impl Resolver {
         let (threads, ended_at, reread_wait) = match previous {
             Some(p) => {
                 let found_new = mappings.len() != p.mappings.len()
-                    || mappings.iter().zip(&p.mappings).any(|(a, b)| a.start != b.start);
+                    || mappings
+                        .iter()
+                        .zip(&p.mappings)
+                        .any(|(a, b)| a.start != b.start);
                 let wait = if found_new {
                     Duration::ZERO
                 } else {
