@@ -42,6 +42,7 @@ pub struct Metrics {
     push_duration: Histogram,
     queue_bytes: Gauge,
     profiles_dropped: Counter,
+    series_overflow: Counter,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -62,6 +63,7 @@ impl Metrics {
             push_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             queue_bytes: Gauge::default(),
             profiles_dropped: Counter::default(),
+            series_overflow: Counter::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -117,6 +119,12 @@ impl Metrics {
             metrics.profiles_dropped.clone(),
         );
         registry.register(
+            "series_overflow",
+            "Samples filed under the node's series-overflow series because the interval had \
+             reached --max-series series",
+            metrics.series_overflow.clone(),
+        );
+        registry.register(
             "build",
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -163,6 +171,20 @@ impl Metrics {
         self.profiles_dropped.inc();
     }
 
+    /// Samples folded into the overflow series.
+    pub fn series_overflow(&self, samples: u64) {
+        self.series_overflow.inc_by(samples);
+    }
+
+    /// Samples lost in user space, for a reason of its own.
+    pub fn samples_lost(&self, reason: &'static str, samples: u64) {
+        if samples > 0 {
+            self.lost
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc_by(samples);
+        }
+    }
+
     fn text(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -189,7 +211,10 @@ impl Metrics {
 
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.text(),
     )
 }

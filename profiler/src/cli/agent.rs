@@ -1,11 +1,7 @@
 //! `profiler agent`: samples the whole node at a low frequency and pushes one profile per
 //! target every upload interval, until SIGTERM, when it flushes what is left.
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,11 +11,11 @@ use super::{
     privileges::require_capabilities,
 };
 use crate::{
-    aggregate::ProfileSet,
+    aggregate::{ProfileSet, SampleLabels},
     collect::{CollectConfig, Collector, Targets as Filter},
     export,
     metrics::Metrics,
-    resolve::{ResolvedSample, Resolver, TargetKey, Targets},
+    resolve::{Decision, ResolvedSample, Resolver, TargetKey, Targets},
 };
 
 /// How often the kernel maps are drained at most: every second, or four times per upload
@@ -54,9 +50,15 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
             None
         }
     };
-    let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods);
+    let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods)
+        .with_pod_grace(config.pod_wait);
     let mut resolver = Resolver::new(&[]);
-    let mut interval = Interval::new(config.frequency);
+    let sample_labels = match config.thread_names {
+        true => SampleLabels::ThreadNames,
+        false => SampleLabels::None,
+    };
+    let mut interval = Interval::new(config.frequency, sample_labels)
+        .with_max_series(config.max_series, targets.overflow_key());
 
     let events = collector.events()?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -78,32 +80,40 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
                     // New process, or exec: read it (again) and decide where it belongs.
                     resolver.observe(pid);
                     targets.forget(pid);
-                    let comm = resolver.comm(pid).unwrap_or_else(|| Arc::from(""));
-                    if targets.get(pid, &comm).dropped {
+                    // Classified while /proc still has it; one gone already is classified
+                    // from its samples' names when they are filed.
+                    let Some(comm) = resolver.comm(pid) else { continue };
+                    if targets.decide(pid, &comm) == Decision::Drop {
                         // Relabeling dropped it: the kernel stops sampling it.
                         collector.exclude(pid)?;
                     }
                 }
             }
             _ = drain.tick() => {
-                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?), &metrics);
+                interval.revisit(&mut targets, &mut collector, &metrics, false)?;
                 metrics.update(&collector.counters()?, &resolver.stats());
             }
             _ = upload.tick() => {
-                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?), &metrics);
                 interval.send(&pusher, &metrics);
                 // Exited processes' samples are out now: forget them.
                 for pid in resolver.forget_exited() {
                     targets.forget(pid);
                     collector.forget(pid);
                 }
-                targets.retry_unknown_pods();
             }
         }
     }
 
     // The last interval goes out too, then the queue gets until the deadline to drain.
-    interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
+    interval.add(
+        &mut targets,
+        &resolver.resolve(&collector.drain_all()?),
+        &metrics,
+    );
+    // Samples still waiting for their pod go out with what is known.
+    interval.revisit(&mut targets, &mut collector, &metrics, true)?;
     interval.send(&pusher, &metrics);
     metrics.update(&collector.counters()?, &resolver.stats());
     let left = pusher.shutdown(config.shutdown_timeout).await;
@@ -113,46 +123,78 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// One upload interval's profiles, one per target, with each target's labels.
+/// One upload interval's profiles, one per series.
 struct Interval {
     profiles: ProfileSet<TargetKey>,
-    labels: BTreeMap<TargetKey, BTreeMap<String, String>>,
     start: SystemTime,
     frequency: u64,
 }
 
 impl Interval {
-    fn new(frequency: u64) -> Self {
+    fn new(frequency: u64, labels: SampleLabels) -> Self {
         Self {
-            profiles: ProfileSet::new(frequency),
-            labels: BTreeMap::new(),
+            profiles: ProfileSet::new(frequency, labels),
             start: SystemTime::now(),
             frequency,
         }
     }
 
-    /// Files samples under their targets; dropped targets' samples go nowhere.
-    fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample]) {
-        for sample in samples {
-            let target = targets.get(sample.pid, &sample.comm);
-            if target.dropped {
-                continue;
+    /// At most `max` series per interval; what is over goes to `overflow`.
+    fn with_max_series(mut self, max: usize, overflow: TargetKey) -> Self {
+        self.profiles = self.profiles.with_cap(max, overflow);
+        self
+    }
+
+    /// Files samples under their series; dropped processes' samples go nowhere, undecided
+    /// ones wait in `targets`.
+    fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample], metrics: &Metrics) {
+        let mut folded = 0;
+        targets.file(samples, |key, sample| {
+            if self.profiles.add(key, sample) {
+                folded += sample.count;
             }
-            self.labels
-                .entry(target.key.clone())
-                .or_insert_with(|| target.labels.clone());
-            self.profiles.add(&target.key, sample);
+        });
+        metrics.series_overflow(folded);
+        metrics.samples_lost("awaiting_metadata_full", targets.take_held_dropped());
+    }
+
+    /// Decides again what may have changed (pods appeared, grace periods ended; every
+    /// waiting process when `all`), files the samples that waited, and tells the kernel which
+    /// processes to stop or start sampling again.
+    fn revisit(
+        &mut self,
+        targets: &mut Targets,
+        collector: &mut Collector,
+        metrics: &Metrics,
+        all: bool,
+    ) -> Result<()> {
+        let mut folded = 0;
+        let file = |key: &TargetKey, sample: &ResolvedSample| {
+            if self.profiles.add(key, sample) {
+                folded += sample.count;
+            }
+        };
+        let changes = match all {
+            true => targets.decide_all(file),
+            false => targets.revisit(file),
+        };
+        metrics.series_overflow(folded);
+        for change in changes {
+            if change.exclude {
+                collector.exclude(change.pid)?;
+            } else {
+                // Lifts the exclusion.
+                collector.forget(change.pid);
+            }
         }
+        Ok(())
     }
 
     /// Queues one profile per target and starts the next interval.
     fn send(&mut self, pusher: &profiler_push::Pusher, metrics: &Metrics) {
         let until = SystemTime::now();
         for (key, profile) in self.profiles.take(self.start, until) {
-            let Some(labels) = self.labels.get(&key) else {
-                continue;
-            };
-            match export::upload(&profile, labels, self.start, until, self.frequency) {
+            match export::upload(&profile, key.labels(), self.start, until, self.frequency) {
                 Ok(upload) => pusher.enqueue(upload),
                 Err(err) => {
                     eprintln!("warn: cannot encode the profile of {key:?}: {err:#}");
@@ -160,7 +202,6 @@ impl Interval {
                 }
             }
         }
-        self.labels.clear();
         self.start = until;
     }
 }
