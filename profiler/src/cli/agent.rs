@@ -79,13 +79,16 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
                 for pid in collector.new_processes() {
                     // New process, or exec: read it (again) and decide where it belongs.
                     resolver.observe(pid);
-                    targets.forget(pid);
+                    let was_dropped = targets.forget(pid) == Some(Decision::Drop);
                     // Classified while /proc still has it; one gone already is classified
                     // from its samples' names when they are filed.
                     let Some(comm) = resolver.comm(pid) else { continue };
-                    if targets.decide(pid, &comm) == Decision::Drop {
+                    match (targets.decide(pid, &comm) == Decision::Drop, was_dropped) {
                         // Relabeling dropped it: the kernel stops sampling it.
-                        collector.exclude(pid)?;
+                        (true, false) => collector.exclude(pid)?,
+                        // It exec'd into something relabeling keeps.
+                        (false, true) => collector.forget(pid),
+                        _ => {}
                     }
                 }
             }

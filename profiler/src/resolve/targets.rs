@@ -343,14 +343,16 @@ impl Targets {
         self.held -= held.len();
     }
 
-    /// Forgets `pid` (it exited, or exec'd into something else). Samples it left waiting
-    /// are still filed once its pod is known or its grace ends.
-    pub fn forget(&mut self, pid: u32) {
-        if let Some(process) = self.processes.remove(&pid) {
-            if !process.held.is_empty() {
-                self.gone.push((pid, process));
-            }
+    /// Forgets `pid` (it exited, or exec'd into something else) and returns its decision.
+    /// Samples it left waiting are still filed once its pod is known or its grace ends.
+    pub fn forget(&mut self, pid: u32) -> Option<Decision> {
+        let process = self.processes.remove(&pid)?;
+        let decision = process.decision.clone();
+        // Only a waiting process holds samples.
+        if !process.held.is_empty() {
+            self.gone.push((pid, process));
         }
+        Some(decision)
     }
 
     /// Samples dropped since the last call because too many were held.
