@@ -531,6 +531,10 @@ fn bad_configuration_is_one_clear_error_at_start_up() {
         ),
         (vec!["--config", &regex], "regex"),
         (
+            vec!["--pyroscope-url", "http://x:4040", "--max-series", "0"],
+            "max_series",
+        ),
+        (
             vec!["--config", "/nonexistent/agent.toml"],
             "/nonexistent/agent.toml",
         ),
@@ -838,6 +842,43 @@ action = "keep"
         .filter_map(|r| r.label("service_name"))
         .collect();
     assert_eq!(services, HashSet::from(["shop/web", "shop/worker"]));
+}
+
+/// `--thread-names` (here from the environment) labels samples with their thread's name,
+/// and with nothing else.
+#[test]
+fn thread_names_label_samples_only_when_asked_for() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let mut workload = spawn_workload(&["burn", "30"]);
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "1s",
+        &[],
+        &[("PROFILER_THREAD_NAMES", "true")],
+    );
+    assert!(poll(Duration::from_secs(20), || !of_service(
+        &recorder.snapshot(),
+        "workload"
+    )
+    .is_empty()));
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    let received = recorder.snapshot();
+    let profile = decode(&of_service(&received, "workload")[0].raw_profile);
+    let samples = samples(&profile);
+    assert!(!samples.is_empty());
+    for sample in &samples {
+        let labels: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(labels, vec![("thread", "workload")]);
+    }
 }
 
 /// User plus system CPU seconds of the children this process has waited for.
