@@ -185,6 +185,8 @@ struct Store {
     pods: HashMap<String, Entry>,
     /// Container ID → (pod key, container name).
     containers: HashMap<String, (String, String)>,
+    /// Moves on every change that can change a lookup's answer.
+    version: u64,
 }
 
 #[derive(Debug)]
@@ -228,6 +230,12 @@ impl PodCache {
         self.len() == 0
     }
 
+    /// A number that moves whenever a lookup's answer may have changed (a pod added, updated
+    /// or purged): callers that acted on an answer, or on its absence, ask again when it moves.
+    pub fn version(&self) -> u64 {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).version
+    }
+
     /// Adds or replaces a pod as a watch event would: for callers that learn about pods some
     /// other way, and for tests of what is built on the cache.
     pub fn insert(&self, info: PodInfo) {
@@ -239,6 +247,7 @@ impl PodCache {
 impl Store {
     fn apply(&mut self, info: PodInfo) {
         let key = info.key();
+        self.version += 1;
         self.forget_containers(&key);
         for container in &info.containers {
             self.containers
@@ -269,6 +278,7 @@ impl Store {
             .map(|(key, _)| key.clone())
             .collect();
         for key in expired {
+            self.version += 1;
             self.forget_containers(&key);
             self.pods.remove(&key);
         }
@@ -633,6 +643,8 @@ mod tests {
         )));
         assert!(cache.by_container_id(C1).is_none());
         assert_eq!(cache.by_container_id(C2).unwrap().1, "app");
+        let version = cache.version();
+        assert!(version >= 2, "each change moves the version");
 
         // Deleted: not counted, still resolvable during the grace period.
         cache.inner.write().unwrap().delete("u1", now);
@@ -645,12 +657,14 @@ mod tests {
             .unwrap()
             .purge(now + Duration::from_secs(1), DELETED_POD_GRACE);
         assert!(cache.by_container_id(C2).is_some());
+        assert_eq!(cache.version(), version, "no answer changed");
         cache
             .inner
             .write()
             .unwrap()
             .purge(now + DELETED_POD_GRACE, DELETED_POD_GRACE);
         assert!(cache.by_container_id(C2).is_none());
+        assert!(cache.version() > version, "a purge changes answers");
         assert!(cache.inner.read().unwrap().pods.is_empty());
         assert!(cache.inner.read().unwrap().containers.is_empty());
     }

@@ -58,6 +58,7 @@ pub struct Metrics {
     profiles_produced: Family<Labels, Counter>,
     /// Profiles a backend accepted: the delivery SLI's numerator (one request carries many).
     profiles_delivered: Family<Labels, Counter>,
+    series_overflow: Counter,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -88,6 +89,7 @@ impl Metrics {
             profiles_dropped: Family::default(),
             profiles_produced: Family::default(),
             profiles_delivered: Family::default(),
+            series_overflow: Counter::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -166,6 +168,12 @@ impl Metrics {
             metrics.profiles_dropped.clone(),
         );
         registry.register(
+            "series_overflow",
+            "Samples filed under the node's series-overflow series because the interval had \
+             reached --max-series series",
+            metrics.series_overflow.clone(),
+        );
+        registry.register(
             "build",
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -220,6 +228,20 @@ impl Metrics {
         metrics.queue_bytes(0);
         metrics.dropped(0);
         Arc::new(metrics)
+    }
+
+    /// Samples folded into the overflow series.
+    pub fn series_overflow(&self, samples: u64) {
+        self.series_overflow.inc_by(samples);
+    }
+
+    /// Samples lost in user space, for a reason of its own.
+    pub fn samples_lost(&self, reason: &'static str, samples: u64) {
+        if samples > 0 {
+            self.lost
+                .get_or_create(&vec![("reason", reason.to_owned())])
+                .inc_by(samples);
+        }
     }
 
     /// The metrics page in `format`.

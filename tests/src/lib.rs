@@ -11,6 +11,7 @@ use std::{
 
 use profiler_proto::pprof::Profile;
 
+pub mod kube;
 pub mod receiver;
 use tempfile::TempDir;
 

@@ -169,7 +169,6 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     let recorder = Recorder::default();
     let server = rt.block_on(start_server(recorder.clone()));
     let mut workload = spawn_workload(&["shares", "30"]);
-    let pid = workload.id().to_string();
     let agent = Agent::start(
         &format!("http://{}", server.addr),
         "2s",
@@ -196,21 +195,26 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     let received = recorder.snapshot();
     let mine = of_service(&received, "workload");
     let first = mine[0];
-    for (name, value) in [
+    // A series is its labels: no pid, comm or container_id.
+    let mut labels = first.labels.clone();
+    labels.sort();
+    let expected = [
         ("__name__", "process_cpu"),
-        ("node", "test-node"),
         ("env", "test"),
-        ("pid", pid.as_str()),
-        ("comm", "workload"),
-    ] {
-        assert_eq!(first.label(name), Some(value), "{name}: {:?}", first.labels);
-    }
-    assert!(first.labels.iter().all(|(k, _)| !k.starts_with("__meta")));
+        ("node", "test-node"),
+        ("service_name", "workload"),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(labels, expected);
     assert_eq!(first.tenant.as_deref(), Some("team-a"));
     assert_eq!(first.authorization.as_deref(), Some("Basic dTpw"));
-    // One profile per target: other processes are separate series.
-    assert!(mine.iter().all(|r| r.label("pid") == Some(pid.as_str())));
-    let samples = samples(&decode(&first.raw_profile));
+    let profile = decode(&first.raw_profile);
+    // No sample labels, which Pyroscope would turn into series.
+    assert!(profile.sample.iter().all(|s| s.label.is_empty()));
+    let samples = samples(&profile);
     assert!(has_function(&samples, "heavy"), "{samples:?}");
     // Every target of an interval (each process on the machine here) travels in one request.
     let mut requests_of_interval: BTreeMap<i64, HashSet<usize>> = BTreeMap::new();
@@ -254,6 +258,7 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
         !metrics.keys().any(|k| k.contains("otlp")),
         "no OTLP series without an OTLP endpoint"
     );
+    assert_eq!(metric(&metrics, "profiler_series_overflow_total"), 0.0);
 }
 
 #[test]
@@ -512,6 +517,10 @@ fn bad_configuration_is_one_clear_error_at_start_up() {
             "/nonexistent/pw",
         ),
         (vec!["--config", &regex], "regex"),
+        (
+            vec!["--pyroscope-url", "http://x:4040", "--max-series", "0"],
+            "max_series",
+        ),
         (
             vec!["--config", "/nonexistent/agent.toml"],
             "/nonexistent/agent.toml",
@@ -933,4 +942,358 @@ fn an_otlp_outage_loses_nothing_while_pyroscope_pushes_continue() {
         "{} intervals",
         pyroscope_starts.len()
     );
+}
+
+/// Labels sorted, to compare label sets.
+fn label_set(received: &Received) -> Vec<(String, String)> {
+    let mut labels = received.labels.clone();
+    labels.sort();
+    labels
+}
+
+/// Many short-lived processes of one executable next to a long-running one: one series, every
+/// push with a real service name, and the short-lived processes' samples in it.
+#[test]
+fn churn_of_one_executable_is_one_series() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let mut long = spawn_workload(&["burn", "30"]);
+    let agent = Agent::start(&format!("http://{}", server.addr), "1s", &[], &[]);
+    // Ten processes a second for 8 s, each 100 ms of `shares` (heavy, light, middle).
+    let cpu_before = children_cpu_seconds();
+    let started = std::time::Instant::now();
+    let mut children: Vec<Child> = Vec::new();
+    let mut spawned = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        children.push(spawn_workload(&["shares", "0.1"]));
+        spawned += 1;
+        std::thread::sleep(Duration::from_millis(100));
+        children.retain_mut(|c| c.try_wait().unwrap().is_none());
+    }
+    for child in &mut children {
+        child.wait().unwrap();
+    }
+    // The CPU time the short-lived processes used (every child waited for so far is one).
+    let churn_cpu = children_cpu_seconds() - cpu_before;
+    // The last samples reach a push within two intervals.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(agent.terminate().success());
+    let long_cpu = process_cpu_seconds(long.id());
+    let _ = long.kill();
+    let _ = long.wait();
+
+    let received = recorder.snapshot();
+    for push in &received {
+        let service = push.label("service_name").unwrap_or("");
+        assert!(
+            !service.is_empty() && service != "[unknown]",
+            "no real service name: {:?}",
+            push.labels
+        );
+    }
+    let mine = of_service(&received, "workload");
+    let series: HashSet<_> = mine.iter().map(|r| label_set(r)).collect();
+    assert_eq!(
+        series.len(),
+        1,
+        "{spawned} processes of one executable: {series:?}"
+    );
+    let mut times: Vec<i64> = mine
+        .iter()
+        .map(|r| decode(&r.raw_profile).time_nanos)
+        .collect();
+    let pushes = times.len();
+    times.dedup();
+    assert_eq!(
+        times.len(),
+        pushes,
+        "one profile per interval for the executable"
+    );
+    let all: Vec<DecodedSample> = mine
+        .iter()
+        .flat_map(|r| samples(&decode(&r.raw_profile)))
+        .collect();
+    assert!(has_function(&all, "burn_inner"), "the long-running one");
+    assert!(has_function(&all, "heavy"), "the short-lived ones");
+    // The short-lived processes' samples (all but the long-running one's burn) are in the
+    // executable's series: about 99 per CPU second they used at 99 Hz; fewer when other work
+    // shares the CPUs (70 to 85 % seen here), never as few as half.
+    let (long_samples, churn): (Vec<&DecodedSample>, Vec<&DecodedSample>) =
+        all.iter().partition(|s| s.has_function("burn_outer"));
+    let rate = |samples: &[&DecodedSample], cpu: f64| {
+        samples.iter().map(|s| s.count).sum::<i64>() as f64 / cpu
+    };
+    let (long_rate, churn_rate) = (rate(&long_samples, long_cpu), rate(&churn, churn_cpu));
+    eprintln!(
+        "samples per CPU second: long-running {long_rate:.1} ({long_cpu:.2} s), \
+         short-lived {churn_rate:.1} ({churn_cpu:.2} s)"
+    );
+    let services: BTreeMap<&str, usize> = received.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.label("service_name").unwrap_or("")).or_default() += 1;
+        m
+    });
+    assert!(
+        churn_rate >= 0.5 * 99.0,
+        "short-lived processes: {churn_rate:.1} samples per CPU second (the long-running \
+         one: {long_rate:.1}); pushes per service: {services:?}"
+    );
+    // Every series pushed over the run: a handful of executables on this machine, not one
+    // per process.
+    let everything: HashSet<_> = received.iter().map(label_set).collect();
+    assert!(
+        everything.len() < spawned / 2,
+        "{} series",
+        everything.len()
+    );
+}
+
+/// A relabel rule that makes a series per process, over more processes than --max-series:
+/// every interval pushes at most that many series plus the node's overflow series, and the
+/// samples folded into it are counted.
+#[test]
+fn a_series_per_process_is_capped_and_counted() {
+    let Some(t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let config = t.path("agent.toml");
+    std::fs::write(
+        &config,
+        r#"
+max_series = 3
+
+[[relabel_configs]]
+source_labels = ["__meta_process_exe"]
+regex = "workload"
+action = "keep"
+
+[[relabel_configs]]
+source_labels = ["__meta_process_pid"]
+target_label = "pid"
+"#,
+    )
+    .unwrap();
+    let mut children: Vec<Child> = (0..8).map(|_| spawn_workload(&["burn", "30"])).collect();
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "1s",
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(poll(Duration::from_secs(20), || of_service(
+        &recorder.snapshot(),
+        "series-overflow"
+    )
+    .len()
+        >= 3));
+    let metrics = agent.metrics();
+    assert!(agent.terminate().success());
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    let received = recorder.snapshot();
+    let mut intervals: BTreeMap<i64, Vec<&Received>> = BTreeMap::new();
+    for push in &received {
+        let time = decode(&push.raw_profile).time_nanos;
+        intervals.entry(time).or_default().push(push);
+    }
+    for pushes in intervals.values() {
+        let per_process = pushes
+            .iter()
+            .filter(|r| r.label("service_name") == Some("workload"))
+            .inspect(|r| assert!(r.label("pid").is_some(), "{:?}", r.labels))
+            .count();
+        assert!(per_process <= 3, "{per_process} series in one interval");
+        assert!(pushes.len() <= 4, "{} series in one interval", pushes.len());
+    }
+    let overflow = of_service(&received, "series-overflow");
+    let expected: Vec<(String, String)> = [
+        ("__name__", "process_cpu"),
+        ("node", "test-node"),
+        ("service_name", "series-overflow"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(label_set(overflow[0]), expected);
+    let folded: Vec<DecodedSample> = overflow
+        .iter()
+        .flat_map(|r| samples(&decode(&r.raw_profile)))
+        .collect();
+    assert!(has_function(&folded, "burn_inner"));
+    assert!(
+        metric(&metrics, "profiler_series_overflow_total") > 0.0,
+        "{metrics:?}"
+    );
+}
+
+/// Under a `keep` rule on pod labels, processes of containers whose pods the API server
+/// delivers late are profiled once their pods are known: one whose pod comes within
+/// --pod-wait (its samples waited), and one whose pod comes after it (it was excluded from
+/// sampling meanwhile, and is sampled again).
+#[test]
+fn a_keep_rule_profiles_pods_whose_metadata_arrives_late() {
+    use profiler_tests::kube::{pod, FakeApiServer, FakeContainer};
+    let Some(t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let api = rt.block_on(FakeApiServer::start());
+    let kubeconfig = t.path("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    let config = t.path("agent.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[relabel_configs]]
+source_labels = ["__meta_kubernetes_namespace"]
+regex = "shop"
+action = "keep"
+"#,
+    )
+    .unwrap();
+    let early = FakeContainer::new("early");
+    early.adopt(spawn_workload(&["shares", "40"]));
+    let late = FakeContainer::new("late");
+    late.adopt(spawn_workload(&["burn", "40"]));
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "1s",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--pod-wait",
+            "3s",
+        ],
+        &[],
+    );
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    api.add_pod(pod(
+        "shop",
+        "web-1",
+        "web",
+        "test-node",
+        &[("app", &early.id)],
+    ));
+    let web = |r: &[Received]| {
+        of_service(r, "shop/web")
+            .iter()
+            .any(|r| has_function(&samples(&decode(&r.raw_profile)), "heavy"))
+    };
+    assert!(
+        poll(Duration::from_secs(20), || web(&recorder.snapshot())),
+        "the pod that came within the wait was never profiled"
+    );
+    // Well past the wait: the keep rule has dropped the other process, without a pod.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(started.elapsed()));
+    let before = recorder.count();
+    api.add_pod(pod(
+        "shop",
+        "worker-1",
+        "worker",
+        "test-node",
+        &[("worker", &late.id)],
+    ));
+    let worker = |r: &[Received]| {
+        of_service(r, "shop/worker")
+            .iter()
+            .any(|r| has_function(&samples(&decode(&r.raw_profile)), "burn_inner"))
+    };
+    assert!(
+        poll(Duration::from_secs(20), || worker(&recorder.snapshot())),
+        "the pod that came after the wait was never profiled"
+    );
+    assert!(agent.terminate().success());
+    drop((early, late));
+
+    let received = recorder.snapshot();
+    assert!(
+        received[..before]
+            .iter()
+            .all(|r| r.label("service_name") != Some("shop/worker")),
+        "profiled before its pod was known"
+    );
+    let first = of_service(&received, "shop/web")[0];
+    for (name, value) in [
+        ("namespace", "shop"),
+        ("pod", "web-1"),
+        ("container", "app"),
+    ] {
+        assert_eq!(first.label(name), Some(value), "{:?}", first.labels);
+    }
+    assert_eq!(first.label("container_id"), None);
+    let services: HashSet<_> = received
+        .iter()
+        .filter_map(|r| r.label("service_name"))
+        .collect();
+    assert_eq!(services, HashSet::from(["shop/web", "shop/worker"]));
+}
+
+/// `--thread-names` (here from the environment) labels samples with their thread's name,
+/// and with nothing else.
+#[test]
+fn thread_names_label_samples_only_when_asked_for() {
+    let Some(_t) = bpf_test() else { return };
+    let rt = runtime();
+    let recorder = Recorder::default();
+    let server = rt.block_on(start_server(recorder.clone()));
+    let mut workload = spawn_workload(&["burn", "30"]);
+    let agent = Agent::start(
+        &format!("http://{}", server.addr),
+        "1s",
+        &[],
+        &[("PROFILER_THREAD_NAMES", "true")],
+    );
+    assert!(poll(Duration::from_secs(20), || !of_service(
+        &recorder.snapshot(),
+        "workload"
+    )
+    .is_empty()));
+    assert!(agent.terminate().success());
+    let _ = workload.kill();
+    let _ = workload.wait();
+    let received = recorder.snapshot();
+    let profile = decode(&of_service(&received, "workload")[0].raw_profile);
+    let samples = samples(&profile);
+    assert!(!samples.is_empty());
+    for sample in &samples {
+        let labels: Vec<(&str, &str)> = sample
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(labels, vec![("thread", "workload")]);
+    }
+}
+
+/// User plus system CPU seconds of a live process, from /proc/PID/stat.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesized name: state is 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// User plus system CPU seconds of the children this process has waited for.
+fn children_cpu_seconds() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) },
+        0
+    );
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }

@@ -38,6 +38,9 @@ const CONFIG_KEYS: &[&str] = &[
     "queue_bytes",
     "shutdown_timeout",
     "kubeconfig",
+    "max_series",
+    "pod_wait",
+    "thread_names",
     "relabel_configs",
 ];
 

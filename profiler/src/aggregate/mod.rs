@@ -11,28 +11,77 @@ use profiler_proto::pprof::{
 
 use crate::resolve::{Frame, Mapping, ResolvedSample};
 
-/// One profile builder per key (per target in the agent), started and emptied together.
+/// Which labels each sample carries.
+///
+/// Pyroscope turns every string sample label into a series label and splits the profile by
+/// it, so profiles meant for it carry none by default; files meant for people carry them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleLabels {
+    /// `pid`, `tid` (numbers), `comm` and `thread` (names): `record`'s files.
+    All,
+    /// None: samples of every process and thread of a series merge.
+    None,
+    /// The thread's name only, as `thread`: one series per thread name in Pyroscope.
+    ThreadNames,
+}
+
+/// One profile builder per key (per series in the agent), started and emptied together, with
+/// at most `max_keys` keys per interval: samples of any further key fold into one overflow key.
 pub struct ProfileSet<K> {
     frequency: u64,
+    labels: SampleLabels,
     builders: std::collections::BTreeMap<K, ProfileBuilder>,
+    cap: Option<(usize, K)>,
 }
 
 impl<K: Ord + Clone> ProfileSet<K> {
-    /// Empty, for samples taken at `frequency` Hz.
-    pub fn new(frequency: u64) -> Self {
+    /// Empty, for samples taken at `frequency` Hz carrying `labels`, without a cap.
+    pub fn new(frequency: u64, labels: SampleLabels) -> Self {
         Self {
             frequency,
+            labels,
             builders: Default::default(),
+            cap: None,
         }
     }
 
-    /// Adds `sample` to the profile of `key`.
-    pub fn add(&mut self, key: &K, sample: &ResolvedSample) {
-        let frequency = self.frequency;
+    /// At most `max_keys` keys per interval (`overflow` not counted): samples of any other
+    /// key go to `overflow`.
+    pub fn with_cap(mut self, max_keys: usize, overflow: K) -> Self {
+        self.cap = Some((max_keys, overflow));
+        self
+    }
+
+    /// Adds `sample` to the profile of `key`, or of the overflow key when `key` would be one
+    /// too many. Returns true when it went to the overflow key.
+    pub fn add(&mut self, key: &K, sample: &ResolvedSample) -> bool {
+        let (key, folded) = match &self.cap {
+            Some((max, overflow))
+                if key != overflow
+                    && !self.builders.contains_key(key)
+                    && self.builders.len() - usize::from(self.builders.contains_key(overflow))
+                        >= *max =>
+            {
+                (overflow, true)
+            }
+            _ => (key, false),
+        };
+        let (frequency, labels) = (self.frequency, self.labels);
         self.builders
             .entry(key.clone())
-            .or_insert_with(|| ProfileBuilder::new(frequency))
+            .or_insert_with(|| ProfileBuilder::new(frequency).sample_labels(labels))
             .add(std::slice::from_ref(sample));
+        folded
+    }
+
+    /// Keys holding samples in this interval.
+    pub fn len(&self) -> usize {
+        self.builders.len()
+    }
+
+    /// True when no sample was added in this interval.
+    pub fn is_empty(&self) -> bool {
+        self.builders.is_empty()
     }
 
     /// Every profile, each covering exactly `start`..`until` so that consecutive intervals
@@ -67,12 +116,14 @@ pub struct ProfileBuilder {
     locations: HashMap<(u64, u64), u64>,
     location_table: Vec<Location>,
     samples: HashMap<(Vec<u64>, [i64; 4]), u64>,
+    labels: SampleLabels,
     period_ns: i64,
     start: SystemTime,
 }
 
 impl ProfileBuilder {
-    /// A builder for samples taken at `frequency` Hz, starting now.
+    /// A builder for samples taken at `frequency` Hz, starting now, with every sample label
+    /// ([`SampleLabels::All`]).
     pub fn new(frequency: u64) -> Self {
         let mut builder = Self {
             strings: HashMap::new(),
@@ -86,11 +137,18 @@ impl ProfileBuilder {
             locations: HashMap::new(),
             location_table: Vec::new(),
             samples: HashMap::new(),
+            labels: SampleLabels::All,
             period_ns: 1_000_000_000 / frequency.max(1) as i64,
             start: SystemTime::now(),
         };
         builder.string("");
         builder
+    }
+
+    /// The labels samples carry from now on.
+    pub fn sample_labels(mut self, labels: SampleLabels) -> Self {
+        self.labels = labels;
+        self
     }
 
     /// Number of distinct samples so far.
@@ -231,13 +289,21 @@ impl ProfileBuilder {
         id
     }
 
-    /// Adds samples. Labels: pid, tid, comm (process name) and thread (thread name).
+    /// Adds samples, with the labels chosen by [`ProfileBuilder::sample_labels`]; samples that
+    /// differ only in labels left out merge.
     pub fn add(&mut self, samples: &[ResolvedSample]) {
         for sample in samples {
             let locations: Vec<u64> = sample.frames.iter().map(|f| self.location(f)).collect();
-            let comm = self.string(&sample.comm);
-            let thread = self.string(&sample.thread);
-            let labels = [i64::from(sample.pid), i64::from(sample.tid), comm, thread];
+            let labels = match self.labels {
+                SampleLabels::All => [
+                    i64::from(sample.pid),
+                    i64::from(sample.tid),
+                    self.string(&sample.comm),
+                    self.string(&sample.thread),
+                ],
+                SampleLabels::None => [0; 4],
+                SampleLabels::ThreadNames => [0, 0, 0, self.string(&sample.thread)],
+            };
             *self.samples.entry((locations, labels)).or_default() += sample.count;
         }
     }
@@ -252,12 +318,17 @@ impl ProfileBuilder {
             r#type: self.string("cpu"),
             unit: self.string("nanoseconds"),
         };
-        let keys = [
-            self.string("pid"),
-            self.string("tid"),
-            self.string("comm"),
-            self.string("thread"),
-        ];
+        // Label keys only when samples carry them: an unused string is noise in the table.
+        let keys = match self.labels {
+            SampleLabels::All => [
+                self.string("pid"),
+                self.string("tid"),
+                self.string("comm"),
+                self.string("thread"),
+            ],
+            SampleLabels::None => [0; 4],
+            SampleLabels::ThreadNames => [0, 0, 0, self.string("thread")],
+        };
         let mut samples: Vec<Sample> = Vec::with_capacity(self.samples.len());
         let mut entries: Vec<_> = self.samples.iter().collect();
         // Deterministic output: the same input always encodes to the same bytes.
@@ -272,12 +343,15 @@ impl ProfileBuilder {
             samples.push(Sample {
                 location_id: locations.clone(),
                 value: vec![*count as i64, *count as i64 * self.period_ns],
-                label: vec![
+                label: [
                     label(keys[0], 0, labels[0]),
                     label(keys[1], 0, labels[1]),
                     label(keys[2], labels[2], 0),
                     label(keys[3], labels[3], 0),
-                ],
+                ]
+                .into_iter()
+                .filter(|l| l.key != 0)
+                .collect(),
             });
         }
         let time_nanos = self
@@ -311,7 +385,7 @@ impl ProfileBuilder {
 mod tests {
     use std::{collections::HashSet, sync::Arc};
 
-    use super::ProfileBuilder;
+    use super::{ProfileBuilder, ProfileSet, SampleLabels};
     use crate::resolve::{FileKey, Frame, Line, Mapping, ResolvedSample};
 
     fn mapping_at(id: u64, path: &str, is_main: bool, start: u64) -> Arc<Mapping> {
@@ -455,5 +529,99 @@ mod tests {
         let m = &profile.mapping[0];
         let loc = &profile.location[0];
         assert_eq!(loc.address - m.memory_start + m.file_offset, 0x123);
+    }
+
+    fn label_names(profile: &profiler_proto::pprof::Profile) -> Vec<Vec<&str>> {
+        profile
+            .sample
+            .iter()
+            .map(|s| {
+                s.label
+                    .iter()
+                    .map(|l| profile.string_table[l.key as usize].as_str())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn agent_profiles_carry_no_labels_and_merge_processes_and_threads() {
+        let exe = mapping(3, "/bin/app", true);
+        let stack = vec![frame(&exe, 0x3020, &["work"])];
+        let mut other_process = sample(stack.clone(), 12, 4);
+        other_process.pid = 11;
+        other_process.comm = Arc::from("app2");
+        let mut builder = ProfileBuilder::new(99).sample_labels(SampleLabels::None);
+        builder.add(&[
+            sample(stack.clone(), 11, 2),
+            sample(stack, 13, 3),
+            other_process,
+        ]);
+        let profile = builder.build(1);
+        assert_eq!(profile.sample.len(), 1, "one stack, one sample");
+        assert_eq!(profile.sample[0].value[0], 9);
+        assert!(profile.sample[0].label.is_empty());
+        for unused in ["pid", "tid", "comm", "thread", "worker", "app"] {
+            assert!(
+                !profile.string_table.iter().any(|s| s == unused),
+                "{unused}"
+            );
+        }
+    }
+
+    #[test]
+    fn thread_names_are_the_one_label_when_asked_for() {
+        let exe = mapping(3, "/bin/app", true);
+        let stack = vec![frame(&exe, 0x3020, &["work"])];
+        let mut io = sample(stack.clone(), 12, 1);
+        io.thread = Arc::from("io");
+        let mut builder = ProfileBuilder::new(99).sample_labels(SampleLabels::ThreadNames);
+        builder.add(&[sample(stack.clone(), 11, 2), sample(stack, 13, 3), io]);
+        let profile = builder.build(1);
+        assert_eq!(profile.sample.len(), 2, "two thread names");
+        assert_eq!(label_names(&profile), vec![vec!["thread"]; 2]);
+        let name = |i: i64| profile.string_table[i as usize].as_str();
+        let mut threads: Vec<(&str, i64)> = profile
+            .sample
+            .iter()
+            .map(|s| (name(s.label[0].str), s.value[0]))
+            .collect();
+        threads.sort();
+        assert_eq!(threads, vec![("io", 1), ("worker", 5)]);
+    }
+
+    #[test]
+    fn record_profiles_keep_every_label() {
+        let exe = mapping(3, "/bin/app", true);
+        let mut builder = ProfileBuilder::new(99);
+        builder.add(&[sample(vec![frame(&exe, 0x3020, &["work"])], 11, 2)]);
+        let profile = builder.build(1);
+        assert_eq!(
+            label_names(&profile),
+            vec![vec!["pid", "tid", "comm", "thread"]]
+        );
+    }
+
+    #[test]
+    fn a_capped_set_folds_extra_keys_into_the_overflow_key() {
+        let exe = mapping(3, "/bin/app", true);
+        let one = sample(vec![frame(&exe, 0x3020, &["work"])], 11, 1);
+        let mut set = ProfileSet::new(99, SampleLabels::None).with_cap(2, "overflow");
+        assert!(!set.add(&"a", &one));
+        assert!(!set.add(&"b", &one));
+        assert!(set.add(&"c", &one), "a third key is one too many");
+        assert!(set.add(&"d", &one));
+        assert!(!set.add(&"a", &one), "keys already in stay");
+        assert!(
+            !set.add(&"overflow", &one),
+            "the overflow key is not counted"
+        );
+        let taken = set.take(std::time::SystemTime::now(), std::time::SystemTime::now());
+        let keys: Vec<&str> = taken.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, vec!["a", "b", "overflow"]);
+        assert_eq!(taken[2].1.sample[0].value[0], 3);
+        // The next interval starts afresh.
+        assert!(set.is_empty());
+        assert!(!set.add(&"c", &one));
     }
 }

@@ -16,11 +16,11 @@ use super::{
     raise_fd_limit,
 };
 use crate::{
-    aggregate::ProfileSet,
+    aggregate::{ProfileSet, SampleLabels},
     collect::{CollectConfig, Collector, ProcessChange, Targets as Filter},
     export,
     metrics::{BackendMetrics, Metrics},
-    resolve::{ResolvedSample, Resolver, TargetKey, Targets},
+    resolve::{Decision, ResolvedSample, Resolver, TargetKey, Targets},
 };
 use profiler_proto::pprof::Profile;
 use profiler_push::{OtlpPusher, Pusher};
@@ -58,9 +58,19 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
             None
         }
     };
-    let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods);
+    let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods)
+        .with_pod_grace(config.pod_wait);
     let mut resolver = Resolver::new(&[]);
-    let mut interval = Interval::new(config.frequency, collector.drained_window().0);
+    let sample_labels = match config.thread_names {
+        true => SampleLabels::ThreadNames,
+        false => SampleLabels::None,
+    };
+    let mut interval = Interval::new(
+        config.frequency,
+        sample_labels,
+        collector.drained_window().0,
+    )
+    .with_max_series(config.max_series, targets.overflow_key());
 
     let events = collector.events()?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -82,26 +92,32 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
             }
             _ = drain.tick() => {
                 take_changes(&mut collector, &mut resolver, &mut targets);
-                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?), &metrics);
                 interval.until = collector.drained_window().1;
                 forget_ended(&collector, &mut resolver, &mut targets);
+                interval.revisit(&mut targets, &mut collector, &metrics, false);
                 metrics.update(&collector.counters()?, &resolver.stats());
             }
             _ = upload.tick() => {
                 take_changes(&mut collector, &mut resolver, &mut targets);
-                interval.add(&mut targets, &resolver.resolve(&collector.drain()?));
+                interval.add(&mut targets, &resolver.resolve(&collector.drain()?), &metrics);
                 interval.until = collector.drained_window().1;
                 forget_ended(&collector, &mut resolver, &mut targets);
                 interval.send(&backends);
-                targets.retry_unknown_pods();
             }
         }
     }
 
     // The last interval goes out too, then the queue gets until the deadline to drain.
     take_changes(&mut collector, &mut resolver, &mut targets);
-    interval.add(&mut targets, &resolver.resolve(&collector.drain_all()?));
+    interval.add(
+        &mut targets,
+        &resolver.resolve(&collector.drain_all()?),
+        &metrics,
+    );
     interval.until = collector.drained_window().1;
+    // Samples still waiting for their pod go out with what is known.
+    interval.revisit(&mut targets, &mut collector, &metrics, true);
     interval.send(&backends);
     metrics.update(&collector.counters()?, &resolver.stats());
     let left = backends.shutdown(config.shutdown_timeout).await;
@@ -112,7 +128,9 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
 }
 
 /// Takes in what the kernel said about processes: a new one (or a new image after exec) is
-/// read at once and classified, and the kernel stops sampling it when relabeling drops it.
+/// read at once and decided, and the kernel stops sampling it when relabeling drops it, or
+/// samples it again when an exec made relabeling keep it. A full filter is counted
+/// (`filter_updates_failed`) and sampling goes on.
 fn take_changes(collector: &mut Collector, resolver: &mut Resolver, targets: &mut Targets) {
     let flips = collector.flips();
     for change in collector.process_changes() {
@@ -120,11 +138,18 @@ fn take_changes(collector: &mut Collector, resolver: &mut Resolver, targets: &mu
         let ProcessChange::Started { process, .. } = change else {
             continue;
         };
-        targets.forget(process.tgid);
-        let comm = resolver.comm(&process).unwrap_or_else(|| Arc::from(""));
-        if targets.get(process.tgid, &comm).dropped {
-            // Counted in `filter_updates_failed` when the filter is full; sampling goes on.
-            let _ = collector.exclude(process.tgid);
+        let pid = process.tgid;
+        let was_dropped = targets.forget(pid) == Some(Decision::Drop);
+        // The kernel's announcement names a process gone before /proc could be read.
+        let Some(comm) = resolver.comm(&process) else {
+            continue;
+        };
+        match (targets.decide(pid, &comm) == Decision::Drop, was_dropped) {
+            (true, false) => {
+                let _ = collector.exclude(pid);
+            }
+            (false, true) => collector.forget(pid),
+            _ => {}
         }
     }
 }
@@ -136,10 +161,9 @@ fn forget_ended(collector: &Collector, resolver: &mut Resolver, targets: &mut Ta
     }
 }
 
-/// One upload interval's profiles, one per target, with each target's labels.
+/// One upload interval's profiles, one per series.
 struct Interval {
     profiles: ProfileSet<TargetKey>,
-    labels: BTreeMap<TargetKey, BTreeMap<String, String>>,
     /// When the interval's samples were taken: the windows of its drains, which meet.
     start: SystemTime,
     until: SystemTime,
@@ -147,40 +171,75 @@ struct Interval {
 }
 
 impl Interval {
-    fn new(frequency: u64, start: SystemTime) -> Self {
+    fn new(frequency: u64, labels: SampleLabels, start: SystemTime) -> Self {
         Self {
-            profiles: ProfileSet::new(frequency),
-            labels: BTreeMap::new(),
+            profiles: ProfileSet::new(frequency, labels),
             start,
             until: start,
             frequency,
         }
     }
 
-    /// Files samples under their targets; dropped targets' samples go nowhere.
-    fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample]) {
-        for sample in samples {
-            let target = targets.get(sample.pid, &sample.comm);
-            if target.dropped {
-                continue;
+    /// At most `max` series per interval; what is over goes to `overflow`.
+    fn with_max_series(mut self, max: usize, overflow: TargetKey) -> Self {
+        self.profiles = self.profiles.with_cap(max, overflow);
+        self
+    }
+
+    /// Files samples under their series; dropped processes' samples go nowhere, undecided
+    /// ones wait in `targets`.
+    fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample], metrics: &Metrics) {
+        let mut folded = 0;
+        targets.file(samples, |key, sample| {
+            if self.profiles.add(key, sample) {
+                folded += sample.count;
             }
-            self.labels
-                .entry(target.key.clone())
-                .or_insert_with(|| target.labels.clone());
-            self.profiles.add(&target.key, sample);
+        });
+        metrics.series_overflow(folded);
+        metrics.samples_lost("awaiting_metadata_full", targets.take_held_dropped());
+    }
+
+    /// Decides again what may have changed (pods appeared, grace periods ended; every
+    /// waiting process when `all`), files the samples that waited, and tells the kernel which
+    /// processes to stop or start sampling again (a full filter is counted, and sampling goes
+    /// on).
+    fn revisit(
+        &mut self,
+        targets: &mut Targets,
+        collector: &mut Collector,
+        metrics: &Metrics,
+        all: bool,
+    ) {
+        let mut folded = 0;
+        let file = |key: &TargetKey, sample: &ResolvedSample| {
+            if self.profiles.add(key, sample) {
+                folded += sample.count;
+            }
+        };
+        let changes = match all {
+            true => targets.decide_all(file),
+            false => targets.revisit(file),
+        };
+        metrics.series_overflow(folded);
+        for change in changes {
+            if change.exclude {
+                let _ = collector.exclude(change.pid);
+            } else {
+                // Lifts the exclusion.
+                collector.forget(change.pid);
+            }
         }
     }
 
-    /// Queues one profile per target with every backend and starts the next interval.
+    /// Queues one profile per series with every backend and starts the next interval.
     fn send(&mut self, backends: &Backends) {
         let until = self.until;
         let profiles = self.profiles.take(self.start, until);
         let targets: Vec<_> = profiles
             .iter()
-            .filter_map(|(key, profile)| Some((self.labels.get(key)?, profile)))
+            .map(|(key, profile)| (key.labels(), profile))
             .collect();
         backends.send(&targets, self.start, until, self.frequency);
-        self.labels.clear();
         self.start = until;
     }
 }

@@ -106,6 +106,17 @@ pub struct AgentArgs {
     /// kubeconfig to use outside a cluster [default: in-cluster, else $KUBECONFIG or ~/.kube/config].
     #[arg(long, env = "PROFILER_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// Most series pushed per interval; samples of any more fold into one overflow series
+    /// [default: 1000].
+    #[arg(long, env = "PROFILER_MAX_SERIES", value_name = "N")]
+    pub max_series: Option<usize>,
+    /// How long a container's process waits for its pod before it is classified without one
+    /// [default: 30s].
+    #[arg(long, env = "PROFILER_POD_WAIT", value_name = "DUR", value_parser = parse_duration)]
+    pub pod_wait: Option<Duration>,
+    /// Label samples with their thread's name. Pyroscope makes each name a series of its own.
+    #[arg(long, env = "PROFILER_THREAD_NAMES", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub thread_names: Option<bool>,
 }
 
 /// The config file's shape; unknown keys are errors.
@@ -137,6 +148,9 @@ struct FileConfig {
     queue_bytes: Option<usize>,
     shutdown_timeout: Option<String>,
     kubeconfig: Option<PathBuf>,
+    max_series: Option<usize>,
+    pod_wait: Option<String>,
+    thread_names: Option<bool>,
     #[serde(default)]
     relabel_configs: Vec<RelabelConfig>,
 }
@@ -155,6 +169,12 @@ pub struct AgentConfig {
     pub push: Option<PushConfig>,
     /// OTLP, when an endpoint is configured.
     pub otlp: Option<OtlpConfig>,
+    /// Most series per upload interval; the rest fold into one overflow series.
+    pub max_series: usize,
+    /// How long a container's process waits for its pod before it is decided without one.
+    pub pod_wait: Duration,
+    /// Sample labels with thread names (each name multiplies series in Pyroscope).
+    pub thread_names: bool,
 }
 
 impl AgentConfig {
@@ -179,6 +199,11 @@ impl AgentConfig {
                 parse_duration(text).map_err(|e| anyhow!("upload_interval: {e}"))?
             }
             (None, None) => Duration::from_secs(15),
+        };
+        let pod_wait = match (args.pod_wait, &file.pod_wait) {
+            (Some(d), _) => d,
+            (None, Some(text)) => parse_duration(text).map_err(|e| anyhow!("pod_wait: {e}"))?,
+            (None, None) => crate::resolve::POD_GRACE,
         };
         let shutdown_timeout = match (args.shutdown_timeout, &file.shutdown_timeout) {
             (Some(d), _) => d,
@@ -219,6 +244,10 @@ impl AgentConfig {
             None => None,
         };
         let relabel = Relabeler::new(&file.relabel_configs).context("relabel_configs")?;
+        let max_series = args.max_series.or(file.max_series).unwrap_or(1000);
+        if max_series == 0 {
+            bail!("max_series must be at least 1");
+        }
         let defaults = Delivery::default();
         let delivery = Delivery {
             queue_bytes: args
@@ -298,6 +327,9 @@ impl AgentConfig {
             relabel,
             push,
             otlp,
+            max_series,
+            pod_wait,
+            thread_names: args.thread_names.or(file.thread_names).unwrap_or(false),
         })
     }
 }

@@ -17,7 +17,7 @@ use std::{
 pub use demangle::demangle;
 pub use process::{is_alive, is_running, FileKey, Mapping};
 pub use symbols::{basename, Line, Lines, Symbols};
-pub use targets::{Target, TargetKey, Targets, PROFILE_NAME};
+pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
