@@ -12,6 +12,7 @@ use std::{
 use profiler_proto::pprof::Profile;
 
 pub mod receiver;
+pub mod ship;
 use tempfile::TempDir;
 
 /// The workspace root.

@@ -21,6 +21,7 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod dist;
 
 /// Debian packages the tests rely on; `setup` installs whichever are missing.
 const APT_PACKAGES: &[&str] = &[
@@ -30,14 +31,23 @@ const APT_PACKAGES: &[&str] = &[
     "gcc", // linker for every Rust build (including `cargo install bpf-linker`) and test programs
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
-    // pip for Debian's python3, to install kubernetes-validate (see `PIP_PACKAGE`)
+    // pip for Debian's python3, to install the `PIP_PACKAGES`
     "python3-pip",
+    "musl-tools",      // musl-gcc: ring's C and assembly for the static `dist` binary
+    "buildah",         // `image`: builds the FROM scratch image, no daemon
+    "ca-certificates", // the CA bundle `image` copies into the image
+    "file",            // the dist tests check that the binary is static
+    "elfutils",        // eu-addr2line finds the dist debug file by build ID in a test
+    "curl",            // the CI action's download, run by its test from a file:// URL
 ];
 
-/// PyPI package (and the module it installs) that the deploy tests validate the Kubernetes
-/// manifests with; `setup` installs it into whatever `python3` is first on PATH.
-const PIP_PACKAGE: &str = "kubernetes-validate";
-const PIP_MODULE: &str = "kubernetes_validate";
+/// PyPI packages (and the modules they install) that the deploy tests validate files with:
+/// the Kubernetes manifests, and the CI action and workflow against GitHub's schemas. `setup`
+/// installs them into whatever `python3` is first on PATH.
+const PIP_PACKAGES: &[(&str, &str)] = &[
+    ("kubernetes-validate", "kubernetes_validate"),
+    ("check-jsonschema", "check_jsonschema"),
+];
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
 const NIGHTLY: &str = "nightly";
@@ -53,7 +63,10 @@ commands:
   setup                    install the nightly toolchain, bpf-linker and test packages (idempotent)
   build                    setup, then build the release profiler
   record [ARGS...]         build, then run `target/release/profiler record ARGS...`
-  test [ARGS...]           setup, build, then `cargo test --release` (ARGS go to cargo test)
+  test [ARGS...]           setup, build, dist, then `cargo test --release` (ARGS go to cargo test)
+  dist                     static musl release tarball, debug tarball and SHA256SUMS -> target/dist/
+  image [--dist TARBALL] [-o ARCHIVE]
+                           FROM scratch image profiler:<version> with buildah -> OCI archive
   bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/";
 
 fn main() -> ExitCode {
@@ -81,6 +94,8 @@ fn try_main() -> Result<ExitCode> {
         Some("record") => record(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench::bench(&rest),
+        Some("dist") => dist::dist(&rest),
+        Some("image") => dist::image(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -113,7 +128,10 @@ fn setup() -> Result<()> {
         );
     }
     report("apt packages", install_apt_packages(&missing)?);
-    report(PIP_PACKAGE, install_pip_package()?);
+    for &(package, module) in PIP_PACKAGES {
+        report(package, install_pip_package(package, module)?);
+    }
+    report("musl target", add_musl_target()?);
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
     let llvm = link_nightly_llvm()?;
@@ -137,10 +155,14 @@ fn record(args: &[OsString]) -> Result<()> {
     Err(exec(&mut cmd))
 }
 
-/// Builds the profiler, then runs the whole test suite against that release binary.
+/// Builds the profiler and the release tarballs, then runs the whole test suite against that
+/// release binary. The dist and image tests get the tarballs built here (`PROFILER_DIST`,
+/// `PROFILER_DIST_DEBUG`) and this very xtask (`PROFILER_XTASK`) to build images with.
 fn test(args: &[OsString]) -> Result<()> {
     setup()?;
     build_profiler()?;
+    let dist = dist::build_dist()?;
+    let xtask = env::current_exe().context("finding the xtask binary")?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["test", "--release", "--workspace"])
@@ -148,7 +170,10 @@ fn test(args: &[OsString]) -> Result<()> {
         // its binary is also named `profiler`, which would collide with the real one.
         .args(["--exclude", "profiler-ebpf"])
         .args(args)
-        .env("PROFILER_BIN", profiler_bin());
+        .env("PROFILER_BIN", profiler_bin())
+        .env("PROFILER_DIST", &dist.tarball)
+        .env("PROFILER_DIST_DEBUG", &dist.debug_tarball)
+        .env("PROFILER_XTASK", xtask);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     // The benchmark harness is part of the suite: every stage once, tiny, output checked.
     bench::bench(&["--smoke".into()])?;
@@ -256,25 +281,23 @@ fn install_apt_packages(missing: &[&str]) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-/// Installs [`PIP_PACKAGE`] with `python3 -m pip` unless `python3` can already import it.
+/// Installs a PyPI `package` with `python3 -m pip` unless `python3` can already import its
+/// `module`.
 ///
 /// The tests call the same `python3` (`python3 -m kubernetes_validate`), so this works for a
 /// pyenv or venv interpreter as well as for Debian's, which refuses installs outside a venv
 /// (PEP 668) unless told `--break-system-packages`; that flag is passed only there.
-fn install_pip_package() -> Result<Outcome> {
+fn install_pip_package(package: &str, module: &str) -> Result<Outcome> {
     let mut installed = Command::new("python3");
     installed.args([
         "-c",
         &format!(
-            "import {PIP_MODULE}; from importlib.metadata import version; \
-             print(version('{PIP_PACKAGE}'))"
+            "import {module}; from importlib.metadata import version; \
+             print(version('{package}'))"
         ),
     ]);
     if let Some(version) = probe(&mut installed)? {
-        return Ok(Outcome::Skipped(format!(
-            "{PIP_PACKAGE} {}",
-            version.trim()
-        )));
+        return Ok(Outcome::Skipped(format!("{package} {}", version.trim())));
     }
     let mut cmd = Command::new("python3");
     cmd.args(["-m", "pip", "install", "--quiet"]);
@@ -282,7 +305,7 @@ fn install_pip_package() -> Result<Outcome> {
         cmd.arg("--break-system-packages");
     }
     // Root is expected here (CI, containers); pip's warning about it is noise.
-    cmd.arg(PIP_PACKAGE).env("PIP_ROOT_USER_ACTION", "ignore");
+    cmd.arg(package).env("PIP_ROOT_USER_ACTION", "ignore");
     run(&mut cmd)?;
     Ok(Outcome::Done)
 }
@@ -298,6 +321,17 @@ fn python_externally_managed() -> Result<bool> {
          sys.exit(0 if sys.prefix == sys.base_prefix and os.path.isfile(marker) else 1)",
     ]);
     Ok(probe(&mut cmd)?.is_some())
+}
+
+/// Adds the standard library for [`dist::TARGET`] to the stable toolchain (a no-op when there).
+fn add_musl_target() -> Result<Outcome> {
+    let mut installed = Command::new("rustup");
+    installed.args(["target", "list", "--installed"]);
+    if probe(&mut installed)?.is_some_and(|targets| targets.lines().any(|t| t == dist::TARGET)) {
+        return Ok(Outcome::Skipped(format!("{} installed", dist::TARGET)));
+    }
+    run(Command::new("rustup").args(["target", "add", dist::TARGET]))?;
+    Ok(Outcome::Done)
 }
 
 /// Installs the nightly toolchain unless it already runs.
