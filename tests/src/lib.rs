@@ -13,6 +13,7 @@ use profiler_proto::pprof::Profile;
 
 pub mod kube;
 pub mod receiver;
+pub mod ship;
 use tempfile::TempDir;
 
 /// The workspace root.

@@ -2,13 +2,15 @@
 //! and the output decoded.
 
 use std::{
-    path::Path,
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use profiler_tests::*;
+use profiler_tests::{
+    ship::{read_build_id, run_ok},
+    *,
+};
 
 /// Starts the workload outside the profiler, for the tests that record by pid.
 fn spawn_workload(args: &[&str]) -> Child {
@@ -238,14 +240,18 @@ fn inlined_frames_and_separate_debug_info() {
         .join(&build_id[..2])
         .join(format!("{}.debug", &build_id[2..]));
     std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-    run(Command::new("objcopy")
-        .args(["--only-keep-debug"])
-        .arg(&full)
-        .arg(&target));
-    run(Command::new("objcopy")
-        .args(["--strip-all"])
-        .arg(&full)
-        .arg(&stripped));
+    run_ok(
+        Command::new("objcopy")
+            .args(["--only-keep-debug"])
+            .arg(&full)
+            .arg(&target),
+    );
+    run_ok(
+        Command::new("objcopy")
+            .args(["--strip-all"])
+            .arg(&full)
+            .arg(&stripped),
+    );
     let (out, _) = t.record(
         "inline.pb.gz",
         &["--debug-dir", path_str(&debug_dir)],
@@ -272,26 +278,6 @@ fn inlined_frames_and_separate_debug_info() {
         .mapping
         .iter()
         .any(|m| strings[m.build_id as usize] == build_id));
-}
-
-fn run(cmd: &mut Command) {
-    let status = cmd.status().unwrap();
-    assert!(status.success(), "{cmd:?} failed");
-}
-
-fn read_build_id(binary: &Path) -> String {
-    let out = Command::new("readelf")
-        .args(["-n"])
-        .arg(binary)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .expect("the workload has a build ID")
-        .trim()
-        .to_owned()
 }
 
 #[test]

@@ -21,6 +21,7 @@ use std::process::{Command, ExitCode, ExitStatus, Stdio};
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod dist;
 
 /// Debian packages the tests rely on; `setup` installs whichever are missing.
 const APT_PACKAGES: &[&str] = &[
@@ -31,19 +32,27 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev", // headers and crt files for gcc
     "python3", // helper scripts in tests
     "python3.11", // Debian's own python: profiler-unwind's tests unwind it from its .eh_frame
-    // pip for Debian's python3, to install the readers in `PIP_PACKAGES`
+    // pip for Debian's python3, to install the `PIP_PACKAGES`
     "python3-pip",
     "prometheus", // a real Prometheus server and `promtool` for the monitoring tests
+    "musl-tools", // musl-gcc: ring's C and assembly for the static `dist` binary
+    "buildah",    // `image`: builds the FROM scratch image, no daemon
+    "ca-certificates", // the CA bundle `image` copies into the image
+    "file",       // the dist tests check that the binary is static
+    "elfutils",   // eu-addr2line finds the dist debug file by build ID in a test
+    "curl",       // the CI action's download, run by its test from a file:// URL
 ];
 
-/// PyPI packages the tests read our output with, as (package, version prefix, a module it
-/// installs); `setup` installs each into whatever `python3` is first on PATH unless that
-/// module imports and the installed version has the prefix ("" for any version).
+/// PyPI packages the tests read or validate our output with, as (package, version prefix, a
+/// module it installs); `setup` installs each into whatever `python3` is first on PATH unless
+/// that module imports and the installed version has the prefix ("" for any version).
 const PIP_PACKAGES: &[(&str, &str, &str)] = &[
     // The deploy tests validate the Kubernetes manifests with it.
     ("kubernetes-validate", "", "kubernetes_validate"),
     // Helm's own engine (its Go library) to render and lint the chart, without a helm binary
     ("helm-python-sdk", "", "helm_python"),
+    // The CI action and workflow against GitHub's schemas.
+    ("check-jsonschema", "", "check_jsonschema"),
     // The OTLP tests decode our export requests with it (profiles v1development).
     (
         "opentelemetry-proto",
@@ -66,7 +75,10 @@ commands:
   setup                    install the nightly toolchain, bpf-linker and test packages (idempotent)
   build                    setup, then build the release profiler
   record [ARGS...]         build, then run `target/release/profiler record ARGS...`
-  test [ARGS...]           setup, build, then `cargo test --release` (ARGS go to cargo test)
+  test [ARGS...]           setup, build, dist, then `cargo test --release` (ARGS go to cargo test)
+  dist                     static musl release tarball, debug tarball and SHA256SUMS -> target/dist/
+  image [--dist TARBALL] [-o ARCHIVE]
+                           FROM scratch image profiler:<version> with buildah -> OCI archive
   bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/";
 
 fn main() -> ExitCode {
@@ -94,6 +106,8 @@ fn try_main() -> Result<ExitCode> {
         Some("record") => record(&rest),
         Some("test") => test(&rest),
         Some("bench") => bench::bench(&rest),
+        Some("dist") => dist::dist(&rest),
+        Some("image") => dist::image(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())
@@ -129,6 +143,7 @@ fn setup() -> Result<()> {
     for &(package, version, module) in PIP_PACKAGES {
         report(package, install_pip_package(package, version, module)?);
     }
+    report("musl target", add_musl_target()?);
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
     let llvm = link_nightly_llvm()?;
@@ -152,10 +167,14 @@ fn record(args: &[OsString]) -> Result<()> {
     Err(exec(&mut cmd))
 }
 
-/// Builds the profiler, then runs the whole test suite against that release binary.
+/// Builds the profiler and the release tarballs, then runs the whole test suite against that
+/// release binary. The dist and image tests get the tarballs built here (`PROFILER_DIST`,
+/// `PROFILER_DIST_DEBUG`) and this very xtask (`PROFILER_XTASK`) to build images with.
 fn test(args: &[OsString]) -> Result<()> {
     setup()?;
     build_profiler()?;
+    let dist = dist::build_dist()?;
+    let xtask = env::current_exe().context("finding the xtask binary")?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
         .args(["test", "--release", "--workspace"])
@@ -163,7 +182,10 @@ fn test(args: &[OsString]) -> Result<()> {
         // its binary is also named `profiler`, which would collide with the real one.
         .args(["--exclude", "profiler-ebpf"])
         .args(args)
-        .env("PROFILER_BIN", profiler_bin());
+        .env("PROFILER_BIN", profiler_bin())
+        .env("PROFILER_DIST", &dist.tarball)
+        .env("PROFILER_DIST_DEBUG", &dist.debug_tarball)
+        .env("PROFILER_XTASK", xtask);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
     // The benchmark harness is part of the suite: every stage once, tiny, output checked.
     bench::bench(&["--smoke".into()])?;
@@ -317,6 +339,17 @@ fn python_externally_managed() -> Result<bool> {
          sys.exit(0 if sys.prefix == sys.base_prefix and os.path.isfile(marker) else 1)",
     ]);
     Ok(probe(&mut cmd)?.is_some())
+}
+
+/// Adds the standard library for [`dist::TARGET`] to the stable toolchain (a no-op when there).
+fn add_musl_target() -> Result<Outcome> {
+    let mut installed = Command::new("rustup");
+    installed.args(["target", "list", "--installed"]);
+    if probe(&mut installed)?.is_some_and(|targets| targets.lines().any(|t| t == dist::TARGET)) {
+        return Ok(Outcome::Skipped(format!("{} installed", dist::TARGET)));
+    }
+    run(Command::new("rustup").args(["target", "add", dist::TARGET]))?;
+    Ok(Outcome::Done)
 }
 
 /// Installs the nightly toolchain unless it already runs.
