@@ -16,6 +16,7 @@ use profiler_push::{Protocol, PushConfig};
 use serde::Deserialize;
 
 use super::{parse_duration, Exit};
+use crate::collect::{Unwinder, DEFAULT_UNWIND_TABLE_MEMORY};
 
 /// `profiler agent` flags. Each one can also come from `PROFILER_<NAME>` or the config file.
 #[derive(Args, Debug, Default)]
@@ -71,6 +72,13 @@ pub struct AgentArgs {
     /// kubeconfig to use outside a cluster [default: in-cluster, else $KUBECONFIG or ~/.kube/config].
     #[arg(long, env = "PROFILER_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
+    /// How user stacks are unwound: auto (.eh_frame tables, frame pointers elsewhere) or fp
+    /// [default: fp].
+    #[arg(long, env = "PROFILER_UNWINDER", value_enum, value_name = "U")]
+    pub unwinder: Option<Unwinder>,
+    /// Kernel memory for unwind tables: 16MiB, 512KiB, or bytes [default: 16MiB].
+    #[arg(long, env = "PROFILER_UNWIND_TABLE_MEMORY", value_name = "SIZE", value_parser = super::diff::parse_size)]
+    pub unwind_table_memory: Option<u64>,
 }
 
 /// The config file's shape; unknown keys are errors.
@@ -92,6 +100,8 @@ struct FileConfig {
     queue_bytes: Option<usize>,
     shutdown_timeout: Option<String>,
     kubeconfig: Option<PathBuf>,
+    unwinder: Option<Unwinder>,
+    unwind_table_memory: Option<u64>,
     #[serde(default)]
     relabel_configs: Vec<RelabelConfig>,
 }
@@ -107,6 +117,8 @@ pub struct AgentConfig {
     pub kubeconfig: Option<PathBuf>,
     pub relabel: Relabeler,
     pub push: PushConfig,
+    pub unwinder: Unwinder,
+    pub unwind_table_memory: u64,
 }
 
 impl AgentConfig {
@@ -194,6 +206,11 @@ impl AgentConfig {
             kubeconfig: args.kubeconfig.or(file.kubeconfig),
             relabel,
             push,
+            unwinder: args.unwinder.or(file.unwinder).unwrap_or_default(),
+            unwind_table_memory: args
+                .unwind_table_memory
+                .or(file.unwind_table_memory)
+                .unwrap_or(DEFAULT_UNWIND_TABLE_MEMORY),
         })
     }
 }
