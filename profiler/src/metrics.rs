@@ -42,6 +42,7 @@ pub struct Metrics {
     push_duration: Histogram,
     queue_bytes: Gauge,
     profiles_dropped: Counter,
+    unwind: Family<Labels, Counter>,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -62,6 +63,7 @@ impl Metrics {
             push_duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             queue_bytes: Gauge::default(),
             profiles_dropped: Counter::default(),
+            unwind: Family::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -117,6 +119,12 @@ impl Metrics {
             metrics.profiles_dropped.clone(),
         );
         registry.register(
+            "unwind_events",
+            "The table unwinder (--unwinder auto): walks stopped early by reason \
+             (unwind_stop_*), frame-pointer steps, and tables loaded, evicted or failed",
+            metrics.unwind.clone(),
+        );
+        registry.register(
             "build",
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -147,6 +155,10 @@ impl Metrics {
             if is_loss {
                 self.lost
                     .get_or_create(&vec![("reason", name.to_owned())])
+                    .inc_by(delta(now, before));
+            } else if name.starts_with("unwind_") {
+                self.unwind
+                    .get_or_create(&vec![("event", name.to_owned())])
                     .inc_by(delta(now, before));
             }
         }

@@ -273,7 +273,7 @@ impl UnwindLoader {
         }
         value.len = len as u32;
         // A full map only costs this process its tables: its samples walk with frame pointers.
-        let _ = self.mappings_map.insert(tgid, &*value, 0);
+        let _ = self.mappings_map.insert(tgid, *value, 0);
     }
 
     /// Compiles and copies in the table of `id` unless it is loaded already.
