@@ -5,7 +5,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdout, Command, Stdio},
 };
 
 use profiler_tests::*;
@@ -28,7 +28,8 @@ fn frameless() -> PathBuf {
 }
 
 /// Runs the frameless program in `mode` until it says it is ready (spinning in its leaf).
-struct Spinner(Child);
+/// Its stdout stays open: the signal handler writes to it.
+struct Spinner(Child, BufReader<ChildStdout>);
 
 impl Spinner {
     fn start(mode: Option<&str>) -> Spinner {
@@ -37,12 +38,16 @@ impl Spinner {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut spinner = Spinner(child, stdout);
+        spinner.expect_line("ready\n");
+        spinner
+    }
+
+    fn expect_line(&mut self, expected: &str) {
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "ready\n");
-        Spinner(child)
+        self.1.read_line(&mut line).unwrap();
+        assert_eq!(line, expected);
     }
 
     fn pid(&self) -> String {
@@ -64,7 +69,15 @@ fn record_spinner(
     mode: Option<&str>,
     unwinder: &str,
 ) -> (Vec<DecodedSample>, String) {
-    let spinner = Spinner::start(mode);
+    record_running(t, name, Spinner::start(mode), unwinder)
+}
+
+fn record_running(
+    t: &BpfTest,
+    name: &str,
+    spinner: Spinner,
+    unwinder: &str,
+) -> (Vec<DecodedSample>, String) {
     let pid = spinner.pid();
     let (out, stderr) = t.record(
         name,
@@ -193,4 +206,30 @@ fn python_loop_reaches_py_runmain() {
     let share = share_with_chain(&samples, &["_PyEval_EvalFrameDefault", "Py_RunMain"]);
     // perf --call-graph dwarf: 99.6%; start-up and exit have no eval loop.
     assert!(share >= 85.0, "{share:.1}%; {stderr}");
+}
+
+#[test]
+fn signal_handler_frames_unwind_through_the_restorer_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let mut spinner = Spinner::start(None);
+    // SAFETY: a signal to our own child.
+    assert_eq!(
+        unsafe { libc::kill(spinner.0.id() as i32, libc::SIGUSR1) },
+        0
+    );
+    spinner.expect_line("handler\n");
+    let (samples, stderr) = record_running(&t, "signal.pb.gz", spinner, "auto");
+    // handler_spin <- on_signal <- glibc's __restore_rt (signal frame) <- the interrupted leaf.
+    let mut chain = vec!["handler_spin", "on_signal"];
+    chain.extend(CHAIN);
+    let share = share_with_chain(&samples, &chain);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+}
+
+#[test]
+fn vdso_clock_gettime_loop_unwinds_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "vdso.pb.gz", Some("vdso"), "auto");
+    let share = share_with_chain(&samples, &["vdso_loop", "main", "_start"]);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
 }
