@@ -32,6 +32,14 @@ pub mod maps {
     pub const PROCESSES: &str = "PROCESSES";
     /// Ring buffer of [`super::ProcessEvent`]s.
     pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    /// Every loaded unwind table's rows, one array (`BPF_F_MMAPABLE`, written through mmap).
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// Table slot to [`super::unwind::TableInfo`]: where its rows are.
+    pub const UNWIND_TABLES: &str = "UNWIND_TABLES";
+    /// tgid to [`super::unwind::ProcessMappings`]: which table covers which addresses.
+    pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
+    /// Program array holding the walker's continuation (`walk`), for tail calls.
+    pub const WALK_PROGRAMS: &str = "WALK_PROGRAMS";
 }
 
 /// Names of the load-time constants (`.rodata`) that user space sets.
@@ -46,6 +54,16 @@ pub mod globals {
     pub const TASK_GROUP_LEADER_OFFSET: &str = "TASK_GROUP_LEADER_OFFSET";
     /// `u32`: byte offset of `start_boottime` in `struct task_struct`.
     pub const TASK_START_BOOTTIME_OFFSET: &str = "TASK_START_BOOTTIME_OFFSET";
+    /// `u32`: one of `unwinder::*`.
+    pub const UNWINDER: &str = "UNWINDER";
+}
+
+/// Values of the `UNWINDER` global: how the kernel side reads user stacks.
+pub mod unwinder {
+    /// Frame pointers only, with `bpf_get_stack`.
+    pub const FRAME_POINTERS: u32 = 0;
+    /// The unwind tables wherever a pc is covered, a frame-pointer step elsewhere.
+    pub const TABLES: u32 = 1;
 }
 
 /// Values of the process filter and the modes that read it.
@@ -118,6 +136,9 @@ pub struct ProcessState {
 pub struct Stack {
     /// Number of valid entries in `addrs`.
     pub len: u64,
+    /// Bit `i` set: `addrs[i]` is an exact pc (the leaf, or a frame a signal interrupted),
+    /// symbolized as is. Clear: a return address, symbolized one byte earlier (inside the call).
+    pub exact: [u64; 2],
     pub addrs: [u64; MAX_STACK_DEPTH],
 }
 
@@ -127,6 +148,11 @@ impl Stack {
         let len = (self.len as usize).min(MAX_STACK_DEPTH);
         &self.addrs[..len]
     }
+}
+
+/// Whether frame `i` of a stack with these [`Stack::exact`] bits is an exact pc.
+pub fn is_exact_pc(exact: &[u64; 2], i: usize) -> bool {
+    i < MAX_STACK_DEPTH && exact[i >> 6] & (1 << (i & 63)) != 0
 }
 
 /// Length of a task's `comm`.
@@ -185,11 +211,28 @@ pub enum Counter {
     ForksNotFollowed,
     /// Processes that exited with all their threads (the kernel forgot their filter entries).
     ProcessesExited,
+    /// User stacks whose walk stopped at a pc of a mapping with no table loaded (yet).
+    UnwindNoTable,
+    /// User stacks whose walk stopped at a pc no FDE of its binary covers.
+    UnwindNoCfi,
+    /// User stacks whose walk stopped at a rule the kernel step does not implement.
+    UnwindUnsupported,
+    /// User stacks whose walk stopped because the stack could not be read.
+    UnwindReadFault,
+    /// User stacks whose walk stopped at an impossible frame (CFA not above rsp).
+    UnwindBadFrame,
+    /// User stacks whose walk stopped at a pc in no file mapping known to the kernel (JIT,
+    /// anonymous memory, a library loaded since the process's mappings were read).
+    UnwindPcUnmapped,
+    /// User stacks whose walk stopped at the frame limit (also counted in `stacks_truncated`).
+    UnwindFrameLimit,
+    /// Frame-pointer steps taken where no table covered a pc.
+    UnwindFramePointerSteps,
 }
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 21;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -206,6 +249,14 @@ impl Counter {
         Counter::LostStackHashCollision,
         Counter::ForksNotFollowed,
         Counter::ProcessesExited,
+        Counter::UnwindNoTable,
+        Counter::UnwindNoCfi,
+        Counter::UnwindUnsupported,
+        Counter::UnwindReadFault,
+        Counter::UnwindBadFrame,
+        Counter::UnwindPcUnmapped,
+        Counter::UnwindFrameLimit,
+        Counter::UnwindFramePointerSteps,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -224,13 +275,33 @@ impl Counter {
             Counter::LostStackHashCollision => "stack_hash_collision",
             Counter::ForksNotFollowed => "forks_not_followed",
             Counter::ProcessesExited => "processes_exited",
+            Counter::UnwindNoTable => "unwind_stop_no_table",
+            Counter::UnwindNoCfi => "unwind_stop_no_cfi",
+            Counter::UnwindUnsupported => "unwind_stop_unsupported_rule",
+            Counter::UnwindReadFault => "unwind_stop_read_fault",
+            Counter::UnwindBadFrame => "unwind_stop_bad_frame",
+            Counter::UnwindPcUnmapped => "unwind_stop_pc_unmapped",
+            Counter::UnwindFrameLimit => "unwind_stop_frame_limit",
+            Counter::UnwindFramePointerSteps => "unwind_frame_pointer_steps",
         }
     }
 
-    /// True for counters that say something went missing without being a number of samples:
-    /// they belong in every summary beside the losses when they are not zero.
+    /// True for counters that say something went missing without being a number of samples
+    /// (frames of a stack cut short included): they belong in every summary beside the losses
+    /// when they are not zero.
     pub const fn is_warning(self) -> bool {
-        matches!(self, Counter::LostProcessEvents | Counter::ForksNotFollowed)
+        matches!(
+            self,
+            Counter::LostProcessEvents
+                | Counter::ForksNotFollowed
+                | Counter::UnwindNoTable
+                | Counter::UnwindNoCfi
+                | Counter::UnwindUnsupported
+                | Counter::UnwindReadFault
+                | Counter::UnwindBadFrame
+                | Counter::UnwindPcUnmapped
+                | Counter::UnwindFrameLimit
+        )
     }
 
     /// True for counters that count samples missing from the profile.

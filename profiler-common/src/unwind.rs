@@ -133,6 +133,8 @@ pub enum StopReason {
     NoTable,
     /// The walk reached the frame limit. Set by the walker, not by [`step`].
     FrameLimit,
+    /// The pc is in no file mapping the walker knows of. Set by the walker, not by [`step`].
+    Unmapped,
 }
 
 /// What [`step`] did.
@@ -296,10 +298,105 @@ pub fn frame_pointer_step(regs: &mut Regs, mut read: impl FnMut(u64) -> Option<u
     StepResult::Caller
 }
 
+/// [`ExecMapping::table`] of a mapping without a loaded table.
+pub const NO_TABLE: u32 = u32::MAX;
+
+/// Most executable file mappings of one process the kernel walker knows (a power of two, so
+/// that [`find_mapping`] converges in [`MAPPING_SEARCH_ITERATIONS`]).
+pub const MAX_PROCESS_MAPPINGS: usize = 128;
+/// Iterations of [`find_mapping`].
+pub const MAPPING_SEARCH_ITERATIONS: u32 = 8;
+
+/// Where one table's rows are in the kernel's row array (`UNWIND_TABLES`, by table slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableInfo {
+    /// Index of the table's first row in `UNWIND_ROWS`.
+    pub first_row: u32,
+    /// Rows; 0 for a free slot.
+    pub len: u32,
+    /// Changes whenever the slot gets another table, so that a mapping still naming an evicted
+    /// table is seen as having none.
+    pub seq: u32,
+    pub _pad: u32,
+}
+
+/// One executable file mapping of a process, as the kernel walker sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Runtime address of the table's row pc 0: pc - `bias` is the offset to search for.
+    pub bias: u64,
+    /// Table slot, or [`NO_TABLE`].
+    pub table: u32,
+    /// The [`TableInfo::seq`] the slot had when this mapping was written.
+    pub table_seq: u32,
+}
+
+/// A process's executable file mappings (`UNWIND_MAPPINGS`, by tgid), sorted by start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessMappings {
+    /// The incarnation these mappings belong to: another one's samples must not use them.
+    pub process: crate::ProcessKey,
+    pub len: u32,
+    pub _pad: u32,
+    pub mappings: [ExecMapping; MAX_PROCESS_MAPPINGS],
+}
+
+impl Default for ProcessMappings {
+    fn default() -> Self {
+        Self {
+            process: Default::default(),
+            len: 0,
+            _pad: 0,
+            mappings: [ExecMapping::default(); MAX_PROCESS_MAPPINGS],
+        }
+    }
+}
+
+/// Index of the mapping holding `pc` among the first `len` of `mappings` (sorted by start),
+/// reading them through `at`. Bounded: [`MAPPING_SEARCH_ITERATIONS`] probes.
+#[inline(always)]
+pub fn find_mapping(
+    len: u32,
+    pc: u64,
+    mut at: impl FnMut(u32) -> Option<(u64, u64)>,
+) -> Option<u32> {
+    let len = if (len as usize) > MAX_PROCESS_MAPPINGS {
+        MAX_PROCESS_MAPPINGS as u32
+    } else {
+        len
+    };
+    let mut lo = 0u32;
+    let mut hi = len;
+    for _ in 0..MAPPING_SEARCH_ITERATIONS {
+        if lo >= hi {
+            break;
+        }
+        let mid = lo + (hi - lo) / 2;
+        if at(mid)?.0 <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let index = lo.checked_sub(1)?;
+    let (_, end) = at(index)?;
+    (pc < end).then_some(index)
+}
+
 // SAFETY: plain `#[repr(C)]` integers with no padding (12 bytes: 4 + 1 + 1 + 2 + 4), valid for
 // any bit pattern, as aya requires of map values.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for UnwindRow {}
+// SAFETY: `#[repr(C)]` integers laid out without padding (16, 32 and 16 + 8 + 32n bytes).
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TableInfo {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProcessMappings {}
 
 #[cfg(test)]
 mod tests {
@@ -345,6 +442,27 @@ mod tests {
             assert_eq!(found, pc.min(MAX_TABLE_ROWS - 1));
         }
         assert_eq!(find_row(MAX_TABLE_ROWS + 1, 3, Some), None);
+    }
+
+    #[test]
+    fn finds_the_mapping_holding_a_pc() {
+        let maps = [(0x1000u64, 0x2000u64), (0x3000, 0x4000), (0x4000, 0x5000)];
+        let at = |i: u32| maps.get(i as usize).copied();
+        assert_eq!(find_mapping(3, 0x0fff, at), None);
+        assert_eq!(find_mapping(3, 0x1000, at), Some(0));
+        assert_eq!(find_mapping(3, 0x2000, at), None);
+        assert_eq!(find_mapping(3, 0x3fff, at), Some(1));
+        assert_eq!(find_mapping(3, 0x4000, at), Some(2));
+        assert_eq!(find_mapping(3, 0x5000, at), None);
+        assert_eq!(find_mapping(0, 0x1000, at), None);
+        let many: [(u64, u64); MAX_PROCESS_MAPPINGS] =
+            core::array::from_fn(|i| (i as u64 * 16, i as u64 * 16 + 8));
+        for i in 0..MAX_PROCESS_MAPPINGS {
+            let found = find_mapping(MAX_PROCESS_MAPPINGS as u32, i as u64 * 16 + 7, |j| {
+                many.get(j as usize).copied()
+            });
+            assert_eq!(found, Some(i as u32));
+        }
     }
 
     #[test]

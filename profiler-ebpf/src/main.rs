@@ -10,19 +10,23 @@
 #![no_std]
 #![no_main]
 
+mod walk;
+
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
         bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, perf_event},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{BtfTracePointContext, PerfEventContext},
     EbpfContext, Global,
 };
 use profiler_common::{
-    filter, Counter, ProcessEvent, ProcessKey, ProcessState, SampleKey, Stack, COMM_LEN,
+    filter,
+    unwind::{ProcessMappings, TableInfo, UnwindRow},
+    unwinder, Counter, ProcessEvent, ProcessKey, ProcessState, SampleKey, Stack, COMM_LEN,
     EVENT_EXIT, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
 };
 
@@ -36,6 +40,8 @@ static TASK_TGID_OFFSET: Global<u32> = Global::new(0);
 static TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static TASK_START_BOOTTIME_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static UNWINDER: Global<u32> = Global::new(unwinder::FRAME_POINTERS);
 
 // Sizes here are defaults; user space sets the real ones at load time. The sample and stack
 // maps are not preallocated: a stack is 1 KiB, and kernel memory (charged to the agent's memory
@@ -63,6 +69,18 @@ static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Scratch space for one stack: too large for the 512-byte BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
+/// Rows of every loaded unwind table (docs/design/0002). Sized by `--unwind-table-memory`;
+/// mmapable so that user space copies a table in rather than making a syscall per row.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[map]
+static UNWIND_TABLES: Array<TableInfo> = Array::with_max_entries(4096, 0);
+/// Removed by the exec and exit tracepoints: a new image has other mappings.
+#[map]
+static UNWIND_MAPPINGS: HashMap<u32, ProcessMappings> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+#[map]
+static WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 
@@ -90,22 +108,8 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     let process = track(tgid);
 
     let generation = GENERATION.get(0).copied().unwrap_or(0);
-    let (counts, stacks) = if generation == 0 {
-        (&COUNTS_0, &STACKS_0)
-    } else {
-        (&COUNTS_1, &STACKS_1)
-    };
+    let (counts, stacks) = generation_maps(generation);
 
-    let user_stack = match store_stack(&ctx, stacks, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
-        Err(counter) => {
-            count(counter);
-            return 0;
-        }
-    };
-    if user_stack == NO_STACK {
-        count(Counter::UserStackMissing);
-    }
     let kernel_stack = if KERNEL_STACKS.load() != 0 {
         match store_stack(&ctx, stacks, 0) {
             Ok(id) => id,
@@ -117,33 +121,68 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     } else {
         NO_STACK
     };
-
     let key = SampleKey {
         process,
         tid,
         _pad: 0,
-        user_stack,
+        user_stack: NO_STACK,
         kernel_stack,
     };
-    if let Some(value) = counts.get_ptr_mut(&key) {
+    if UNWINDER.load() == unwinder::TABLES {
+        // The walk finishes the sample, in this program or in a tail call.
+        walk::start(&ctx, key, generation);
+        return 0;
+    }
+    let user_stack = match store_stack(&ctx, stacks, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(counter) => {
+            count(counter);
+            return 0;
+        }
+    };
+    if user_stack == NO_STACK {
+        count(Counter::UserStackMissing);
+    }
+    count_sample(counts, &SampleKey { user_stack, ..key });
+    0
+}
+
+/// Adds one to a sample's count (a cut stack is still a sample).
+#[inline(always)]
+fn count_sample(counts: &HashMap<SampleKey, u64>, key: &SampleKey) {
+    if let Some(value) = counts.get_ptr_mut(key) {
         // The key holds the thread id and a thread is on one CPU at a time: no racing writer.
         unsafe { *value += 1 };
     } else {
-        match counts.insert(&key, &1, BPF_NOEXIST as u64) {
+        match counts.insert(key, &1, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {
-                if let Some(value) = counts.get_ptr_mut(&key) {
+                if let Some(value) = counts.get_ptr_mut(key) {
                     unsafe { *value += 1 };
                 }
             }
             Err(_) => {
                 count(Counter::LostCountsMapFull);
-                return 0;
+                return;
             }
         }
     }
     count(Counter::Samples);
-    0
+}
+
+/// The maps of one generation.
+#[inline(always)]
+fn generation_maps(
+    generation: u32,
+) -> (
+    &'static HashMap<SampleKey, u64>,
+    &'static HashMap<u64, Stack>,
+) {
+    if generation == 0 {
+        (&COUNTS_0, &STACKS_0)
+    } else {
+        (&COUNTS_1, &STACKS_1)
+    }
 }
 
 #[inline(always)]
@@ -248,9 +287,21 @@ fn store_stack(
         count(Counter::StacksTruncated);
     }
     buf.len = len as u64;
+    // Only the leaf is an exact pc: every other address is a return address.
+    buf.exact = [1, 0];
+    intern_stack(stacks, buf, flags)
+}
 
-    // FNV-1a over the addresses; user and kernel stacks start from different seeds.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ flags;
+/// Stores `buf` in the stacks map unless it is there already, and returns its id: an FNV-1a
+/// hash of its addresses (and exact-pc bits), from a seed that tells user and kernel stacks
+/// apart.
+#[inline(always)]
+fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<u64, Counter> {
+    let len = buf.len as usize;
+    if len == 0 || len > MAX_STACK_DEPTH {
+        return Ok(NO_STACK);
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for i in 0..MAX_STACK_DEPTH {
         if i >= len {
             break;
@@ -258,6 +309,10 @@ fn store_stack(
         hash ^= buf.addrs[i];
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
+    hash ^= buf.exact[0];
+    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    hash ^= buf.exact[1];
+    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     if hash == NO_STACK {
         hash = 1;
     }
@@ -275,7 +330,7 @@ fn store_stack(
                 return Err(Counter::LostStackHashCollision);
             }
         }
-        None => match stacks.insert(&hash, &*buf, BPF_NOEXIST as u64) {
+        None => match stacks.insert(&hash, buf, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {}
             Err(_) => return Err(Counter::LostStacksMapFull),
@@ -320,6 +375,7 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
         state.exec_seq = state.exec_seq.wrapping_add(1);
         state.announced = 0;
     }
+    let _ = UNWIND_MAPPINGS.remove(&tgid);
     0
 }
 
@@ -334,6 +390,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = PID_FILTER.remove(&tgid);
+    let _ = UNWIND_MAPPINGS.remove(&tgid);
     count(Counter::ProcessesExited);
     let Some(state) = (unsafe { PROCESSES.get(&tgid) }).copied() else {
         return 0;

@@ -12,6 +12,7 @@ use profiler_common::{Stack, MAX_STACK_DEPTH};
 fn stack_decode(c: &mut Criterion) {
     let mut stack = Stack {
         len: 24,
+        exact: [1, 0],
         addrs: [0; MAX_STACK_DEPTH],
     };
     for (i, addr) in stack.addrs.iter_mut().enumerate().take(24) {

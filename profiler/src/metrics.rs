@@ -59,6 +59,7 @@ pub struct Metrics {
     /// Profiles a backend accepted: the delivery SLI's numerator (one request carries many).
     profiles_delivered: Family<Labels, Counter>,
     series_overflow: Counter,
+    unwind: Family<Labels, Counter>,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -90,6 +91,7 @@ impl Metrics {
             profiles_produced: Family::default(),
             profiles_delivered: Family::default(),
             series_overflow: Counter::default(),
+            unwind: Family::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -174,6 +176,12 @@ impl Metrics {
             metrics.series_overflow.clone(),
         );
         registry.register(
+            "unwind_events",
+            "The table unwinder (--unwinder auto): walks stopped early by reason \
+             (unwind_stop_*), frame-pointer steps, and tables loaded, evicted or failed",
+            metrics.unwind.clone(),
+        );
+        registry.register(
             "build",
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -202,8 +210,13 @@ impl Metrics {
             last.0.get(K::StacksTruncated),
         ));
         for ((name, now, is_loss), (_, before, _)) in counters.all().into_iter().zip(last.0.all()) {
-            let family = if is_loss { &self.lost } else { &self.events };
-            let key = if is_loss { "reason" } else { "event" };
+            let (family, key) = if is_loss {
+                (&self.lost, "reason")
+            } else if name.starts_with("unwind_") {
+                (&self.unwind, "event")
+            } else {
+                (&self.events, "event")
+            };
             family
                 .get_or_create(&vec![(key, name.to_owned())])
                 .inc_by(delta(now, before));

@@ -41,6 +41,8 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         targets: Filter::All,
         frequency: config.frequency,
         kernel_stacks: true,
+        unwinder: config.unwinder,
+        unwind_table_memory: config.unwind_table_memory,
         ..Default::default()
     })?;
     metrics.set_ready();

@@ -16,6 +16,7 @@ use profiler_push::{Delivery, OtlpConfig, OtlpProtocol, Protocol, PushConfig};
 use serde::Deserialize;
 
 use super::{parse_duration, Exit};
+use crate::collect::{Unwinder, DEFAULT_UNWIND_TABLE_MEMORY};
 
 /// `profiler agent` flags. Each one can also come from `PROFILER_<NAME>` or the config file.
 #[derive(Args, Debug, Default)]
@@ -117,6 +118,13 @@ pub struct AgentArgs {
     /// Label samples with their thread's name. Pyroscope makes each name a series of its own.
     #[arg(long, env = "PROFILER_THREAD_NAMES", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub thread_names: Option<bool>,
+    /// How user stacks are unwound: auto (.eh_frame tables, frame pointers elsewhere) or fp
+    /// [default: fp].
+    #[arg(long, env = "PROFILER_UNWINDER", value_enum, value_name = "U")]
+    pub unwinder: Option<Unwinder>,
+    /// Kernel memory for unwind tables: 16MiB, 512KiB, or bytes [default: 16MiB].
+    #[arg(long, env = "PROFILER_UNWIND_TABLE_MEMORY", value_name = "SIZE", value_parser = super::diff::parse_size)]
+    pub unwind_table_memory: Option<u64>,
 }
 
 /// The config file's shape; unknown keys are errors.
@@ -151,6 +159,8 @@ struct FileConfig {
     max_series: Option<usize>,
     pod_wait: Option<String>,
     thread_names: Option<bool>,
+    unwinder: Option<Unwinder>,
+    unwind_table_memory: Option<u64>,
     #[serde(default)]
     relabel_configs: Vec<RelabelConfig>,
 }
@@ -175,6 +185,10 @@ pub struct AgentConfig {
     pub pod_wait: Duration,
     /// Sample labels with thread names (each name multiplies series in Pyroscope).
     pub thread_names: bool,
+    /// How user stacks are unwound.
+    pub unwinder: Unwinder,
+    /// Kernel memory for unwind tables, in bytes.
+    pub unwind_table_memory: u64,
 }
 
 impl AgentConfig {
@@ -330,6 +344,11 @@ impl AgentConfig {
             max_series,
             pod_wait,
             thread_names: args.thread_names.or(file.thread_names).unwrap_or(false),
+            unwinder: args.unwinder.or(file.unwinder).unwrap_or_default(),
+            unwind_table_memory: args
+                .unwind_table_memory
+                .or(file.unwind_table_memory)
+                .unwrap_or(DEFAULT_UNWIND_TABLE_MEMORY),
         })
     }
 }

@@ -74,7 +74,7 @@ pub struct DiffArgs {
 }
 
 /// A size with an optional KiB, MiB or GiB suffix.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let (number, shift) = [("GiB", 30), ("MiB", 20), ("KiB", 10)]
         .iter()
         .find_map(|(suffix, shift)| text.strip_suffix(suffix).map(|n| (n, *shift)))

@@ -19,7 +19,7 @@ use tokio::{
 use super::{parse_duration, privileges::require_capabilities, raise_fd_limit, Exit};
 use crate::{
     aggregate::ProfileBuilder,
-    collect::{CollectConfig, Collector, Counters, Targets},
+    collect::{CollectConfig, Collector, Counters, Targets, Unwinder},
     export::{self, Format},
     resolve::{is_alive, Resolver},
 };
@@ -59,6 +59,13 @@ pub struct RecordArgs {
     /// Extra directory of separate debug info (.build-id/ or debug-link files); repeatable.
     #[arg(long = "debug-dir", value_name = "DIR")]
     debug_dirs: Vec<PathBuf>,
+    /// How user stacks are unwound: `auto` (.eh_frame tables where they cover a pc, a
+    /// frame-pointer step elsewhere) or `fp` (frame pointers only).
+    #[arg(long, value_enum, value_name = "U", default_value_t = Unwinder::default())]
+    unwinder: Unwinder,
+    /// Kernel memory for unwind tables (`--unwinder auto`): 16MiB, 512KiB, or bytes.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = super::diff::parse_size)]
+    unwind_table_memory: u64,
     /// Command to start and record, with its arguments, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -126,6 +133,9 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         targets,
         frequency: args.frequency,
         kernel_stacks: !args.no_kernel,
+        unwinder: args.unwinder,
+        unwind_table_memory: args.unwind_table_memory,
+        debug_dirs: args.debug_dirs.clone(),
         ..Default::default()
     };
     let mut collector = Collector::start(&config)?;

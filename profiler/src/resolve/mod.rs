@@ -21,6 +21,7 @@ pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFI
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
+use profiler_common::is_exact_pc;
 use symbols::kernel_build_id;
 
 /// Bounds of the wait before a process's mappings are read again for addresses none of them
@@ -380,7 +381,7 @@ impl Resolver {
         let mut seen: HashSet<(FileKey, u64)> = HashSet::new();
         for sample in samples {
             for (depth, addr) in sample.kernel.iter().enumerate() {
-                let addr = lookup_address(*addr, depth);
+                let addr = lookup_address(*addr, depth == 0);
                 if seen_kernel.insert(addr) && !self.symbols.is_kernel_cached(addr) {
                     kernel.push(addr);
                 }
@@ -393,7 +394,8 @@ impl Resolver {
                     continue;
                 };
                 let Some(key) = mapping.file else { continue };
-                let offset = file_offset(mapping, lookup_address(*addr, depth));
+                let exact = is_exact_pc(&sample.user_exact, depth);
+                let offset = file_offset(mapping, lookup_address(*addr, exact));
                 if seen.insert((key, offset)) && !self.symbols.is_cached(&key, offset) {
                     files.entry(key).or_default().push(offset);
                 }
@@ -415,7 +417,7 @@ impl Resolver {
             frames.push(Frame {
                 address: *addr,
                 mapping: Some(self.kernel.clone()),
-                lines: self.symbols.kernel_lines(lookup_address(*addr, depth)),
+                lines: self.symbols.kernel_lines(lookup_address(*addr, depth == 0)),
             });
         }
         let pid = sample.process.tgid;
@@ -437,11 +439,12 @@ impl Resolver {
         };
         let process = self.processes.get(&sample.process);
         for (depth, addr) in sample.user.iter().enumerate() {
+            let exact = is_exact_pc(&sample.user_exact, depth);
             let mapping = process.and_then(|p| p.mapping_for(*addr)).cloned();
             let lines = match mapping.as_ref().and_then(|m| m.file.map(|key| (m, key))) {
                 Some((m, key)) => self
                     .symbols
-                    .file_lines(&key, file_offset(m, lookup_address(*addr, depth))),
+                    .file_lines(&key, file_offset(m, lookup_address(*addr, exact))),
                 None => Lines::from(Vec::new()),
             };
             frames.push(Frame {
@@ -462,10 +465,11 @@ impl Resolver {
     }
 }
 
-/// The address to look up: return addresses (every frame but the leaf) point after the call,
-/// possibly into the next function or line, so the byte before is looked up instead.
-fn lookup_address(addr: u64, depth: usize) -> u64 {
-    if depth == 0 {
+/// The address to look up: a return address points after its call, possibly into the next
+/// function or line, so the byte before is looked up instead. Exact pcs (the leaf, a frame a
+/// signal interrupted) are looked up as they are.
+fn lookup_address(addr: u64, exact: bool) -> u64 {
+    if exact {
         addr
     } else {
         addr.saturating_sub(1)

@@ -1,0 +1,258 @@
+//! The user-stack walker: the unwind tables wherever a pc is covered by one, a frame-pointer step
+//! elsewhere (docs/design/0002).
+//!
+//! A program walks [`FRAMES_PER_PROGRAM`] frames, then tail-calls `walk` (itself) through
+//! `WALK_PROGRAMS` to go on; the state between programs is in the per-CPU `WALK_STATE`. The
+//! program that ends the walk stores the stack and counts the sample, so a walk cut short for
+//! any reason still counts, with the frames it has.
+
+use aya_ebpf::{
+    bindings::{bpf_perf_event_data, pt_regs, BPF_F_USER_STACK},
+    helpers::{
+        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+    },
+    macros::{map, perf_event},
+    maps::PerCpuArray,
+    programs::PerfEventContext,
+    EbpfContext,
+};
+use profiler_common::{
+    unwind::{
+        find_mapping, find_row, frame_pointer_step, lookup_pc, step, ProcessMappings, Regs,
+        StepResult, StopReason, NO_TABLE,
+    },
+    Counter, SampleKey, Stack, MAX_STACK_DEPTH, NO_STACK,
+};
+
+use crate::{
+    count, count_sample, generation_maps, intern_stack, UNWIND_MAPPINGS, UNWIND_ROWS,
+    UNWIND_TABLES, WALK_PROGRAMS,
+};
+
+/// Frames per program: the verifier explores every path of each one, and 8 frames went past
+/// its million instructions; 127 frames take 32 tail calls of the 33 allowed.
+const FRAMES_PER_PROGRAM: usize = 4;
+
+/// A walk in progress, carried from one program to the next.
+#[repr(C)]
+pub struct WalkState {
+    stack: Stack,
+    regs: Regs,
+    key: SampleKey,
+    generation: u32,
+    /// 1 when `regs.rip` is a return address.
+    is_return_address: u32,
+}
+
+#[map]
+static WALK_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Starts the walk of the current task's user stack for a sample keyed `key` (its user stack
+/// still to be filled in).
+#[inline(always)]
+pub fn start(ctx: &PerfEventContext, key: SampleKey, generation: u32) {
+    let Some(state) = WALK_STATE.get_ptr_mut(0) else {
+        count(Counter::LostStackReadError);
+        return;
+    };
+    let state = unsafe { &mut *state };
+    state.key = key;
+    state.generation = generation;
+    state.stack.len = 0;
+    state.stack.exact = [0, 0];
+    state.is_return_address = 0;
+    let Some(regs) = user_regs(ctx) else {
+        // A kernel thread: no user stack, as with frame pointers.
+        count(Counter::UserStackMissing);
+        finish(state, None);
+        return;
+    };
+    state.regs = regs;
+    // The sampler's own checks leave no room for frames under the verifier's limit: every
+    // frame is walked in `walk`.
+    // SAFETY: the program array holds `walk`, a perf_event program like this one.
+    unsafe { WALK_PROGRAMS.tail_call(ctx, 0) };
+    finish(state, Some(StopReason::FrameLimit));
+}
+
+/// The continuation: the next frames of the walk `sample` (or an earlier `walk`) began.
+#[perf_event]
+pub fn walk(ctx: PerfEventContext) -> u32 {
+    if let Some(state) = WALK_STATE.get_ptr_mut(0) {
+        step_frames(&ctx, unsafe { &mut *state });
+    }
+    0
+}
+
+/// Walks up to [`FRAMES_PER_PROGRAM`] frames; then finishes the sample or hands on.
+#[inline(always)]
+fn step_frames(ctx: &PerfEventContext, state: &mut WalkState) {
+    let tgid = state.key.process.tgid;
+    let mappings = unsafe { UNWIND_MAPPINGS.get(&tgid) }.filter(|m| m.process == state.key.process);
+    for _ in 0..FRAMES_PER_PROGRAM {
+        let n = state.stack.len as usize;
+        if n >= MAX_STACK_DEPTH {
+            count(Counter::StacksTruncated);
+            finish(state, Some(StopReason::FrameLimit));
+            return;
+        }
+        state.stack.addrs[n] = state.regs.rip;
+        if state.is_return_address == 0 {
+            state.stack.exact[n >> 6] |= 1 << (n & 63);
+        }
+        state.stack.len = n as u64 + 1;
+        match unwind_one(&mut state.regs, state.is_return_address != 0, mappings) {
+            StepResult::Caller => state.is_return_address = 1,
+            StepResult::Interrupted => state.is_return_address = 0,
+            StepResult::Stop(reason) => {
+                finish(state, Some(reason));
+                return;
+            }
+        }
+    }
+    // SAFETY: the program array holds `walk`, a perf_event program like this one.
+    unsafe { WALK_PROGRAMS.tail_call(ctx, 0) };
+    // Only reached when the tail call failed (its limit, or no program): keep what we have.
+    finish(state, Some(StopReason::FrameLimit));
+}
+
+/// One frame: the table's rule where one covers the pc; else, where the frame pointer looks
+/// valid, a frame-pointer step.
+#[inline(always)]
+fn unwind_one(
+    regs: &mut Regs,
+    is_return_address: bool,
+    mappings: Option<&ProcessMappings>,
+) -> StepResult {
+    let pc = lookup_pc(regs.rip, is_return_address);
+    match table_step(pc, regs, mappings) {
+        StepResult::Stop(
+            reason @ (StopReason::NoTable | StopReason::NoCfi | StopReason::Unmapped),
+        ) => match frame_pointer_step(regs, read_user) {
+            StepResult::Stop(StopReason::BadFrame) => StepResult::Stop(reason),
+            other => {
+                count(Counter::UnwindFramePointerSteps);
+                other
+            }
+        },
+        other => other,
+    }
+}
+
+#[inline(always)]
+fn table_step(pc: u64, regs: &mut Regs, mappings: Option<&ProcessMappings>) -> StepResult {
+    let Some(mappings) = mappings else {
+        return StepResult::Stop(StopReason::NoTable);
+    };
+    let Some(index) = find_mapping(mappings.len, pc, |i| {
+        mappings
+            .mappings
+            .get(opaque(i) as usize)
+            .map(|m| (m.start, m.end))
+    }) else {
+        return StepResult::Stop(StopReason::Unmapped);
+    };
+    let Some(mapping) = mappings.mappings.get(opaque(index) as usize) else {
+        return StepResult::Stop(StopReason::Unmapped);
+    };
+    if mapping.table == NO_TABLE {
+        return StepResult::Stop(StopReason::NoTable);
+    }
+    let Some(table) = UNWIND_TABLES.get(mapping.table) else {
+        return StepResult::Stop(StopReason::NoTable);
+    };
+    if table.seq != mapping.table_seq || table.len == 0 {
+        return StepResult::Stop(StopReason::NoTable);
+    }
+    let offset = pc.wrapping_sub(mapping.bias);
+    if offset > u32::MAX as u64 {
+        return StepResult::Stop(StopReason::NoCfi);
+    }
+    let first = table.first_row;
+    let Some(row) = find_row(table.len, offset as u32, |i| {
+        UNWIND_ROWS.get(first.wrapping_add(i)).map(|row| row.pc)
+    }) else {
+        return StepResult::Stop(StopReason::NoCfi);
+    };
+    let Some(row) = UNWIND_ROWS.get(first.wrapping_add(row)) else {
+        return StepResult::Stop(StopReason::NoCfi);
+    };
+    step(row, regs, read_user)
+}
+
+/// `value`, hidden from the optimizer: the search's own logic proves its indexes in bounds, so
+/// LLVM drops the bounds checks, but the verifier cannot follow that proof and needs them.
+#[inline(always)]
+fn opaque(value: u32) -> u32 {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&value) }
+}
+
+#[inline(always)]
+fn read_user(address: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(address as *const u64) }.ok()
+}
+
+/// The user-mode registers of the sampled task: the sample's own when it interrupted user
+/// code, else those the task saved on entering the kernel. `None` for kernel threads.
+#[inline(always)]
+fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
+    let data = ctx.as_ptr() as *const bpf_perf_event_data;
+    let sampled = unsafe { &(*data).regs };
+    if sampled.cs & 3 == 3 {
+        return Some(Regs {
+            rip: sampled.rip,
+            rsp: sampled.rsp,
+            rbp: sampled.rbp,
+        });
+    }
+    let task = unsafe { bpf_get_current_task_btf() };
+    let saved = unsafe { bpf_task_pt_regs(task) } as *const pt_regs;
+    if saved.is_null() {
+        return None;
+    }
+    let read = |field: *const u64| unsafe { bpf_probe_read_kernel(field) }.ok();
+    let cs = read(unsafe { &raw const (*saved).cs })?;
+    if cs & 3 != 3 {
+        return None;
+    }
+    let rip = read(unsafe { &raw const (*saved).rip })?;
+    let rsp = read(unsafe { &raw const (*saved).rsp })?;
+    let rbp = read(unsafe { &raw const (*saved).rbp })?;
+    (rip != 0).then_some(Regs { rip, rsp, rbp })
+}
+
+/// Counts why the walk stopped, stores the stack and counts the sample.
+#[inline(always)]
+fn finish(state: &mut WalkState, stop: Option<StopReason>) {
+    let counter = match stop {
+        None | Some(StopReason::EndOfStack) => None,
+        Some(StopReason::NoTable) => Some(Counter::UnwindNoTable),
+        Some(StopReason::NoCfi) => Some(Counter::UnwindNoCfi),
+        Some(StopReason::Unsupported) => Some(Counter::UnwindUnsupported),
+        Some(StopReason::ReadFault) => Some(Counter::UnwindReadFault),
+        Some(StopReason::BadFrame) => Some(Counter::UnwindBadFrame),
+        Some(StopReason::Unmapped) => Some(Counter::UnwindPcUnmapped),
+        Some(StopReason::FrameLimit) => Some(Counter::UnwindFrameLimit),
+    };
+    if let Some(counter) = counter {
+        count(counter);
+    }
+    let (counts, stacks) = generation_maps(state.generation);
+    let user_stack = if state.stack.len == 0 {
+        NO_STACK
+    } else {
+        match intern_stack(stacks, &state.stack, BPF_F_USER_STACK as u64) {
+            Ok(id) => id,
+            Err(counter) => {
+                count(counter);
+                return;
+            }
+        }
+    };
+    let key = SampleKey {
+        user_stack,
+        ..state.key
+    };
+    count_sample(counts, &key);
+}

@@ -1,0 +1,461 @@
+//! Loads unwind tables into the kernel's maps for the walker (docs/design/0002): one row array
+//! for every table (its size is the memory budget), a slot per table saying where its rows
+//! are, and per process the executable mappings with their table and load bias.
+//!
+//! Tables are compiled (`profiler-unwind`) when a process is announced, for every executable
+//! file mapping and the vDSO, once per binary (by [`BinaryId`]) while it stays loaded. When a
+//! new table does not fit, the least recently used ones are evicted; a process whose samples
+//! need an evicted table gets it back at the next drain. Mappings are reread at a drain when a
+//! process's stacks hold addresses none of its known mappings cover (a library loaded since).
+
+use std::{
+    collections::HashMap as StdHashMap,
+    fs::File,
+    os::{fd::AsFd as _, unix::fs::FileExt as _},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::{Array, HashMap, MapData, ProgramArray};
+use profiler_common::{
+    unwind::{ExecMapping, ProcessMappings, TableInfo, UnwindRow, MAX_PROCESS_MAPPINGS, NO_TABLE},
+    ProcessKey,
+};
+use profiler_unwind::{build, load_bias, simulate::read_maps, BinaryId, Options, UnwindTable};
+
+/// Kernel bytes per row: array map elements are rounded up to 8 bytes.
+pub const ROW_BYTES: u64 = 16;
+/// Table slots in `UNWIND_TABLES` (the kernel map's size).
+pub const TABLE_SLOTS: u32 = 4096;
+/// The soonest a process's mappings are reread for addresses none of them covers.
+const REREAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the loader did, for the summary and `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnwindCounters {
+    /// Tables copied into the kernel.
+    pub loads: u64,
+    /// Tables evicted to make room (least recently used first).
+    pub evictions: u64,
+    /// Binaries whose table could not be built (no CFI, unreadable, not x86-64 ELF).
+    pub build_errors: u64,
+    /// Tables larger than the whole budget, or with no free slot: their code is walked with
+    /// frame pointers only.
+    pub not_loaded: u64,
+    /// Executable mappings beyond the per-process limit, left out.
+    pub mappings_dropped: u64,
+    /// Bytes of rows in the kernel now.
+    pub bytes_loaded: u64,
+}
+
+/// A table in the kernel's row array.
+struct Loaded {
+    slot: u32,
+    seq: u32,
+    first_row: u32,
+    len: u32,
+    /// ELF virtual address of row pc 0.
+    base: u64,
+    last_used: u64,
+}
+
+/// One executable mapping of a process and the binary behind it.
+#[derive(Clone)]
+struct Mapped {
+    start: u64,
+    end: u64,
+    /// Runtime address minus ELF virtual address.
+    load_bias: u64,
+    id: Option<BinaryId>,
+    /// As /proc/PID/maps names it (`[vdso]` for the vDSO).
+    path: String,
+}
+
+struct Process {
+    key: ProcessKey,
+    mappings: Vec<Mapped>,
+    read_at: Instant,
+}
+
+/// The row array, mapped into our memory.
+struct Rows {
+    ptr: NonNull<u8>,
+    capacity: u32,
+    bytes: usize,
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map_rows` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// The tables and mappings the kernel walker reads, kept in step with the processes sampled.
+pub struct UnwindLoader {
+    rows: Rows,
+    _rows_map: MapData,
+    tables_map: Array<MapData, TableInfo>,
+    mappings_map: HashMap<MapData, u32, ProcessMappings>,
+    /// Kept open: the tail-call map must outlive the programs' use of it.
+    _programs: ProgramArray<MapData>,
+    options: Options,
+    loaded: StdHashMap<BinaryId, Loaded>,
+    /// Binaries whose table cannot be built: not tried again.
+    failed: StdHashMap<BinaryId, ()>,
+    free_slots: Vec<u32>,
+    next_seq: u32,
+    clock: u64,
+    processes: StdHashMap<u32, Process>,
+    counters: UnwindCounters,
+}
+
+impl UnwindLoader {
+    /// Takes over the walker's maps. `rows_map` must be the mmapable `UNWIND_ROWS` array.
+    pub fn new(
+        rows_map: MapData,
+        tables_map: Array<MapData, TableInfo>,
+        mappings_map: HashMap<MapData, u32, ProcessMappings>,
+        capacity: u32,
+        debug_dirs: Vec<PathBuf>,
+        programs: ProgramArray<MapData>,
+    ) -> Result<Self> {
+        let bytes = (capacity as usize * ROW_BYTES as usize).next_multiple_of(4096);
+        // SAFETY: maps the array map's values, shared with the kernel; nothing else maps them.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&rows_map.fd().as_fd()),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(anyhow!(
+                "mapping the unwind rows into memory: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let rows = Rows {
+            ptr: NonNull::new(ptr.cast()).context("mmap returned null")?,
+            capacity,
+            bytes,
+        };
+        Ok(Self {
+            rows,
+            _rows_map: rows_map,
+            tables_map,
+            mappings_map,
+            _programs: programs,
+            options: Options { debug_dirs },
+            loaded: StdHashMap::new(),
+            failed: StdHashMap::new(),
+            free_slots: (0..TABLE_SLOTS).rev().collect(),
+            next_seq: 1,
+            clock: 0,
+            processes: StdHashMap::new(),
+            counters: UnwindCounters::default(),
+        })
+    }
+
+    pub fn counters(&self) -> UnwindCounters {
+        UnwindCounters {
+            bytes_loaded: self.loaded.values().map(|t| t.len as u64 * ROW_BYTES).sum(),
+            ..self.counters
+        }
+    }
+
+    /// A new incarnation (or one after exec): reads its mappings, loads their tables and tells
+    /// the kernel. A process already gone is skipped: its samples walk with frame pointers.
+    pub fn started(&mut self, process: ProcessKey) {
+        let Some(mappings) = read_mappings(process.tgid, &mut self.counters) else {
+            return;
+        };
+        self.processes.insert(
+            process.tgid,
+            Process {
+                key: process,
+                mappings,
+                read_at: Instant::now(),
+            },
+        );
+        self.publish(process.tgid);
+    }
+
+    /// The process ended: the kernel removed its mappings itself (exit tracepoint).
+    pub fn exited(&mut self, process: ProcessKey) {
+        if self
+            .processes
+            .get(&process.tgid)
+            .is_some_and(|p| p.key == process)
+        {
+            self.processes.remove(&process.tgid);
+        }
+    }
+
+    /// After a drain: marks the tables the samples used as recently used, reloads evicted ones
+    /// they need, and rereads the mappings of processes with addresses outside all of them.
+    pub fn sampled<'a>(&mut self, samples: impl Iterator<Item = (ProcessKey, &'a [u64])>) {
+        self.clock += 1;
+        let mut dirty: Vec<u32> = Vec::new();
+        for (key, user) in samples {
+            let Some(process) = self.processes.get_mut(&key.tgid) else {
+                continue;
+            };
+            if process.key != key {
+                continue;
+            }
+            let mut outside = false;
+            for addr in user {
+                let at = process.mappings.partition_point(|m| m.start <= *addr);
+                match at.checked_sub(1).map(|i| &process.mappings[i]) {
+                    Some(m) if *addr < m.end => {
+                        if let Some(id) = &m.id {
+                            match self.loaded.get_mut(id) {
+                                Some(table) => table.last_used = self.clock,
+                                None if !self.failed.contains_key(id) => dirty.push(key.tgid),
+                                None => {}
+                            }
+                        }
+                    }
+                    _ => outside = true,
+                }
+            }
+            if outside && process.read_at.elapsed() >= REREAD_INTERVAL {
+                process.read_at = Instant::now();
+                if let Some(mappings) = read_mappings(key.tgid, &mut self.counters) {
+                    process.mappings = mappings;
+                }
+                dirty.push(key.tgid);
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        for tgid in dirty {
+            self.publish(tgid);
+        }
+    }
+
+    /// Loads the tables of a process's mappings and writes its mappings into the kernel.
+    fn publish(&mut self, tgid: u32) {
+        let Some(process) = self.processes.get(&tgid) else {
+            return;
+        };
+        let key = process.key;
+        let mapped = process.mappings.clone();
+        let mut value = Box::<ProcessMappings>::default();
+        value.process = key;
+        let mut len = 0;
+        for m in &mapped {
+            // Tables first, so that loading one (and evicting others) cannot invalidate the
+            // slots written below for this process.
+            if let Some(id) = &m.id {
+                self.ensure_loaded(tgid, m, id);
+            }
+        }
+        for m in &mapped {
+            if len >= MAX_PROCESS_MAPPINGS {
+                break;
+            }
+            let table = m.id.as_ref().and_then(|id| self.loaded.get(id));
+            value.mappings[len] = ExecMapping {
+                start: m.start,
+                end: m.end,
+                bias: table.map_or(0, |t| m.load_bias.wrapping_add(t.base)),
+                table: table.map_or(NO_TABLE, |t| t.slot),
+                table_seq: table.map_or(0, |t| t.seq),
+            };
+            len += 1;
+        }
+        value.len = len as u32;
+        // A full map only costs this process its tables: its samples walk with frame pointers.
+        let _ = self.mappings_map.insert(tgid, *value, 0);
+    }
+
+    /// Compiles and copies in the table of `id` unless it is loaded already.
+    fn ensure_loaded(&mut self, tgid: u32, mapping: &Mapped, id: &BinaryId) {
+        if let Some(table) = self.loaded.get_mut(id) {
+            table.last_used = self.clock;
+            return;
+        }
+        if self.failed.contains_key(id) {
+            return;
+        }
+        let table = match build_table(tgid, mapping, &self.options) {
+            Some(Ok(table)) => table,
+            Some(Err(_)) => {
+                self.counters.build_errors += 1;
+                self.failed.insert(id.clone(), ());
+                return;
+            }
+            None => return,
+        };
+        let len = table.rows.len() as u32;
+        let Some(first_row) = self.allocate(len) else {
+            self.counters.not_loaded += 1;
+            self.failed.insert(id.clone(), ());
+            return;
+        };
+        let Some(slot) = self.free_slots.pop() else {
+            self.counters.not_loaded += 1;
+            return;
+        };
+        self.write_rows(first_row, &table.rows);
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1).max(1);
+        let info = TableInfo {
+            first_row,
+            len,
+            seq,
+            _pad: 0,
+        };
+        if self.tables_map.set(slot, info, 0).is_err() {
+            self.free_slots.push(slot);
+            self.counters.not_loaded += 1;
+            return;
+        }
+        self.counters.loads += 1;
+        self.loaded.insert(
+            id.clone(),
+            Loaded {
+                slot,
+                seq,
+                first_row,
+                len,
+                base: table.base,
+                last_used: self.clock,
+            },
+        );
+    }
+
+    /// The first row of a free run of `len` rows, evicting least recently used tables until
+    /// one exists. `None` when the table is larger than the whole budget.
+    fn allocate(&mut self, len: u32) -> Option<u32> {
+        if len == 0 || len > self.rows.capacity {
+            return None;
+        }
+        loop {
+            let mut used: Vec<(u32, u32)> = self
+                .loaded
+                .values()
+                .map(|t| (t.first_row, t.first_row + t.len))
+                .collect();
+            used.sort_unstable();
+            let mut at = 0u32;
+            for (start, end) in used {
+                if start - at >= len {
+                    return Some(at);
+                }
+                at = at.max(end);
+            }
+            if self.rows.capacity - at >= len {
+                return Some(at);
+            }
+            self.evict_oldest()?;
+        }
+    }
+
+    fn evict_oldest(&mut self) -> Option<()> {
+        let id = self
+            .loaded
+            .iter()
+            .min_by_key(|(_, t)| t.last_used)
+            .map(|(id, _)| id.clone())?;
+        let table = self.loaded.remove(&id)?;
+        // The slot's next table gets another seq: mappings still naming this one see none.
+        let _ = self.tables_map.set(table.slot, TableInfo::default(), 0);
+        self.free_slots.push(table.slot);
+        self.counters.evictions += 1;
+        Some(())
+    }
+
+    fn write_rows(&mut self, first_row: u32, rows: &[UnwindRow]) {
+        for (i, row) in rows.iter().enumerate() {
+            let index = first_row as usize + i;
+            if index >= self.rows.capacity as usize {
+                break;
+            }
+            // SAFETY: index < capacity, and each element is ROW_BYTES apart in the mapping.
+            unsafe {
+                let at = self.rows.ptr.as_ptr().add(index * ROW_BYTES as usize);
+                std::ptr::write_unaligned(at.cast::<UnwindRow>(), *row);
+            }
+        }
+    }
+}
+
+/// The executable file mappings (and the vDSO) of `pid` with their binaries' identities, sorted
+/// by start; `None` when the process is gone.
+fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>> {
+    let maps = read_maps(pid as i32).ok()?;
+    let mut mapped = Vec::new();
+    for entry in maps.iter().filter(|m| m.executable) {
+        let (id, bias) = if entry.path == "[vdso]" {
+            let image = read_vdso(pid, entry.start, entry.end);
+            let id = image.as_deref().and_then(BinaryId::of_image);
+            let bias = image
+                .as_deref()
+                .and_then(|data| load_bias(data, entry.start, entry.offset));
+            (id.zip(bias).map(|(id, _)| id), bias)
+        } else if entry.path.starts_with('/') {
+            let path = map_file(pid, entry.start, entry.end);
+            identify(&path, entry.start, entry.offset).unzip()
+        } else {
+            continue;
+        };
+        mapped.push(Mapped {
+            start: entry.start,
+            end: entry.end,
+            load_bias: bias.unwrap_or(0),
+            id: bias.and(id),
+            path: entry.path.clone(),
+        });
+    }
+    mapped.sort_by_key(|m| m.start);
+    if mapped.len() > MAX_PROCESS_MAPPINGS {
+        counters.mappings_dropped += (mapped.len() - MAX_PROCESS_MAPPINGS) as u64;
+    }
+    Some(mapped)
+}
+
+/// A mapping's file as the process sees it, whatever mount namespace it is in, deleted or not.
+fn map_file(pid: u32, start: u64, end: u64) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
+}
+
+/// The identity and load bias of the file behind a mapping, from one open of it.
+fn identify(path: &Path, start: u64, offset: u64) -> Option<(BinaryId, u64)> {
+    let file = File::open(path).ok()?;
+    // SAFETY: read-only map, dropped before returning.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    let id = BinaryId::of_file(&file, &map).ok()?;
+    Some((id, load_bias(&map, start, offset)?))
+}
+
+fn read_vdso(pid: u32, start: u64, end: u64) -> Option<Vec<u8>> {
+    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+    let mut image = vec![0; usize::try_from(end.checked_sub(start)?).ok()?];
+    mem.read_exact_at(&mut image, start).ok()?;
+    Some(image)
+}
+
+/// Compiles the table of the binary behind `entry` in `pid`; `None` when the mapping is gone.
+fn build_table(
+    pid: u32,
+    entry: &Mapped,
+    options: &Options,
+) -> Option<Result<UnwindTable, profiler_unwind::Error>> {
+    if entry.path == "[vdso]" {
+        let image = read_vdso(pid, entry.start, entry.end)?;
+        return Some(build(&image, None, options));
+    }
+    let file = File::open(map_file(pid, entry.start, entry.end)).ok()?;
+    // SAFETY: read-only map, dropped before returning.
+    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+    // The path as the process names it locates debug links and separate debug files.
+    Some(build(&map, Some(Path::new(&entry.path)), options))
+}

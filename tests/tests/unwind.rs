@@ -1,0 +1,235 @@
+//! `--unwinder auto`: the kernel walks stacks with .eh_frame tables, end to end with the real
+//! profiler. The workload is profiler-unwind's frameless test program (built -O2
+//! -fomit-frame-pointer, so its leaves build no frame) and Debian's own python3.11 and libc.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, ChildStdout, Command, Stdio},
+};
+
+use profiler_tests::*;
+
+/// frames.c (profiler-unwind's test program) built without frame pointers.
+fn frameless() -> PathBuf {
+    let dir = root().join("target/test-workloads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("frameless");
+    let tmp = dir.join(format!("frameless.{}", std::process::id()));
+    let status = Command::new("gcc")
+        .args(["-O2", "-fomit-frame-pointer", "-g", "-o"])
+        .arg(&tmp)
+        .arg(root().join("profiler-unwind/tests/testdata/frames.c"))
+        .status()
+        .expect("gcc must be installed (cargo xtask setup installs it)");
+    assert!(status.success(), "compiling frames.c failed");
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+/// Runs the frameless program in `mode` until it says it is ready (spinning in its leaf).
+/// Its stdout stays open: the signal handler writes to it.
+struct Spinner(Child, BufReader<ChildStdout>);
+
+impl Spinner {
+    fn start(mode: Option<&str>) -> Spinner {
+        let mut child = Command::new(frameless())
+            .args(mode)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut spinner = Spinner(child, stdout);
+        spinner.expect_line("ready\n");
+        spinner
+    }
+
+    fn expect_line(&mut self, expected: &str) {
+        let mut line = String::new();
+        self.1.read_line(&mut line).unwrap();
+        assert_eq!(line, expected);
+    }
+
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Records the spinner for two seconds with `unwinder`; returns its samples and the summary.
+fn record_spinner(
+    t: &BpfTest,
+    name: &str,
+    mode: Option<&str>,
+    unwinder: &str,
+) -> (Vec<DecodedSample>, String) {
+    record_running(t, name, Spinner::start(mode), unwinder)
+}
+
+fn record_running(
+    t: &BpfTest,
+    name: &str,
+    spinner: Spinner,
+    unwinder: &str,
+) -> (Vec<DecodedSample>, String) {
+    let pid = spinner.pid();
+    let (out, stderr) = t.record(
+        name,
+        &[
+            "--unwinder",
+            unwinder,
+            "--no-kernel",
+            "-d",
+            "2s",
+            "--pid",
+            &pid,
+        ],
+        &[],
+    );
+    drop(spinner);
+    let samples: Vec<DecodedSample> = read_samples(&out)
+        .into_iter()
+        .filter(|s| s.labels.get("pid") == Some(&pid))
+        .collect();
+    (samples, stderr)
+}
+
+/// The share (0-100) of `samples` whose user frames, leaf first, contain `chain` in order.
+fn share_with_chain(samples: &[DecodedSample], chain: &[&str]) -> f64 {
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let matching: i64 = samples
+        .iter()
+        .filter(|s| {
+            let mut frames = s.functions.iter();
+            chain.iter().all(|f| frames.any(|g| g == f))
+        })
+        .map(|s| s.count)
+        .sum();
+    assert!(total > 300, "too few samples: {total}");
+    100.0 * matching as f64 / total as f64
+}
+
+const CHAIN: [&str; 7] = [
+    "leaf",
+    "big_frame",
+    "level3",
+    "level2",
+    "level1",
+    "main",
+    "_start",
+];
+
+#[test]
+fn frameless_leaves_unwind_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "auto.pb.gz", None, "auto");
+    let share = share_with_chain(&samples, &CHAIN);
+    assert!(
+        share >= 95.0,
+        "{share:.1}% of samples have the full chain; {stderr}\n{samples:?}"
+    );
+}
+
+#[test]
+fn frame_pointers_alone_lose_frameless_callers() {
+    // The same program with --unwinder fp: today's bpf_get_stack cannot see past the leaf,
+    // which is what makes the test above mean something.
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "fp.pb.gz", None, "fp");
+    let share = share_with_chain(&samples, &CHAIN[..3]);
+    assert!(share < 50.0, "{share:.1}% with frame pointers; {stderr}");
+}
+
+#[test]
+fn qsort_comparator_unwinds_through_libc_to_its_caller() {
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "qsort.pb.gz", Some("qsort"), "auto");
+    let share = share_with_chain(&samples, &["compare_then_spin", "sort_numbers", "main"]);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+    // Between the comparator and its caller: libc's qsort itself.
+    let through_libc = samples.iter().any(|s| {
+        let at = |name: &str| s.functions.iter().position(|f| f == name);
+        let qsort = s.functions.iter().position(|f| f.contains("qsort"));
+        matches!(
+            (at("compare_then_spin"), qsort, at("sort_numbers")),
+            (Some(a), Some(b), Some(c)) if a < b && b < c
+        )
+    });
+    assert!(through_libc, "no qsort frame: {samples:?}");
+}
+
+#[test]
+fn deep_recursion_is_cut_at_the_frame_limit_and_counted() {
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "deep.pb.gz", Some("deep"), "auto");
+    let deep: Vec<&DecodedSample> = samples
+        .iter()
+        .filter(|s| s.has_function("recurse"))
+        .collect();
+    assert!(!deep.is_empty(), "{samples:?}");
+    for s in &deep {
+        // 127 frames: the leaf, then recurse all the way (main is beyond the limit).
+        assert_eq!(s.functions.len(), 127, "{:?}", s.functions);
+        assert_eq!(s.functions[0], "leaf");
+        assert!(s.functions[1..].iter().all(|f| f == "recurse"), "{s:?}");
+    }
+    assert!(stderr.contains("unwind_stop_frame_limit="), "{stderr}");
+}
+
+#[test]
+fn python_loop_reaches_py_runmain() {
+    let Some(t) = bpf_test() else { return };
+    let python = "/usr/bin/python3.11";
+    assert!(
+        std::path::Path::new(python).exists(),
+        "{python} is missing (cargo xtask setup installs python3.11)"
+    );
+    let (out, stderr) = t.record(
+        "python.pb.gz",
+        &["--unwinder", "auto"],
+        &[
+            python,
+            "-c",
+            "x = 0\nfor i in range(8_000_000):\n    x += i * i\n",
+        ],
+    );
+    let samples: Vec<DecodedSample> = read_samples(&out)
+        .into_iter()
+        .filter(|s| s.labels.get("comm").map(String::as_str) == Some("python3.11"))
+        .collect();
+    let share = share_with_chain(&samples, &["_PyEval_EvalFrameDefault", "Py_RunMain"]);
+    // perf --call-graph dwarf: 99.6%; start-up and exit have no eval loop.
+    assert!(share >= 85.0, "{share:.1}%; {stderr}");
+}
+
+#[test]
+fn signal_handler_frames_unwind_through_the_restorer_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let mut spinner = Spinner::start(None);
+    // SAFETY: a signal to our own child.
+    assert_eq!(
+        unsafe { libc::kill(spinner.0.id() as i32, libc::SIGUSR1) },
+        0
+    );
+    spinner.expect_line("handler\n");
+    let (samples, stderr) = record_running(&t, "signal.pb.gz", spinner, "auto");
+    // handler_spin <- on_signal <- glibc's __restore_rt (signal frame) <- the interrupted leaf.
+    let mut chain = vec!["handler_spin", "on_signal"];
+    chain.extend(CHAIN);
+    let share = share_with_chain(&samples, &chain);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+}
+
+#[test]
+fn vdso_clock_gettime_loop_unwinds_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let (samples, stderr) = record_spinner(&t, "vdso.pb.gz", Some("vdso"), "auto");
+    let share = share_with_chain(&samples, &["vdso_loop", "main", "_start"]);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+}
