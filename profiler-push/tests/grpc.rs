@@ -333,3 +333,39 @@ async fn at_most_max_in_flight_requests_are_under_way() {
     assert_eq!(recorder.max_in_flight(), 2, "two at a time, never more");
     server.stop().await;
 }
+
+/// Over TLS to a server whose certificate a test CA signed: delivered with `ca_cert` naming
+/// that CA, refused (and retried, never delivered) without it, since the system roots do not
+/// trust it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_custom_ca_is_trusted_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let recorder = Recorder::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve_with(listener, recorder.clone(), Some(ca.identity.clone()));
+    let url = format!("https://{}", server.addr);
+
+    let observer = Arc::new(Recording::default());
+    let mut trusting = config(url.clone(), Protocol::Grpc);
+    trusting.ca_cert = Some(ca.ca_pem.clone());
+    let pusher = Pusher::start(trusting, observer.clone()).unwrap();
+    pusher.enqueue(upload(1, 100));
+    assert!(wait_until(WAIT, || async { recorder.count() == 1 }).await);
+    assert_eq!(pusher.shutdown(Duration::from_secs(5)).await, 0);
+    assert_eq!(observer.outcomes(), vec![PushOutcome::Delivered]);
+
+    let observer = Arc::new(Recording::default());
+    let pusher = Pusher::start(config(url, Protocol::Grpc), observer.clone()).unwrap();
+    pusher.enqueue(upload(2, 100));
+    assert!(
+        wait_until(WAIT, || async {
+            observer.count(PushOutcome::Retrying) >= 2
+        })
+        .await
+    );
+    assert_eq!(pusher.shutdown(Duration::from_millis(200)).await, 1);
+    assert_eq!(observer.count(PushOutcome::Delivered), 0);
+    assert_eq!(recorder.count(), 1, "nothing arrived without the CA");
+    server.stop().await;
+}

@@ -188,3 +188,26 @@ async fn https_endpoints_with_a_custom_ca_start_without_connecting() {
         assert_eq!(pusher.shutdown(Duration::from_millis(100)).await, 0);
     }
 }
+
+/// OTLP over TLS, trusting the test CA through `ca_cert`: the export arrives, gzipped, with
+/// its headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_export_over_tls_with_a_custom_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path());
+    let recorder = OtlpRecorder::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve_otlp_with(listener, recorder.clone(), Some(ca.identity.clone()));
+    let mut config = otlp_config(format!("https://{}", server.addr), OtlpProtocol::Grpc);
+    config.ca_cert = Some(ca.ca_pem.clone());
+    let observer = Arc::new(Recording::default());
+    let pusher = OtlpPusher::start(config, observer.clone()).unwrap();
+    pusher.enqueue(vec![request(0, 2)]);
+    assert_eq!(pusher.shutdown(Duration::from_secs(5)).await, 0);
+    let received = recorder.snapshot();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].request(), request(0, 2));
+    assert_eq!(received[0].header("authorization"), Some("Bearer t0ken"));
+    assert_eq!(observer.outcomes(), vec![PushOutcome::Delivered]);
+    server.stop().await;
+}

@@ -164,11 +164,26 @@ impl Drop for Server {
 
 /// Serves `recorder` on `listener` with tonic's real server (h2c).
 pub fn serve(listener: TcpListener, recorder: Recorder) -> Server {
+    serve_with(listener, recorder, None)
+}
+
+/// Serves `recorder` with tonic's real server, over TLS with `identity` when given.
+pub fn serve_with(
+    listener: TcpListener,
+    recorder: Recorder,
+    identity: Option<tonic::transport::Identity>,
+) -> Server {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = identity {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap();
+        }
         // One service, so no router (tonic's `router` feature) is needed.
-        tonic::transport::Server::builder()
+        builder
             .serve_with_incoming_shutdown(
                 PusherServiceServer::new(recorder),
                 TcpListenerStream::new(listener),
@@ -250,10 +265,26 @@ impl ProfilesService for OtlpRecorder {
 
 /// Serves `recorder` as an OTLP ProfilesService on `listener` (h2c).
 pub fn serve_otlp(listener: TcpListener, recorder: OtlpRecorder) -> Server {
+    serve_otlp_with(listener, recorder, None)
+}
+
+/// Serves `recorder` as an OTLP ProfilesService on `listener`, over TLS with `identity`
+/// (certificate and key, PEM) when given, else h2c.
+pub fn serve_otlp_with(
+    listener: TcpListener,
+    recorder: OtlpRecorder,
+    identity: Option<tonic::transport::Identity>,
+) -> Server {
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = identity {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap();
+        }
+        builder
             .serve_with_incoming_shutdown(
                 ProfilesServiceServer::new(recorder)
                     .accept_compressed(CompressionEncoding::Gzip)
@@ -376,5 +407,82 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A certificate authority made for one test with Debian's `openssl`, and a server
+/// certificate it signed for 127.0.0.1 and localhost.
+pub struct TestCa {
+    /// The CA certificate (PEM file), for the client's `--ca-cert`.
+    pub ca_pem: std::path::PathBuf,
+    /// The server's certificate and key.
+    pub identity: tonic::transport::Identity,
+}
+
+impl TestCa {
+    /// Makes the CA and the server certificate in `dir`.
+    pub fn new(dir: &std::path::Path) -> TestCa {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl must be installed (Debian's openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=profiler test CA",
+        ];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+        run(&ca);
+        let mut csr = vec!["req", "-new", "-subj", "/CN=localhost"];
+        csr.extend(ec);
+        csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+        run(&csr);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ]);
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        TestCa {
+            ca_pem: dir.join("ca.pem"),
+            identity: tonic::transport::Identity::from_pem(read("server.pem"), read("server.key")),
+        }
     }
 }

@@ -41,6 +41,7 @@ const APT_PACKAGES: &[&str] = &[
     "file",       // the dist tests check that the binary is static
     "elfutils",   // eu-addr2line finds the dist debug file by build ID in a test
     "curl",       // the CI action's download, run by its test from a file:// URL
+    "openssl",    // the TLS tests make a CA and a server certificate with it
 ];
 
 /// PyPI packages the tests read or validate our output with, as (package, version prefix, a
