@@ -579,6 +579,10 @@ mod tests {
 
     fn sample(pid: u32, count: u64) -> ResolvedSample {
         ResolvedSample {
+            process: crate::collect::ProcessKey {
+                tgid: pid,
+                ..Default::default()
+            },
             pid,
             tid: pid,
             comm: Arc::from("app"),
