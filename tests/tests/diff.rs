@@ -544,30 +544,55 @@ fn bad_input_is_one_line_and_exit_2() {
     }
 }
 
-/// The example CI workflow calls the profiler with flags it has.
+/// The CI action's script (deploy/ci/profile-diff.sh, which action.yml and so the example
+/// workflow run) calls the profiler with flags it has.
 #[test]
-fn the_ci_example_uses_existing_flags() {
-    let workflow = std::fs::read_to_string(root().join("deploy/ci/github-actions.yaml")).unwrap();
-    let mut checked = 0;
-    for line in workflow.lines() {
-        for command in ["record", "diff"] {
-            let Some((_, rest)) = line.split_once(&format!("\"$PROFILER\" {command} ")) else {
-                continue;
-            };
-            let help = profiler(&[command, "--help"]);
-            let help = String::from_utf8_lossy(&help.stdout);
-            let own = rest.split(" -- ").next().unwrap();
-            for flag in own.split_whitespace().filter(|w| w.starts_with('-')) {
+fn the_ci_action_uses_existing_flags() {
+    let script = std::fs::read_to_string(root().join("deploy/ci/profile-diff.sh")).unwrap();
+    let flags = |text: &str| -> Vec<String> {
+        text.split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+            .filter(|w| w.starts_with("--") && w.len() > 2)
+            .map(str::to_owned)
+            .collect()
+    };
+    let help = |command: &str| {
+        String::from_utf8_lossy(&profiler(&[command, "--help"]).stdout).into_owned()
+    };
+    let (record_help, diff_help) = (help("record"), help("diff"));
+    let (mut checked, mut records) = (0, 0);
+    for line in script.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        if let Some((_, rest)) = line.split_once("\"$PROFILER\" record ") {
+            records += 1;
+            for flag in flags(rest.split(" -- ").next().unwrap()) {
                 assert!(
-                    help.contains(flag),
-                    "`profiler {command}` has no {flag}: {line}"
+                    record_help.contains(&flag),
+                    "`profiler record` has no {flag}: {line}"
+                );
+                checked += 1;
+            }
+            // Short flags too (-F, -o).
+            for flag in rest
+                .split_whitespace()
+                .filter(|w| w.len() == 2 && w.starts_with('-'))
+            {
+                assert!(
+                    record_help.contains(flag),
+                    "`profiler record` has no {flag}: {line}"
                 );
             }
-            checked += 1;
+        }
+        if line.contains("args=(diff ") || line.contains("args+=(") {
+            for flag in flags(line) {
+                assert!(
+                    diff_help.contains(&flag),
+                    "`profiler diff` has no {flag}: {line}"
+                );
+                checked += 1;
+            }
         }
     }
     assert!(
-        checked >= 3,
-        "the workflow should record base and head and diff them"
+        records >= 1 && checked >= 4,
+        "the action should record and diff with flags ({records} records, {checked} flags)"
     );
 }
