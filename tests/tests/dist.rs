@@ -201,7 +201,7 @@ fn sha256sums_covers_the_tarballs() {
 }
 
 /// The kernel the README states as the minimum, as (major, minor).
-const STATED_MINIMUM: (u32, u32) = (5, 8);
+const STATED_MINIMUM: (u32, u32) = (5, 15);
 
 /// Since when the kernel has each BPF helper (by id) the programs may call.
 const HELPERS: &[(i32, &str, (u32, u32))] = &[
@@ -212,6 +212,7 @@ const HELPERS: &[(i32, &str, (u32, u32))] = &[
     (5, "ktime_get_ns", (4, 1)),
     (6, "trace_printk", (4, 1)),
     (8, "get_smp_processor_id", (4, 1)),
+    (12, "tail_call", (4, 2)),
     (14, "get_current_pid_tgid", (4, 2)),
     (15, "get_current_uid_gid", (4, 2)),
     (16, "get_current_comm", (4, 2)),
@@ -228,6 +229,7 @@ const HELPERS: &[(i32, &str, (u32, u32))] = &[
     (132, "ringbuf_submit", (5, 8)),
     (133, "ringbuf_discard", (5, 8)),
     (158, "get_current_task_btf", (5, 11)),
+    (175, "task_pt_regs", (5, 15)),
     (181, "loop", (5, 17)),
 ];
 
