@@ -240,6 +240,8 @@ impl Metrics {
         // Every series exists from the start, so a dashboard sees zeros rather than gaps.
         metrics.queue_bytes(0);
         metrics.dropped(0);
+        metrics.delivered(0);
+        metrics.produced(0);
         Arc::new(metrics)
     }
 
