@@ -162,6 +162,17 @@ impl Drop for Server {
     }
 }
 
+/// tonic's server builder, over TLS with `identity` when given, else h2c.
+fn server_builder(identity: Option<tonic::transport::Identity>) -> tonic::transport::Server {
+    let builder = tonic::transport::Server::builder();
+    match identity {
+        Some(identity) => builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap(),
+        None => builder,
+    }
+}
+
 /// Serves `recorder` on `listener` with tonic's real server (h2c).
 pub fn serve(listener: TcpListener, recorder: Recorder) -> Server {
     serve_with(listener, recorder, None)
@@ -176,12 +187,7 @@ pub fn serve_with(
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(identity) = identity {
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .unwrap();
-        }
+        let builder = server_builder(identity);
         // One service, so no router (tonic's `router` feature) is needed.
         builder
             .serve_with_incoming_shutdown(
@@ -278,12 +284,7 @@ pub fn serve_otlp_with(
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(identity) = identity {
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .unwrap();
-        }
+        let builder = server_builder(identity);
         builder
             .serve_with_incoming_shutdown(
                 ProfilesServiceServer::new(recorder)
