@@ -182,17 +182,26 @@ pub(crate) fn sigreturn_addresses(segments: &[CodeSegment<'_>]) -> Vec<u64> {
 /// (from `/proc/PID/maps`). `None` when no `PT_LOAD` segment holds that file offset.
 pub fn load_bias(data: &[u8], map_start: u64, map_offset: u64) -> Option<u64> {
     let file = object::File::parse(data).ok()?;
-    file.segments().find_map(|segment| {
-        let (offset, size) = segment.file_range();
-        // The mapping starts on a page; the segment may start later in that page. Within a
-        // segment, file offset o is at vaddr p_vaddr - p_offset + o (both agree modulo the page).
-        let covers = map_offset >= offset & !0xfff && map_offset < offset + size.max(1);
-        covers.then(|| {
-            let vaddr = segment
-                .address()
-                .wrapping_sub(offset)
-                .wrapping_add(map_offset);
-            map_start.wrapping_sub(vaddr)
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|segment| {
+            let (offset, size) = segment.file_range();
+            (segment.address(), offset, size)
         })
-    })
+        .collect();
+    // The mapping starts on a page; the segment may start later in that page. Within a
+    // segment, file offset o is at vaddr p_vaddr - p_offset + o (both agree modulo the page).
+    // Two segments can share a page of the file (lld's layout: the read-only segment ends
+    // in the page where the code segment starts, a page lower in memory), so the segment that
+    // starts in the mapping's first page wins over one that merely covers it.
+    let starts_here = |&&(_, offset, _): &&(u64, u64, u64)| offset & !0xfff == map_offset;
+    let covers = |&&(_, offset, size): &&(u64, u64, u64)| {
+        map_offset >= offset & !0xfff && map_offset < offset + size.max(1)
+    };
+    let (address, offset, _) = segments
+        .iter()
+        .find(starts_here)
+        .or_else(|| segments.iter().find(covers))?;
+    let vaddr = address.wrapping_sub(*offset).wrapping_add(map_offset);
+    Some(map_start.wrapping_sub(vaddr))
 }

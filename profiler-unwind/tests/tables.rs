@@ -523,3 +523,43 @@ fn bad_input_is_an_error_not_a_panic() {
         let _ = profiler_unwind::build(&data[..cut.min(data.len())], None, &Options::default());
     }
 }
+
+#[test]
+fn a_table_beyond_max_rows_stops_building_with_too_large() {
+    let Some(libc) = required(LIBC) else { return };
+    let full = build_from_path(&libc, &Options::default()).unwrap();
+    let limit = full.stats.rows_before_dedup as usize;
+    let options = |max_rows| Options {
+        max_rows,
+        ..Options::default()
+    };
+    let err = build_from_path(&libc, &options(limit / 2)).unwrap_err();
+    assert!(matches!(err, profiler_unwind::Error::TooLarge), "{err}");
+    let again = build_from_path(&libc, &options(limit)).unwrap();
+    assert_eq!(again.rows, full.rows);
+}
+
+/// lld (rustc's default linker) puts the code segment a page higher in memory than in the
+/// file, in the same file page where the read-only segment ends: every segment's mapping must
+/// still give the bias it was loaded with.
+#[test]
+fn load_bias_is_right_for_every_segment_of_an_lld_binary() {
+    use object::ObjectSegment as _;
+    let path = std::env::current_exe().unwrap();
+    let data = std::fs::read(&path).unwrap();
+    let file = object::File::parse(&data[..]).unwrap();
+    let bias = 0x5555_0000_0000u64;
+    let mut shifted = 0;
+    for segment in file.segments() {
+        let (offset, _) = segment.file_range();
+        let (start, map_offset) = (bias + (segment.address() & !0xfff), offset & !0xfff);
+        shifted += usize::from(segment.address() & !0xfff != map_offset);
+        assert_eq!(
+            profiler_unwind::load_bias(&data, start, map_offset),
+            Some(bias),
+            "segment at {:#x} (file offset {offset:#x})",
+            segment.address()
+        );
+    }
+    assert!(shifted > 0, "{} has vaddr == offset everywhere", path.display());
+}
