@@ -32,17 +32,23 @@ const PLT_SEC_EXPRESSION: [u8; 11] = [
 /// Below this share of the executable bytes covered by `.eh_frame`, `.debug_frame` is read too.
 const MIN_EH_FRAME_COVERAGE: f64 = 0.5;
 
-/// Where the debug files are: `--debug-dir`, by default `/usr/lib/debug`.
+/// How tables are built.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Directories searched for separate debug files (by build ID and debug link).
+    /// Directories searched for separate debug files (by build ID and debug link):
+    /// `--debug-dir`, by default `/usr/lib/debug`.
     pub debug_dirs: Vec<PathBuf>,
+    /// Rows (before merging equal neighbours) beyond which building stops with
+    /// [`Error::TooLarge`]: a table that cannot fit the kernel's budget is not worth the
+    /// memory of compiling it (librustc_driver's would take about 200 MiB).
+    pub max_rows: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             debug_dirs: vec![PathBuf::from("/usr/lib/debug")],
+            max_rows: usize::MAX,
         }
     }
 }
@@ -91,7 +97,7 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
         if let Some(got) = file.section_by_name(".got") {
             bases = bases.set_got(got.address());
         }
-        stats.eh_frame_fdes = read_functions(&section, &bases, &mut functions);
+        stats.eh_frame_fdes = read_functions(&section, &bases, &mut functions, options)?;
     }
 
     let covered = |functions: &[Function]| functions.iter().map(|f| f.end - f.start).sum::<u64>();
@@ -102,7 +108,7 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
             let mut section = gimli::DebugFrame::new(&data, LittleEndian);
             section.set_address_size(8);
             let bases = gimli::BaseAddresses::default();
-            stats.debug_frame_fdes = read_functions(&section, &bases, &mut functions);
+            stats.debug_frame_fdes = read_functions(&section, &bases, &mut functions, options)?;
         }
     }
     functions.extend(restorers_without_cfi(&segments, &functions));
@@ -165,7 +171,9 @@ fn read_functions<'a, S: UnwindSection<Slice<'a>>>(
     section: &S,
     bases: &gimli::BaseAddresses,
     functions: &mut Vec<Function>,
-) -> u64 {
+    options: &Options,
+) -> Result<u64, Error> {
+    let mut total_rows: usize = functions.iter().map(|f| f.rows.len()).sum();
     let mut ctx = Box::new(UnwindContext::new());
     let mut entries = section.entries(bases);
     let mut cies: std::collections::HashMap<usize, gimli::CommonInformationEntry<Slice<'a>>> =
@@ -214,9 +222,13 @@ fn read_functions<'a, S: UnwindSection<Slice<'a>>>(
                 rows.push((start, unsupported()));
             }
         }
+        total_rows += rows.len();
+        if total_rows > options.max_rows {
+            return Err(Error::TooLarge);
+        }
         functions.push(Function { start, end, rows });
     }
-    fdes
+    Ok(fdes)
 }
 
 fn unsupported() -> UnwindRow {

@@ -151,7 +151,10 @@ impl UnwindLoader {
             tables_map,
             mappings_map,
             _programs: programs,
-            options: Options { debug_dirs },
+            options: Options {
+                debug_dirs,
+                max_rows: capacity as usize,
+            },
             loaded: StdHashMap::new(),
             failed: StdHashMap::new(),
             free_slots: (0..TABLE_SLOTS).rev().collect(),
@@ -287,6 +290,11 @@ impl UnwindLoader {
         }
         let table = match build_table(tgid, mapping, &self.options) {
             Some(Ok(table)) => table,
+            Some(Err(profiler_unwind::Error::TooLarge)) => {
+                self.counters.not_loaded += 1;
+                self.failed.insert(id.clone(), ());
+                return;
+            }
             Some(Err(_)) => {
                 self.counters.build_errors += 1;
                 self.failed.insert(id.clone(), ());
