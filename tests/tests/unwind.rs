@@ -33,11 +33,12 @@ struct Spinner(Child, BufReader<ChildStdout>);
 
 impl Spinner {
     fn start(mode: Option<&str>) -> Spinner {
-        let mut child = Command::new(frameless())
-            .args(mode)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        Spinner::run(Command::new(frameless()).args(mode))
+    }
+
+    /// Starts `command`, which says "ready" on stdout once it spins in its leaf.
+    fn run(command: &mut Command) -> Spinner {
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let mut spinner = Spinner(child, stdout);
         spinner.expect_line("ready\n");
@@ -234,4 +235,113 @@ fn vdso_clock_gettime_loop_unwinds_to_main() {
     let (samples, stderr) = record_spinner(&t, "vdso.pb.gz", Some("vdso"), "auto");
     let share = share_with_chain(&samples, &["vdso_loop", "main", "_start"]);
     assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+}
+
+/// A Rust release build without frame pointers (std is built without them too): the caller
+/// chain comes from the tables alone.
+#[test]
+fn rust_release_binary_without_frame_pointers_unwinds_to_main() {
+    let Some(t) = bpf_test() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("spin.rs");
+    std::fs::write(
+        &source,
+        r#"
+use std::hint::black_box;
+#[inline(never)]
+fn leaf(n: u64) -> u64 {
+    let mut x = n;
+    loop { x = black_box(x.wrapping_mul(31).wrapping_add(7)); }
+}
+#[inline(never)]
+fn middle(n: u64) -> u64 { leaf(black_box(n + 1)) ^ black_box(3) }
+#[inline(never)]
+fn outer(n: u64) -> u64 { middle(black_box(n * 2)).wrapping_mul(black_box(5)) }
+fn main() {
+    println!("ready");
+    let n = outer(std::env::args().count() as u64);
+    println!("{n}");
+}
+"#,
+    )
+    .unwrap();
+    let program = dir.path().join("spin");
+    let status = Command::new("rustc")
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "force-frame-pointers=no",
+            "-g",
+            "-o",
+        ])
+        .arg(&program)
+        .arg(&source)
+        .status()
+        .expect("rustc (cargo xtask setup installs the toolchain)");
+    assert!(status.success());
+    let chain = ["spin::leaf", "spin::middle", "spin::outer", "spin::main"];
+    let (samples, stderr) = record_running(
+        &t,
+        "rust.pb.gz",
+        Spinner::run(&mut Command::new(&program)),
+        "auto",
+    );
+    let share = share_with_chain(&samples, &chain);
+    assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
+}
+
+/// Go keeps frame pointers and describes its code in `.debug_frame` only: the walk goes through
+/// either, and reaches the runtime's `runtime.main`.
+#[test]
+fn go_binary_unwinds_to_runtime_main() {
+    let Some(t) = bpf_test() else { return };
+    let Some(go) = tool("go", "golang-go") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("main.go"),
+        r#"package main
+
+import "fmt"
+
+var sink uint64
+
+//go:noinline
+func leaf(n uint64) {
+	for {
+		sink += n
+	}
+}
+
+//go:noinline
+func middle(n uint64) { leaf(n + 1); sink++ }
+
+func main() {
+	fmt.Println("ready")
+	middle(3)
+}
+"#,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("go.mod"), "module spin\n\ngo 1.19\n").unwrap();
+    let program = dir.path().join("spin");
+    let status = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&program)
+        .current_dir(dir.path())
+        .env("GOFLAGS", "-mod=mod")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let chain = ["main.leaf", "main.middle", "main.main", "runtime.main"];
+    let (samples, stderr) = record_running(
+        &t,
+        "go.pb.gz",
+        Spinner::run(&mut Command::new(&program)),
+        "auto",
+    );
+    let share = share_with_chain(&samples, &chain);
+    assert!(share >= 90.0, "{share:.1}%; {stderr}\n{samples:?}");
 }
