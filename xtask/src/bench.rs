@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{build, cargo, profiler_bin, run, workspace_root};
 
 mod churn;
+mod sample_cost;
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +48,8 @@ struct Plan {
     frequencies: &'static [u64],
     /// Seconds of the churn stage.
     churn_secs: u64,
+    /// Rounds and seconds per configuration of the per-sample cost stage.
+    sample_cost: (usize, u64),
 }
 
 impl Mode {
@@ -60,6 +63,7 @@ impl Mode {
                 startups: 5,
                 frequencies: &[19, 99, 999],
                 churn_secs: 600,
+                sample_cost: (3, 10),
             },
             Mode::Quick => Plan {
                 runs: 3,
@@ -69,6 +73,7 @@ impl Mode {
                 startups: 3,
                 frequencies: &[99, 999],
                 churn_secs: 120,
+                sample_cost: (2, 5),
             },
             Mode::Smoke => Plan {
                 runs: 1,
@@ -78,6 +83,7 @@ impl Mode {
                 startups: 1,
                 frequencies: &[99],
                 churn_secs: 4,
+                sample_cost: (1, 1),
             },
         }
     }
@@ -101,6 +107,19 @@ struct Row {
     median: f64,
     min: f64,
     max: f64,
+}
+
+impl Row {
+    /// A row of one measurement: its median, min and max are the value.
+    fn single(
+        stage: &'static str,
+        config: String,
+        metric: &'static str,
+        unit: &'static str,
+        value: f64,
+    ) -> Row {
+        row(stage, config, metric, unit, &[value])
+    }
 }
 
 /// The table's columns; the smoke check parses rows against them.
@@ -144,6 +163,7 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     let mut notes = setup.peers.notes.clone();
     slowdown(&setup, &mut rows)?;
     own_cost(&setup, &mut rows, &mut notes)?;
+    sample_cost::sample_cost(&setup, &mut rows, &mut notes)?;
     churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
@@ -245,6 +265,8 @@ fn compile_workload(dir: &Path) -> Result<PathBuf> {
 enum Config {
     Nothing,
     Record(u64),
+    /// `record --all` with `--unwinder`.
+    Unwinder(u64, &'static str),
     Agent(u64),
     Perf(u64),
     Bpftrace(u64),
@@ -255,6 +277,9 @@ impl Config {
         match self {
             Config::Nothing => "nothing".into(),
             Config::Record(hz) => format!("profiler record --all -F {hz}"),
+            Config::Unwinder(hz, unwinder) => {
+                format!("profiler record --all -F {hz} --unwinder {unwinder}")
+            }
             Config::Agent(hz) => format!("profiler agent -F {hz}"),
             Config::Perf(hz) => format!("perf record -a -g -F {hz}"),
             Config::Bpftrace(hz) => format!("bpftrace profile:hz:{hz} ustack+kstack"),
@@ -266,10 +291,13 @@ impl Config {
         let metrics = free_port()?;
         let mut command = match self {
             Config::Nothing => return Ok(None),
-            Config::Record(hz) => {
+            Config::Record(hz) | Config::Unwinder(hz, _) => {
                 let mut c = Command::new(profiler_bin());
                 c.args(["record", "--all", "-F", &hz.to_string(), "-o"])
                     .arg(dir.join("record.pb.gz"));
+                if let Config::Unwinder(_, unwinder) = self {
+                    c.args(["--unwinder", unwinder]);
+                }
                 c
             }
             Config::Agent(hz) => {
@@ -489,15 +517,8 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
         let samples =
             samples.or_else(|| recorded_samples(&stderr).map(|n| n as f64 * wall / total_wall));
         let label = config.label();
-        let single = |stage, metric, unit, value: f64| Row {
-            stage,
-            config: label.clone(),
-            metric,
-            unit,
-            median: value,
-            min: value,
-            max: value,
-        };
+        let single =
+            |stage, metric, unit, value| Row::single(stage, label.clone(), metric, unit, value);
         rows.push(single(
             "own cost",
             "CPU per wall second",
@@ -533,15 +554,13 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
                 continue;
             }
             let per_run = (time_after - time_before) as f64 / runs as f64 / 1000.0;
-            rows.push(Row {
-                stage: "bpf cost",
-                config: format!("{label}: {kind} program"),
-                metric: "time per run",
-                unit: "µs",
-                median: per_run,
-                min: per_run,
-                max: per_run,
-            });
+            rows.push(Row::single(
+                "bpf cost",
+                format!("{label}: {kind} program"),
+                "time per run",
+                "µs",
+                per_run,
+            ));
         }
     }
     notes.push(format!(

@@ -64,15 +64,7 @@ pub(super) fn churn(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<
         "{} under churn ({SPAWNS_PER_SECOND} exits/s, {spawned} processes in {seconds} s)",
         config.label()
     );
-    let single = |metric, unit, value: f64| Row {
-        stage: "churn",
-        config: label.clone(),
-        metric,
-        unit,
-        median: value,
-        min: value,
-        max: value,
-    };
+    let single = |metric, unit, value| Row::single("churn", label.clone(), metric, unit, value);
     rows.push(single("RSS growth over the second half", "MiB", growth));
     rows.push(single("RSS at the end", "MiB", steady as f64 / 1024.0));
     rows.push(single("RSS peak", "MiB", peak as f64 / 1024.0));
