@@ -162,6 +162,31 @@ fn spawn_workload(args: &[&str]) -> Child {
     Command::new(workload()).args(args).spawn().unwrap()
 }
 
+/// Once ready, every thread of the agent holds only the capabilities the README names
+/// (SYS_PTRACE, DAC_READ_SEARCH, SYSLOG, CHECKPOINT_RESTORE), with no_new_privs set. The test
+/// runs as root with every capability, so anything more would show.
+fn assert_least_privilege(pid: u32) {
+    let kept: u64 = [2u32, 19, 34, 40].iter().fold(0, |set, cap| set | 1 << cap);
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+        };
+        let set = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        for name in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(set(name), kept, "{name} {status}");
+        }
+        assert_eq!(set("CapInh:"), 0, "{status}");
+        assert_eq!(set("CapAmb:"), 0, "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    }
+}
+
 #[test]
 fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     let Some(_t) = bpf_test() else { return };
@@ -182,6 +207,7 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
         ],
         &[("PROFILER_BASIC_AUTH_PASSWORD", "p")],
     );
+    assert_least_privilege(agent.child.id());
     assert!(poll(Duration::from_secs(20), || {
         of_service(&recorder.snapshot(), "workload").len() >= 2
     }));

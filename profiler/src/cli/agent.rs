@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use super::{
     config::{AgentArgs, AgentConfig},
-    privileges::require_capabilities,
+    privileges::{drop_capabilities, require_capabilities},
     raise_fd_limit,
 };
 use crate::{
@@ -45,6 +45,8 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         unwind_table_memory: config.unwind_table_memory,
         ..Default::default()
     })?;
+    // Before anything starts a thread (the resolver's DNS lookups do): threads inherit them.
+    drop_capabilities()?;
     metrics.set_ready();
 
     let backends = Backends::start(&config, &metrics)?;
