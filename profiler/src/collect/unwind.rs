@@ -41,6 +41,8 @@ pub struct UnwindCounters {
     pub evictions: u64,
     /// Binaries whose table could not be built (no CFI, unreadable, not x86-64 ELF).
     pub build_errors: u64,
+    /// Binaries whose table building panicked (caught; the binary is not tried again).
+    pub build_panics: u64,
     /// Tables larger than the whole budget, or with no free slot: their code is walked with
     /// frame pointers only.
     pub not_loaded: u64,
@@ -288,7 +290,20 @@ impl UnwindLoader {
         if self.failed.contains_key(id) {
             return;
         }
-        let table = match build_table(tgid, mapping, &self.options) {
+        // A parser panic (ours or gimli's) costs this binary its table, never the profiler.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            build_table(tgid, mapping, &self.options)
+        }));
+        let Ok(built) = built else {
+            self.counters.build_panics += 1;
+            self.failed.insert(id.clone(), ());
+            eprintln!(
+                "warning: building the unwind table of {} panicked: its code is walked with frame pointers",
+                mapping.path
+            );
+            return;
+        };
+        let table = match built {
             Some(Ok(table)) => table,
             Some(Err(profiler_unwind::Error::TooLarge)) => {
                 self.counters.not_loaded += 1;
