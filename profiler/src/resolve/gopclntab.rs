@@ -77,7 +77,11 @@ impl GoTable {
         let Ok(file) = object::File::parse(data) else {
             return Ok(None);
         };
-        let Some(section) = file.section_by_name(".gopclntab") else {
+        // PIE binaries (`-buildmode=pie`) name it `.data.rel.ro.gopclntab`.
+        let Some(section) = [".gopclntab", ".data.rel.ro.gopclntab"]
+            .into_iter()
+            .find_map(|name| file.section_by_name(name))
+        else {
             return Ok(None);
         };
         let (offset, size) = section.file_range().ok_or(Corrupt)?;
@@ -511,15 +515,17 @@ func loop(n int) int {
 func main() { os.Exit(loop(len(os.Args)) & 1) }
 "#;
 
-    /// A stripped (`-ldflags=-s -w`) Go binary built from [`PROGRAM`]; `None` (a skip) when no
-    /// Go toolchain is installed, except in CI, where that fails.
-    pub(crate) fn stripped_go_binary() -> Option<(tempfile::TempDir, PathBuf)> {
+    /// A stripped (`-ldflags=-s -w`) Go binary built from [`PROGRAM`] with `flags`; `None` (a
+    /// skip) when no Go toolchain is installed, except in CI, where that fails.
+    fn stripped_go_binary(flags: &[&str]) -> Option<(tempfile::TempDir, PathBuf)> {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("main.go"), PROGRAM).unwrap();
         std::fs::write(dir.path().join("go.mod"), "module gofib\ngo 1.18\n").unwrap();
         let out = dir.path().join("fib");
         let built = Command::new("go")
-            .args(["build", "-ldflags=-s -w", "-o"])
+            .args(["build", "-ldflags=-s -w"])
+            .args(flags)
+            .arg("-o")
             .arg(&out)
             .arg(".")
             .current_dir(dir.path())
@@ -537,7 +543,7 @@ func main() { os.Exit(loop(len(os.Args)) & 1) }
 
     #[test]
     fn names_functions_files_lines_and_inlined_calls_of_a_stripped_binary() {
-        let Some((_dir, path)) = stripped_go_binary() else {
+        let Some((_dir, path)) = stripped_go_binary(&[]) else {
             return;
         };
         let data = std::fs::read(path).unwrap();
@@ -572,8 +578,24 @@ func main() { os.Exit(loop(len(os.Args)) & 1) }
     }
 
     #[test]
+    fn a_position_independent_binary_is_named_too() {
+        // Its table is `.data.rel.ro.gopclntab`.
+        let Some((_dir, path)) = stripped_go_binary(&["-buildmode=pie"]) else {
+            return;
+        };
+        let data = std::fs::read(path).unwrap();
+        let table = GoTable::parse(&data).unwrap().expect("a Go table");
+        let named = (0..table.len()).any(|i| {
+            let entry = table.entry(&data, i).unwrap();
+            let lines = table.lookup(&data, entry).unwrap().unwrap();
+            lines.last().unwrap().function == "main.fib"
+        });
+        assert!(named);
+    }
+
+    #[test]
     fn corrupt_tables_give_errors_not_panics() {
-        let Some((_dir, path)) = stripped_go_binary() else {
+        let Some((_dir, path)) = stripped_go_binary(&[]) else {
             return;
         };
         let data = std::fs::read(path).unwrap();
