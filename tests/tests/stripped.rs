@@ -123,7 +123,10 @@ func loop(seconds float64) int {
 
 func main() {
 	seconds, _ := strconv.ParseFloat(os.Args[1], 64)
-	os.Exit(loop(seconds) & 1)
+	// record -- CMD exits as CMD does: succeed, but keep the result live.
+	if loop(seconds) < 0 {
+		os.Exit(1)
+	}
 }
 "#;
 
