@@ -23,6 +23,7 @@ pub fn stacks(count: usize, depth: usize) -> Vec<ResolvedSample> {
                 }),
                 build_id: format!("{i:040x}"),
                 is_main: i == 0,
+                load_bias: 0,
             })
         })
         .collect();

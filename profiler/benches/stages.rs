@@ -1,4 +1,5 @@
-//! Stage timings for `cargo xtask bench`: symbolization (cold and warm) and profile building.
+//! Stage timings for `cargo xtask bench`: symbolization (cold and warm), Go's `.gopclntab`
+//! against blazesym, and profile building.
 //! Prints one JSON object per result on stdout. Argument: full, quick or smoke.
 
 mod common;
@@ -62,6 +63,8 @@ fn main() {
         100.0 * named as f64 / addresses as f64,
     );
 
+    gopclntab(&mode, addresses);
+
     // Building and gzipping a pprof from K distinct stacks of 24 frames.
     for &count in stack_counts {
         let samples = common::stacks(count, 24);
@@ -81,4 +84,120 @@ fn main() {
             bytes.len() as f64 / 1024.0,
         );
     }
+}
+
+/// A Go program: a small one for the smoke run, one with net/http's thousands of functions
+/// otherwise.
+fn go_program(mode: &str) -> &'static str {
+    if mode == "smoke" {
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(1) }\n"
+    } else {
+        "package main\n\nimport \"net/http\"\n\nfunc main() { _ = http.ListenAndServe(\":0\", nil) }\n"
+    }
+}
+
+/// Look-ups in an unstripped Go binary's `.gopclntab` (names, files, lines, inlined calls)
+/// against blazesym's in its symbol table and DWARF, at `count` pcs spread over its functions.
+/// Skipped (with a note on stderr) when no Go toolchain is installed.
+fn gopclntab(mode: &str, count: usize) {
+    use blazesym::symbolize::{source::Elf, source::Source, Input, Symbolized, Symbolizer};
+    use profiler::resolve::gopclntab::GoTable;
+
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("main.go"), go_program(mode)).expect("writing main.go");
+    std::fs::write(dir.path().join("go.mod"), "module bench\ngo 1.18\n").expect("go.mod");
+    let binary = dir.path().join("bench");
+    let built = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(dir.path())
+        .status();
+    if !built.is_ok_and(|s| s.success()) {
+        eprintln!("gopclntab bench skipped: `go build` failed (golang-go not installed?)");
+        return;
+    }
+    let data = std::fs::read(&binary).expect("reading the Go binary");
+    let table = GoTable::parse(&data)
+        .ok()
+        .flatten()
+        .expect("the Go binary's .gopclntab");
+    // pcs a few bytes into functions, spread over the whole table.
+    let pcs: Vec<u64> = (0..count)
+        .map(|i| {
+            let f = (i * 7919) % table.len();
+            table.entry(&data, f).expect("an entry") + (i % 13) as u64
+        })
+        .collect();
+    let config = format!("{count} pcs, {} Go functions", table.len());
+
+    let started = Instant::now();
+    let mut go_names = Vec::with_capacity(pcs.len());
+    for pc in &pcs {
+        let lines = table.lookup(&data, *pc).ok().flatten();
+        go_names.push(lines.and_then(|l| l.last().map(|l| l.function.to_owned())));
+    }
+    let go_secs = started.elapsed().as_secs_f64();
+
+    let symbolizer = Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .build();
+    let source = Source::Elf(Elf::new(&binary));
+    let started = Instant::now();
+    let results = symbolizer
+        .symbolize(&source, Input::VirtOffset(&pcs))
+        .expect("blazesym symbolizes the Go binary");
+    let blaze_secs = started.elapsed().as_secs_f64();
+    // Again, with the symbol table and DWARF already parsed.
+    let started = Instant::now();
+    let again = symbolizer
+        .symbolize(&source, Input::VirtOffset(&pcs))
+        .expect("blazesym symbolizes the Go binary");
+    let blaze_warm_secs = started.elapsed().as_secs_f64();
+    assert_eq!(again.len(), results.len());
+    let agree = results
+        .iter()
+        .zip(&go_names)
+        .filter(|(r, go)| match (r, go) {
+            (Symbolized::Sym(sym), Some(go)) => sym.name == go.as_str(),
+            _ => false,
+        })
+        .count();
+    // blazesym leaves the padding after a function unnamed (past its symbol's size); the
+    // pclntab gives it to the function before.
+    let blaze_named = results
+        .iter()
+        .filter(|r| matches!(r, Symbolized::Sym(_)))
+        .count();
+
+    let rate = |secs: f64| count as f64 / secs.max(1e-9);
+    emit(
+        "gopclntab",
+        &config,
+        "pclntab look-ups (cold)",
+        "/s",
+        rate(go_secs),
+    );
+    emit(
+        "gopclntab",
+        &config,
+        "blazesym look-ups (cold, DWARF)",
+        "/s",
+        rate(blaze_secs),
+    );
+    emit(
+        "gopclntab",
+        &config,
+        "blazesym look-ups (parsed, DWARF)",
+        "/s",
+        rate(blaze_warm_secs),
+    );
+    emit(
+        "gopclntab",
+        &config,
+        "same outer function where blazesym names one",
+        "%",
+        100.0 * agree as f64 / blaze_named.max(1) as f64,
+    );
 }

@@ -50,6 +50,7 @@ pub struct Metrics {
     processes: Gauge,
     cache_hits: Counter,
     cache_misses: Counter,
+    gopclntab_errors: Counter,
     pushes: Family<Labels, Counter>,
     push_duration: Family<Labels, Histogram, fn() -> Histogram>,
     queue_bytes: Family<Labels, Gauge>,
@@ -82,6 +83,7 @@ impl Metrics {
             processes: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            gopclntab_errors: Counter::default(),
             pushes: Family::default(),
             push_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.005, 2.0, 12))
@@ -137,6 +139,11 @@ impl Metrics {
             "symbolizer_cache_misses",
             "Address look-ups that went to the symbolizer",
             metrics.cache_misses.clone(),
+        );
+        registry.register(
+            "symbolizer_gopclntab_errors",
+            "Corrupt Go function tables (.gopclntab), and look-ups they left unnamed",
+            metrics.gopclntab_errors.clone(),
         );
         registry.register(
             "pushes",
@@ -228,6 +235,8 @@ impl Metrics {
             .inc_by(delta(stats.cache_hits, last.1.cache_hits));
         self.cache_misses
             .inc_by(delta(stats.cache_misses, last.1.cache_misses));
+        self.gopclntab_errors
+            .inc_by(delta(stats.gopclntab_errors, last.1.gopclntab_errors));
         *last = (counters.clone(), *stats);
     }
 

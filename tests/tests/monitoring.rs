@@ -303,6 +303,7 @@ const METRICS: &[&str] = &[
     "profiler_processes_tracked",
     "profiler_symbolizer_cache_hits_total",
     "profiler_symbolizer_cache_misses_total",
+    "profiler_symbolizer_gopclntab_errors_total",
     "profiler_pushes_total",
     "profiler_push_duration_seconds_bucket",
     "profiler_push_duration_seconds_sum",

@@ -628,12 +628,10 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
         "bench", "--quiet", "-p", "profiler", "--bench", "stages", "--",
     ];
     let output = json_lines(cargo().args(bench).arg(mode.name()), "the stages bench")?;
-    push_json_rows(&output, rows, |stage| {
-        if stage == "symbolize" {
-            "symbolization"
-        } else {
-            "profile building"
-        }
+    push_json_rows(&output, rows, |stage| match stage {
+        "symbolize" => "symbolization",
+        "gopclntab" => "Go symbols (.gopclntab)",
+        _ => "profile building",
     });
     Ok(())
 }

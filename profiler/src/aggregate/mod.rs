@@ -107,9 +107,11 @@ pub struct ProfileBuilder {
     /// Resolver mapping id (one per binary) to pprof mapping id.
     mappings: HashMap<u64, u64>,
     mapping_table: Vec<PprofMapping>,
-    /// Per pprof mapping: file offset minus address, fixed by the first process seen. Other
-    /// processes map the binary elsewhere; their addresses are moved into this one's space, so
-    /// that one mapping and one location serve a binary and a pc in every process.
+    /// Per pprof mapping: file offset minus address, fixed by the first process seen. Addresses
+    /// are ELF virtual addresses (runtime address minus load bias) where the bias is known, so
+    /// every process that maps a binary agrees and unnamed frames read as `addr2line` takes
+    /// them; other addresses are moved into the first process's space, so that one mapping and
+    /// one location serve a binary and a pc in every process.
     mapping_delta: HashMap<u64, i128>,
     /// Order of each pprof mapping in the output: main executables, libraries, the kernel.
     mapping_rank: HashMap<u64, u8>,
@@ -200,21 +202,24 @@ impl ProfileBuilder {
         let id = self.mapping_table.len() as u64 + 1;
         let filename = self.string(&mapping.path);
         let build_id = self.string(&mapping.build_id);
+        let (start, end) = elf_range(mapping);
         self.mapping_table.push(PprofMapping {
             id,
-            memory_start: mapping.start,
-            memory_limit: mapping.end,
+            memory_start: start,
+            memory_limit: end,
             file_offset: mapping.offset,
             filename,
             build_id,
-            has_functions: mapping.file.is_some() || mapping.is_kernel(),
+            // Set once a location in it is named: a mapping nothing named is left for
+            // symbolizers that have the binary or its debug info (Pyroscope, `go tool pprof`).
+            has_functions: false,
             has_filenames: false,
             has_line_numbers: false,
             has_inline_frames: false,
         });
         self.mappings.insert(mapping.id, id);
         self.mapping_delta
-            .insert(id, i128::from(mapping.offset) - i128::from(mapping.start));
+            .insert(id, i128::from(mapping.offset) - i128::from(start));
         let rank = match (mapping.is_main, mapping.is_kernel()) {
             (true, _) => 0,
             (false, false) => 1,
@@ -231,14 +236,16 @@ impl ProfileBuilder {
             return frame.address;
         };
         let delta = self.mapping_delta[&id];
-        let own_delta = i128::from(mapping.offset) - i128::from(mapping.start);
+        let (start, end) = elf_range(mapping);
+        let address = frame.address.wrapping_sub(mapping.load_bias);
+        let own_delta = i128::from(mapping.offset) - i128::from(start);
         if own_delta == delta {
-            self.cover(id, mapping.start, mapping.end, delta);
-            return frame.address;
+            self.cover(id, start, end, delta);
+            return address;
         }
         let shift = |addr: u64| u64::try_from(i128::from(addr) + own_delta - delta).unwrap_or(0);
-        self.cover(id, shift(mapping.start), shift(mapping.end), delta);
-        shift(frame.address)
+        self.cover(id, shift(start), shift(end), delta);
+        shift(address)
     }
 
     /// Widens pprof mapping `id` to `start..end`, keeping file offset minus address at `delta`.
@@ -274,6 +281,7 @@ impl ProfileBuilder {
         }
         if let Some(m) = mapping_id.checked_sub(1) {
             let mapping = &mut self.mapping_table[m as usize];
+            mapping.has_functions |= !frame.lines.is_empty();
             mapping.has_filenames |= frame.lines.iter().any(|l| l.file.is_some());
             mapping.has_line_numbers |= frame.lines.iter().any(|l| l.line != 0);
             mapping.has_inline_frames |= frame.lines.len() > 1;
@@ -381,6 +389,14 @@ impl ProfileBuilder {
     }
 }
 
+/// A mapping's address range in ELF virtual addresses (as mapped when its load bias is 0).
+fn elf_range(mapping: &Mapping) -> (u64, u64) {
+    (
+        mapping.start.wrapping_sub(mapping.load_bias),
+        mapping.end.wrapping_sub(mapping.load_bias),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::HashSet, sync::Arc};
@@ -403,6 +419,7 @@ mod tests {
             }),
             build_id: format!("b{id}"),
             is_main,
+            load_bias: 0,
         })
     }
 
@@ -529,6 +546,52 @@ mod tests {
         let m = &profile.mapping[0];
         let loc = &profile.location[0];
         assert_eq!(loc.address - m.memory_start + m.file_offset, 0x123);
+    }
+
+    #[test]
+    fn unnamed_frames_keep_elf_addresses_and_leave_their_mapping_to_symbolizers() {
+        // A PIE loaded at two bases; its text is at ELF address 0x1000, file offset 0x1000.
+        let at = |base: u64| {
+            let mut m =
+                Arc::into_inner(mapping_at(6, "/bin/stripped", true, base + 0x1000)).unwrap();
+            m.offset = 0x1000;
+            m.load_bias = base;
+            Arc::new(m)
+        };
+        let (first, second) = (at(0x5555_0000_0000), at(0x7f00_0000_0000));
+        let lib = mapping(2, "/lib/libc.so.6", false);
+        let mut builder = ProfileBuilder::new(99);
+        builder.add(&[
+            sample(vec![frame(&first, 0x5555_0000_1234, &[])], 1, 1),
+            sample(vec![frame(&second, 0x7f00_0000_1234, &[])], 2, 1),
+            sample(vec![frame(&lib, 0x2010, &["memcpy"])], 2, 1),
+        ]);
+        let profile = builder.build(1);
+        let name = |i: i64| profile.string_table[i as usize].as_str();
+        let stripped = &profile.mapping[0];
+        assert_eq!(name(stripped.filename), "/bin/stripped");
+        assert_eq!(name(stripped.build_id), "b6");
+        assert!(!stripped.has_functions, "nothing in it was named");
+        assert_eq!(
+            (stripped.memory_start, stripped.file_offset),
+            (0x1000, 0x1000)
+        );
+        assert!(profile.mapping[1].has_functions);
+        let unnamed: Vec<_> = profile
+            .location
+            .iter()
+            .filter(|l| l.line.is_empty())
+            .collect();
+        assert_eq!(unnamed.len(), 1, "one pc of one binary");
+        assert_eq!(unnamed[0].address, 0x1234, "the ELF address");
+        let folded: Vec<String> = crate::export::folded_stacks(&profile)
+            .iter()
+            .map(|s| s.line())
+            .collect();
+        assert!(
+            folded.contains(&"app;stripped+0x1234 2".to_owned()),
+            "{folded:?}"
+        );
     }
 
     fn label_names(profile: &profiler_proto::pprof::Profile) -> Vec<Vec<&str>> {

@@ -224,6 +224,10 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     } else {
         eprintln!("{}", summary_line(args, &summary, &counters));
     }
+    let go_errors = resolver.stats().gopclntab_errors;
+    if go_errors > 0 {
+        eprintln!("warning: {go_errors} corrupt Go function tables or look-ups in them (frames left as file+0xADDR)");
+    }
 
     // With -- CMD, exit as CMD did; stopped early, wait for it unless it was signalled.
     if let Some(mut child) = child {

@@ -37,7 +37,7 @@ impl FoldedStack {
 /// keys of `profiler diff` (`--by file`, `--by line`) need more than the name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Frame {
-    /// The function's name; for a location without lines, `[binary+offset]`.
+    /// The function's name; for a location without lines, `binary+0xADDR` (ELF address).
     pub function: String,
     /// The function's source file, empty when the profile does not say.
     pub file: String,
@@ -56,10 +56,10 @@ pub fn location_frames(profile: &Profile) -> HashMap<u64, Vec<Frame>> {
         .iter()
         .map(|f| (f.id, (text(f.name), text(f.filename))))
         .collect();
-    let mappings: HashMap<u64, (&str, u64, u64)> = profile
+    let mappings: HashMap<u64, &str> = profile
         .mapping
         .iter()
-        .map(|m| (m.id, (text(m.filename), m.memory_start, m.file_offset)))
+        .map(|m| (m.id, text(m.filename)))
         .collect();
     profile
         .location
@@ -81,12 +81,12 @@ pub fn location_frames(profile: &Profile) -> HashMap<u64, Vec<Frame>> {
                 })
                 .collect();
             if frames.is_empty() {
+                // Our profiles hold ELF virtual addresses (see the aggregate stage), what
+                // `addr2line -e FILE` takes; other tools' hold runtime addresses, the same
+                // thing for non-PIE executables.
                 let function = match mappings.get(&loc.mapping_id) {
-                    Some(&(path, start, offset)) => {
-                        let base = crate::resolve::basename(path);
-                        // Foreign profiles may carry addresses outside their mapping.
-                        let at = loc.address.wrapping_sub(start).wrapping_add(offset);
-                        format!("[{base}+{at:#x}]")
+                    Some(path) => {
+                        format!("{}+{:#x}", crate::resolve::basename(path), loc.address)
                     }
                     None => "[unknown]".to_owned(),
                 };

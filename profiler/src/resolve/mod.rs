@@ -2,6 +2,7 @@
 //! mappings and functions.
 
 mod demangle;
+pub mod gopclntab;
 mod process;
 mod symbols;
 mod targets;
@@ -64,6 +65,8 @@ pub struct ResolveStats {
     pub maps_reads: u64,
     /// Process incarnations seen since the start.
     pub processes_seen: u64,
+    /// Corrupt Go function tables (`.gopclntab`), and look-ups they left unnamed.
+    pub gopclntab_errors: u64,
 }
 
 /// What makes two mappings the same binary for a profile.
@@ -104,6 +107,7 @@ impl Resolver {
             file: None,
             build_id: kernel_build_id(),
             is_main: false,
+            load_bias: 0,
         });
         Self {
             processes: HashMap::new(),
@@ -230,6 +234,9 @@ impl Resolver {
                     self.next_mapping_id
                 }
             };
+            let load_bias = file
+                .and_then(|key| self.symbols.load_bias(&key, raw.start, raw.offset))
+                .unwrap_or(0);
             mappings.push(Arc::new(Mapping {
                 id,
                 start: raw.start,
@@ -239,6 +246,7 @@ impl Resolver {
                 file,
                 build_id,
                 is_main: raw.is_main,
+                load_bias,
             }));
         }
         mappings.sort_by_key(|m| m.start);
@@ -305,6 +313,7 @@ impl Resolver {
             cache_misses: self.symbols.misses,
             maps_reads: self.maps_reads,
             processes_seen: self.processes_seen,
+            gopclntab_errors: self.symbols.go_errors,
         }
     }
 

@@ -53,6 +53,9 @@ pub struct Mapping {
     pub build_id: String,
     /// True for the process's main executable (/proc/PID/exe).
     pub is_main: bool,
+    /// Runtime address minus ELF virtual address (what `addr2line` takes) in this mapping;
+    /// 0 when not known or not a file.
+    pub load_bias: u64,
 }
 
 /// [`Mapping::id`] of the kernel's one mapping.

@@ -15,7 +15,11 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
 };
 
-use super::{demangle::demangle, process::FileKey};
+use super::{
+    demangle::demangle,
+    gopclntab::{Corrupt, GoLine, GoTable},
+    process::FileKey,
+};
 
 /// The soonest /proc/kallsyms is copied again for kernel addresses it did not name.
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
@@ -43,6 +47,10 @@ struct Object {
     debug_file: Option<PathBuf>,
     /// The binary itself, opened once, to translate file offsets for `debug_file`.
     translator: Option<blazesym::helper::ElfResolver>,
+    /// The binary mapped read-only, for its program headers and Go's `.gopclntab`.
+    map: Option<memmap2::Mmap>,
+    /// Go's function table, when the binary has one (names stripped Go binaries).
+    go: Option<GoTable>,
     addrs: HashMap<u64, Lines>,
 }
 
@@ -75,6 +83,8 @@ pub struct Symbols {
     /// Copies of /proc/kallsyms taken, the first included.
     pub kallsyms_reads: u64,
     empty: Lines,
+    /// Go function tables found corrupt, and look-ups in them that met corrupt data.
+    pub go_errors: u64,
     /// Look-ups answered from the cache.
     pub hits: u64,
     /// Look-ups that went to blazesym.
@@ -105,6 +115,7 @@ impl Symbols {
             kernel_symbolizer: Symbolizer::new(),
             kallsyms_reads: 0,
             empty: Arc::from(Vec::new()),
+            go_errors: 0,
             hits: 0,
             misses: 0,
         }
@@ -117,13 +128,22 @@ impl Symbols {
 
     /// Keeps `file` (the binary with this key) open for later symbolization.
     pub fn add_object(&mut self, key: FileKey, file: File) {
+        // SAFETY: read-only; blazesym and the unwinder map the same binaries alike.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         let mut object = Object {
             file,
             build_id: String::new(),
             debug_file: None,
             translator: None,
+            map,
+            go: None,
             addrs: HashMap::new(),
         };
+        match object.map.as_deref().map(GoTable::parse) {
+            Some(Ok(table)) => object.go = table,
+            Some(Err(Corrupt)) => self.go_errors += 1,
+            None => {}
+        }
         object.build_id = blazesym::helper::read_elf_build_id(&object.path())
             .ok()
             .flatten()
@@ -150,6 +170,14 @@ impl Symbols {
             }
         }
         self.objects.insert(key, object);
+    }
+
+    /// Runtime address minus ELF virtual address in a mapping of binary `key` that starts at
+    /// `start`, at file offset `offset`; `None` when the binary is not open or no segment
+    /// holds that offset.
+    pub fn load_bias(&self, key: &FileKey, start: u64, offset: u64) -> Option<u64> {
+        let map = self.objects.get(key)?.map.as_deref()?;
+        profiler_unwind::load_bias(map, start, offset)
     }
 
     /// Whether an open binary has the hex build ID `id`.
@@ -220,16 +248,27 @@ impl Symbols {
                     .unwrap_or_default()
             }
         };
-        let lines: Vec<Lines> = results
+        let mut lines: Vec<Lines> = results
             .iter()
             .map(|result| to_lines(result, &mut self.strings, &self.empty))
             .collect();
+        lines.resize(offsets.len(), self.empty.clone());
+        if let (Some(go), Some(map)) = (&object.go, object.map.as_deref()) {
+            // Go's own table names what the symbol table and DWARF (stripped) did not.
+            for (lines, offset) in lines.iter_mut().zip(offsets) {
+                if !lines.is_empty() {
+                    continue;
+                }
+                match go.lookup(map, go.virtual_address(*offset)) {
+                    Ok(Some(found)) => *lines = go_lines(&found, &mut self.strings),
+                    Ok(None) => {}
+                    Err(Corrupt) => self.go_errors += 1,
+                }
+            }
+        }
         let object = self.objects.get_mut(key).expect("looked up above");
         for (offset, lines) in offsets.iter().zip(lines) {
             object.addrs.insert(*offset, lines);
-        }
-        for offset in offsets.iter().skip(results.len()) {
-            object.addrs.insert(*offset, self.empty.clone());
         }
     }
 
@@ -424,6 +463,18 @@ fn to_lines(
     }
     lines.push(line(&sym.name, sym.code_info.as_deref()));
     Arc::from(lines)
+}
+
+/// Lines from Go's table, which are already in pprof's order and need no demangling.
+fn go_lines(found: &[GoLine<'_>], strings: &mut HashMap<Box<str>, Arc<str>>) -> Lines {
+    found
+        .iter()
+        .map(|l| Line {
+            function: intern(strings, l.function),
+            file: l.file.map(|f| intern(strings, f)),
+            line: l.line,
+        })
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {

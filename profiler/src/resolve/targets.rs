@@ -716,6 +716,7 @@ replacement = "$1"
             file: None,
             build_id: String::new(),
             is_main: true,
+            load_bias: 0,
         });
         // A pid that cannot exist: only the sample's names are left.
         let mut gone = sample(u32::MAX - 1, 3);
