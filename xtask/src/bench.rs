@@ -602,19 +602,17 @@ fn startup(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Stages 5 and 6 (symbolization, profile building) from the profiler crate's own bench
+/// Stages 5 and 6 (symbolization, profile building) and perf-map parsing from the profiler crate's own bench
 /// binary, which prints one JSON object per line.
 fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
     let bench = [
         "bench", "--quiet", "-p", "profiler", "--bench", "stages", "--",
     ];
     let output = json_lines(cargo().args(bench).arg(mode.name()), "the stages bench")?;
-    push_json_rows(&output, rows, |stage| {
-        if stage == "symbolize" {
-            "symbolization"
-        } else {
-            "profile building"
-        }
+    push_json_rows(&output, rows, |stage| match stage {
+        "symbolize" => "symbolization",
+        "perfmap" => "perf-map parsing",
+        _ => "profile building",
     });
     Ok(())
 }
