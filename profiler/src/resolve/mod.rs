@@ -23,7 +23,7 @@ pub use symbols::{basename, Line, Lines, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
-use process::{namespace_pid, read_process, thread_name, ProcessInfo, RawMapping};
+use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use profiler_common::is_exact_pc;
 use symbols::kernel_build_id;
 
@@ -368,20 +368,29 @@ impl Resolver {
     /// loaded since the process was first seen), with a backoff per process (see
     /// [`ProcessInfo::reread_wait`]).
     fn refresh_stale_mappings(&mut self, samples: &[RawSample]) {
-        let stale: HashSet<ProcessKey> = samples
-            .iter()
-            .filter(|s| {
-                self.processes.get(&s.process).is_some_and(|p| {
-                    p.ended_at.is_none()
-                        && p.read_at.elapsed() >= p.reread_wait
-                        && s.user.iter().any(|addr| p.mapping_for(*addr).is_none())
-                })
-            })
-            .map(|s| s.process)
-            .collect();
+        let stale = self.live_processes_with(samples, |p, addr| {
+            p.read_at.elapsed() >= p.reread_wait && p.mapping_for(addr).is_none()
+        });
         for process in stale {
             self.observe(process, "");
         }
+    }
+
+    /// The live processes of `samples` with a user address for which `wanted` holds.
+    fn live_processes_with(
+        &self,
+        samples: &[RawSample],
+        wanted: impl Fn(&ProcessInfo, u64) -> bool,
+    ) -> HashSet<ProcessKey> {
+        samples
+            .iter()
+            .filter(|s| {
+                self.processes.get(&s.process).is_some_and(|p| {
+                    p.ended_at.is_none() && s.user.iter().any(|addr| wanted(p, *addr))
+                })
+            })
+            .map(|s| s.process)
+            .collect()
     }
 
     /// Entries held in perf maps, over all processes.
@@ -392,19 +401,10 @@ impl Resolver {
     /// Reads what live processes with samples in anonymous memory (JIT code) appended to their
     /// perf maps. Entries of ended processes stay until they are forgotten.
     fn refresh_perf_maps(&mut self, samples: &[RawSample]) {
-        let jitted: HashSet<ProcessKey> = samples
-            .iter()
-            .filter(|s| {
-                self.processes.get(&s.process).is_some_and(|p| {
-                    p.ended_at.is_none()
-                        && s.user.iter().any(|addr| {
-                            p.mapping_for(*addr)
-                                .is_none_or(|m| m.file.is_none() && !m.is_vdso())
-                        })
-                })
-            })
-            .map(|s| s.process)
-            .collect();
+        let jitted = self.live_processes_with(samples, |p, addr| {
+            p.mapping_for(addr)
+                .is_none_or(|m| m.file.is_none() && !m.is_vdso())
+        });
         let mut total = self.perf_map_entries();
         for process in jitted {
             let Some(info) = self.processes.get_mut(&process) else {
@@ -414,12 +414,8 @@ impl Resolver {
             let room = perfmap::MAX_ENTRIES_PER_PROCESS
                 .saturating_sub(before)
                 .min(perfmap::MAX_ENTRIES_TOTAL.saturating_sub(total));
-            info.perf_map.refresh(
-                process.tgid,
-                || namespace_pid(process.tgid, process.start_ns),
-                room,
-                &mut self.perf_maps,
-            );
+            info.perf_map
+                .refresh(process.tgid, process.start_ns, room, &mut self.perf_maps);
             total = total.saturating_sub(before) + info.perf_map.len();
         }
     }

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::in_root::ProcessRoot;
+use super::{
+    in_root::ProcessRoot,
+    process::{is_running, namespace_pid},
+};
 
 /// Lines longer than this are not perf-map lines (names are at most a few hundred bytes).
 pub const MAX_LINE: usize = 4096;
@@ -108,32 +111,27 @@ impl PerfMap {
         self.entries.is_empty()
     }
 
-    /// Reads what was appended to the perf map of process `pid` (host pid) since the last
-    /// call, or all of it when the file is new or was replaced. `ns_pid` gives the process's
-    /// own pid the first time (read from /proc by the caller, which checked that `pid` still is
-    /// the process); `room` is how many entries this map may grow by.
-    pub fn refresh(
-        &mut self,
-        pid: u32,
-        ns_pid: impl FnOnce() -> Option<u32>,
-        room: usize,
-        stats: &mut PerfMapStats,
-    ) {
+    /// Reads what was appended to the perf map of the process `pid` (host pid) that started at
+    /// `start_ns` since the last call, or all of it when the file is new or was replaced.
+    /// `room` is how many entries this map may grow by.
+    pub fn refresh(&mut self, pid: u32, start_ns: u64, room: usize, stats: &mut PerfMapStats) {
         if self
             .absent_at
             .is_some_and(|at| at.elapsed() < self.absent_wait)
         {
             return;
         }
+        let Ok(root) = ProcessRoot::open(pid) else {
+            return;
+        };
+        // Checked after the root is open: had the pid been reused before, this tells.
         let ns_pid = match self.ns_pid {
-            Some(p) => p,
-            None => match ns_pid() {
+            Some(p) if is_running(pid, start_ns) => p,
+            Some(_) => return,
+            None => match namespace_pid(pid, start_ns) {
                 Some(p) => *self.ns_pid.insert(p),
                 None => return,
             },
-        };
-        let Ok(root) = ProcessRoot::open(pid) else {
-            return;
         };
         let path = format!("/tmp/perf-{ns_pid}.map");
         match root.open_regular(Path::new(&path)) {
