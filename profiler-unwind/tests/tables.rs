@@ -561,5 +561,9 @@ fn load_bias_is_right_for_every_segment_of_an_lld_binary() {
             segment.address()
         );
     }
-    assert!(shifted > 0, "{} has vaddr == offset everywhere", path.display());
+    assert!(
+        shifted > 0,
+        "{} has vaddr == offset everywhere",
+        path.display()
+    );
 }

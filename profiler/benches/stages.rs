@@ -1,12 +1,42 @@
 //! Stage timings for `cargo xtask bench`: symbolization (cold and warm), Go's `.gopclntab`
-//! against blazesym, and profile building.
+//! against blazesym, profile building and perf-map parsing.
 //! Prints one JSON object per result on stdout. Argument: full, quick or smoke.
 
 mod common;
 
-use std::{fs::File, time::Instant};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    fs::File,
+    io::Write as _,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Instant,
+};
 
-use profiler::{aggregate::ProfileBuilder, export::encode_gzipped, resolve::Symbols};
+use profiler::{
+    aggregate::ProfileBuilder,
+    export::encode_gzipped,
+    resolve::{PerfMap, PerfMapStats, Symbols},
+};
+
+/// Counts the bytes allocated, so that the perf map's memory is measured, not estimated.
+struct Counting;
+
+static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call goes to the system allocator; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        ALLOCATED.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 fn emit(stage: &str, config: &str, metric: &str, unit: &str, value: f64) {
     println!(
@@ -16,11 +46,12 @@ fn emit(stage: &str, config: &str, metric: &str, unit: &str, value: f64) {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "full".into());
-    let (addresses, stack_counts): (usize, &[usize]) = match mode.as_str() {
-        "smoke" => (200, &[100]),
-        "quick" => (5_000, &[1_000, 10_000]),
-        _ => (20_000, &[1_000, 10_000, 50_000]),
+    let (addresses, stack_counts, perf_map_lines): (usize, &[usize], usize) = match mode.as_str() {
+        "smoke" => (200, &[100], 2_000),
+        "quick" => (5_000, &[1_000, 10_000], 100_000),
+        _ => (20_000, &[1_000, 10_000, 50_000], 250_000),
     };
+    perf_map(perf_map_lines);
 
     // Symbolization of N distinct addresses in a large binary with DWARF.
     let (key, offsets) = common::own_code_offsets(addresses);
@@ -200,4 +231,55 @@ fn gopclntab(mode: &str, count: usize) {
         "%",
         100.0 * agree as f64 / blaze_named.max(1) as f64,
     );
+}
+
+/// Perf-map parsing: lines per second and memory per 100k entries, from a file of V8-like
+/// lines (a tenth of them overlapping earlier code, as when code moves).
+fn perf_map(lines: usize) {
+    let mut file = tempfile::tempfile().expect("a temporary file");
+    let mut text = String::new();
+    for i in 0..lines as u64 {
+        let start = if i % 10 == 9 {
+            0x1000 + (i - 5) * 0x100 + 0x40
+        } else {
+            0x1000 + i * 0x100
+        };
+        text.push_str(&format!(
+            "{start:x} c0 JS:*handler_{i} /app/src/module_{}.js:{}:{}\n",
+            i % 97,
+            i % 1000,
+            i % 80
+        ));
+    }
+    file.write_all(text.as_bytes())
+        .expect("writing the perf map");
+    let mut map = PerfMap::default();
+    let mut stats = PerfMapStats::default();
+    let before = ALLOCATED.load(Ordering::Relaxed);
+    let started = Instant::now();
+    // Each read takes in a bounded slice of the file: read until all of it is in.
+    while stats.lines < lines as u64 {
+        let lines_before = stats.lines;
+        let file = file.try_clone().expect("cloning the descriptor");
+        map.read_from(file, lines, &mut stats).expect("reading");
+        assert!(stats.lines > lines_before, "no progress");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let bytes = ALLOCATED.load(Ordering::Relaxed).saturating_sub(before);
+    let config = format!("{lines} lines, {} entries", map.len());
+    emit(
+        "perfmap",
+        &config,
+        "parse rate",
+        "lines/s",
+        lines as f64 / secs,
+    );
+    emit(
+        "perfmap",
+        &config,
+        "memory per 100k entries",
+        "MiB",
+        bytes as f64 / map.len() as f64 * 100_000.0 / (1 << 20) as f64,
+    );
+    assert_eq!(stats.malformed, 0);
 }

@@ -61,6 +61,8 @@ pub struct Metrics {
     profiles_delivered: Family<Labels, Counter>,
     series_overflow: Counter,
     unwind: Family<Labels, Counter>,
+    perf_map: Family<Labels, Counter>,
+    perf_map_entries: Gauge,
     ready: AtomicBool,
     /// Kernel counters are totals; metrics move by the difference since the last update.
     last: Mutex<(Counters, ResolveStats)>,
@@ -94,6 +96,8 @@ impl Metrics {
             profiles_delivered: Family::default(),
             series_overflow: Counter::default(),
             unwind: Family::default(),
+            perf_map: Family::default(),
+            perf_map_entries: Gauge::default(),
             ready: AtomicBool::new(false),
             last: Mutex::new(Default::default()),
             registry: Registry::default(),
@@ -189,6 +193,17 @@ impl Metrics {
             metrics.unwind.clone(),
         );
         registry.register(
+            "perf_map_events",
+            "JIT perf-map files (/tmp/perf-PID.map) read, by event: files found, lines taken in, \
+             malformed lines, lines dropped at the entry cap, files replaced, files unreadable",
+            metrics.perf_map.clone(),
+        );
+        registry.register(
+            "perf_map_entries",
+            "JIT code entries held from perf-map files, over all processes",
+            metrics.perf_map_entries.clone(),
+        );
+        registry.register(
             "build",
             "Version of this profiler",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -237,6 +252,20 @@ impl Metrics {
             .inc_by(delta(stats.cache_misses, last.1.cache_misses));
         self.gopclntab_errors
             .inc_by(delta(stats.gopclntab_errors, last.1.gopclntab_errors));
+        let (now, before) = (&stats.perf_maps, &last.1.perf_maps);
+        for (event, now, before) in [
+            ("files", now.files, before.files),
+            ("lines", now.lines, before.lines),
+            ("malformed", now.malformed, before.malformed),
+            ("dropped", now.dropped, before.dropped),
+            ("replaced", now.replaced, before.replaced),
+            ("unreadable", now.unreadable, before.unreadable),
+        ] {
+            self.perf_map
+                .get_or_create(&vec![("event", event.to_owned())])
+                .inc_by(delta(now, before));
+        }
+        self.perf_map_entries.set(now.entries as i64);
         *last = (counters.clone(), *stats);
     }
 

@@ -304,6 +304,8 @@ const METRICS: &[&str] = &[
     "profiler_symbolizer_cache_hits_total",
     "profiler_symbolizer_cache_misses_total",
     "profiler_symbolizer_gopclntab_errors_total",
+    "profiler_perf_map_events_total",
+    "profiler_perf_map_entries",
     "profiler_pushes_total",
     "profiler_push_duration_seconds_bucket",
     "profiler_push_duration_seconds_sum",

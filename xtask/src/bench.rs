@@ -621,7 +621,7 @@ fn startup(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-/// Stages 5 and 6 (symbolization, profile building) from the profiler crate's own bench
+/// Stages 5 and 6 (symbolization, profile building) and perf-map parsing from the profiler crate's own bench
 /// binary, which prints one JSON object per line.
 fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
     let bench = [
@@ -631,6 +631,7 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
     push_json_rows(&output, rows, |stage| match stage {
         "symbolize" => "symbolization",
         "gopclntab" => "Go symbols (.gopclntab)",
+        "perfmap" => "perf-map parsing",
         _ => "profile building",
     });
     Ok(())

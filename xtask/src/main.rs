@@ -42,6 +42,8 @@ const APT_PACKAGES: &[&str] = &[
     "elfutils",   // eu-addr2line finds the dist debug file by build ID in a test
     "curl",       // the CI action's download, run by its test from a file:// URL
     "openssl",    // the TLS tests make a CA and a server certificate with it
+    "nodejs",     // the JIT tests: node --perf-basic-prof writes /tmp/perf-PID.map
+    "openjdk-17-jdk-headless", // the JIT tests: java and `jcmd PID Compiler.perfmap`
 ];
 
 /// PyPI packages the tests read or validate our output with, as (package, version prefix, a
@@ -144,6 +146,7 @@ fn setup() -> Result<()> {
     for &(package, version, module) in PIP_PACKAGES {
         report(package, install_pip_package(package, version, module)?);
     }
+    report("python3.12 (pyenv)", install_python312()?);
     report("musl target", add_musl_target()?);
     report("nightly toolchain", install_nightly()?);
     report("rust-src for nightly", add_rust_src()?);
@@ -363,6 +366,19 @@ fn install_nightly() -> Result<Outcome> {
     let mut cmd = Command::new("rustup");
     cmd.args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]);
     run(&mut cmd)?;
+    Ok(Outcome::Done)
+}
+
+/// The JIT tests run CPython 3.12 with `-X perf`; Debian 12 has none, so it comes from pyenv.
+fn install_python312() -> Result<Outcome> {
+    let mut installed = Command::new("pyenv");
+    installed.args(["latest", "3.12"]);
+    if let Some(version) = probe(&mut installed)? {
+        return Ok(Outcome::Skipped(version.trim().to_owned()));
+    }
+    let mut cmd = Command::new("pyenv");
+    cmd.args(["install", "--skip-existing", "3.12"]);
+    run(&mut cmd).context("installing python3.12 with pyenv (is pyenv on PATH?)")?;
     Ok(Outcome::Done)
 }
 

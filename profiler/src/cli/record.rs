@@ -21,7 +21,7 @@ use crate::{
     aggregate::ProfileBuilder,
     collect::{CollectConfig, Collector, Counters, Targets, Unwinder},
     export::{self, Format},
-    resolve::{is_alive, Resolver},
+    resolve::{is_alive, PerfMapStats, Resolver},
 };
 
 /// How often the kernel maps are drained.
@@ -218,6 +218,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         elapsed,
         format,
         processes: resolver.stats().processes_seen as usize,
+        perf_maps: resolver.stats().perf_maps,
     };
     if progress {
         print_summary(args, &summary, &profile, &counters);
@@ -306,6 +307,7 @@ struct Summary {
     elapsed: Duration,
     format: Format,
     processes: usize,
+    perf_maps: PerfMapStats,
 }
 
 /// What both summaries start with: samples, processes, time, why it stopped, losses.
@@ -337,8 +339,13 @@ fn summary_line(args: &RecordArgs, summary: &Summary, counters: &Counters) -> St
     } else {
         format!(" ({})", losses.join(" "))
     };
+    let jit = summary
+        .perf_maps
+        .describe()
+        .map(|text| format!("; {text}"))
+        .unwrap_or_default();
     format!(
-        "{}{losses}; wrote {} ({})",
+        "{}{losses}{jit}; wrote {} ({})",
         headline(args, summary, counters),
         args.output.display(),
         summary.format,
@@ -362,6 +369,9 @@ fn print_summary(
         .map(|(name, value, _)| format!("{name}={value}"))
         .collect();
     out.push_str(&format!("counters: {}\n", counts.join(" ")));
+    if let Some(text) = summary.perf_maps.describe() {
+        out.push_str(&format!("{text}\n"));
+    }
     out.push_str(&format!(
         "wrote {} ({})\n",
         args.output.display(),

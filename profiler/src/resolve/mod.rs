@@ -3,6 +3,8 @@
 
 mod demangle;
 pub mod gopclntab;
+pub mod in_root;
+mod perfmap;
 mod process;
 mod symbols;
 mod targets;
@@ -16,6 +18,7 @@ use std::{
 };
 
 pub use demangle::demangle;
+pub use perfmap::{parse_line as parse_perf_map_line, PerfMap, PerfMapStats};
 pub use process::{is_alive, is_running, FileKey, Mapping};
 pub use symbols::{basename, Line, Lines, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
@@ -67,6 +70,8 @@ pub struct ResolveStats {
     pub processes_seen: u64,
     /// Corrupt Go function tables (`.gopclntab`), and look-ups they left unnamed.
     pub gopclntab_errors: u64,
+    /// JIT code named from perf-map files.
+    pub perf_maps: PerfMapStats,
 }
 
 /// What makes two mappings the same binary for a profile.
@@ -88,6 +93,7 @@ pub struct Resolver {
     next_mapping_id: u64,
     maps_reads: u64,
     processes_seen: u64,
+    perf_maps: PerfMapStats,
 }
 
 const UNKNOWN_PROCESS: &str = "[unknown]";
@@ -118,6 +124,7 @@ impl Resolver {
             next_mapping_id: 2,
             maps_reads: 0,
             processes_seen: 0,
+            perf_maps: PerfMapStats::default(),
         }
     }
 
@@ -170,7 +177,7 @@ impl Resolver {
         if previous.is_none() {
             self.processes_seen += 1;
         }
-        let (threads, ended_at, reread_wait) = match previous {
+        let (threads, ended_at, reread_wait, perf_map) = match previous {
             Some(p) => {
                 let found_new = mappings.len() != p.mappings.len()
                     || mappings
@@ -182,7 +189,7 @@ impl Resolver {
                 } else {
                     (p.reread_wait * 2).clamp(MAPS_REREAD_MIN, MAPS_REREAD_MAX)
                 };
-                (p.threads, p.ended_at, wait)
+                (p.threads, p.ended_at, wait, p.perf_map)
             }
             None => Default::default(),
         };
@@ -195,6 +202,7 @@ impl Resolver {
                 read_at: Instant::now(),
                 reread_wait,
                 ended_at,
+                perf_map,
             },
         );
     }
@@ -314,6 +322,10 @@ impl Resolver {
             maps_reads: self.maps_reads,
             processes_seen: self.processes_seen,
             gopclntab_errors: self.symbols.go_errors,
+            perf_maps: PerfMapStats {
+                entries: self.perf_map_entries(),
+                ..self.perf_maps
+            },
         }
     }
 
@@ -356,6 +368,7 @@ impl Resolver {
             }
         }
         self.refresh_stale_mappings(samples);
+        self.refresh_perf_maps(samples);
         self.load_symbols(samples);
         samples.iter().map(|s| self.resolve_one(s)).collect()
     }
@@ -364,19 +377,55 @@ impl Resolver {
     /// loaded since the process was first seen), with a backoff per process (see
     /// [`ProcessInfo::reread_wait`]).
     fn refresh_stale_mappings(&mut self, samples: &[RawSample]) {
-        let stale: HashSet<ProcessKey> = samples
+        let stale = self.live_processes_with(samples, |p, addr| {
+            p.read_at.elapsed() >= p.reread_wait && p.mapping_for(addr).is_none()
+        });
+        for process in stale {
+            self.observe(process, "");
+        }
+    }
+
+    /// The live processes of `samples` with a user address for which `wanted` holds.
+    fn live_processes_with(
+        &self,
+        samples: &[RawSample],
+        wanted: impl Fn(&ProcessInfo, u64) -> bool,
+    ) -> HashSet<ProcessKey> {
+        samples
             .iter()
             .filter(|s| {
                 self.processes.get(&s.process).is_some_and(|p| {
-                    p.ended_at.is_none()
-                        && p.read_at.elapsed() >= p.reread_wait
-                        && s.user.iter().any(|addr| p.mapping_for(*addr).is_none())
+                    p.ended_at.is_none() && s.user.iter().any(|addr| wanted(p, *addr))
                 })
             })
             .map(|s| s.process)
-            .collect();
-        for process in stale {
-            self.observe(process, "");
+            .collect()
+    }
+
+    /// Entries held in perf maps, over all processes.
+    fn perf_map_entries(&self) -> usize {
+        self.processes.values().map(|p| p.perf_map.len()).sum()
+    }
+
+    /// Reads what live processes with samples in anonymous memory (JIT code) appended to their
+    /// perf maps. Entries of ended processes stay until they are forgotten.
+    fn refresh_perf_maps(&mut self, samples: &[RawSample]) {
+        let jitted = self.live_processes_with(samples, |p, addr| {
+            p.mapping_for(addr)
+                .is_none_or(|m| m.file.is_none() && !m.is_vdso())
+        });
+        let mut total = self.perf_map_entries();
+        for process in jitted {
+            let Some(info) = self.processes.get_mut(&process) else {
+                continue;
+            };
+            let before = info.perf_map.len();
+            let room = perfmap::MAX_ENTRIES_PER_PROCESS
+                .saturating_sub(before)
+                .min(perfmap::MAX_ENTRIES_TOTAL.saturating_sub(total));
+            info.perf_map
+                .refresh(process.tgid, process.start_ns, room, &mut self.perf_maps);
+            total = total.saturating_sub(before) + info.perf_map.len();
         }
     }
 
@@ -455,6 +504,17 @@ impl Resolver {
                     .symbols
                     .file_lines(&key, file_offset(m, lookup_address(*addr, exact))),
                 None => Lines::from(Vec::new()),
+            };
+            // JIT code: anonymous memory (or memory mapped since /proc was read) that the
+            // process's perf map names.
+            let jit = || process?.perf_map.lookup(lookup_address(*addr, exact));
+            let lines = match lines.is_empty().then(jit).flatten() {
+                Some(name) => Lines::from(vec![Line {
+                    function: name.clone(),
+                    file: None,
+                    line: 0,
+                }]),
+                None => lines,
             };
             frames.push(Frame {
                 address: *addr,

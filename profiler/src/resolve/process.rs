@@ -66,6 +66,11 @@ impl Mapping {
     pub fn is_kernel(&self) -> bool {
         self.id == KERNEL_MAPPING_ID
     }
+
+    /// True for the vDSO's mapping.
+    pub fn is_vdso(&self) -> bool {
+        self.file.is_none() && self.path == "[vdso]"
+    }
 }
 
 /// A process's metadata.
@@ -84,6 +89,8 @@ pub struct ProcessInfo {
     pub reread_wait: std::time::Duration,
     /// The generation flip at which the process was seen to end (exit, exec, reused tgid).
     pub ended_at: Option<u64>,
+    /// Names of its JIT code, from its perf-map file.
+    pub perf_map: super::perfmap::PerfMap,
 }
 
 impl ProcessInfo {
@@ -165,6 +172,20 @@ pub fn read_process(pid: u32, start_ns: u64) -> Option<(String, Vec<RawMapping>)
         });
     }
     Some((comm, mappings))
+}
+
+/// The pid of process `pid` in its own (innermost) pid namespace, if it is still the process
+/// that started at `start_ns`.
+pub fn namespace_pid(pid: u32, start_ns: u64) -> Option<u32> {
+    let process = ProcProcess::new(pid as i32).ok()?;
+    let status = process.status().ok()?;
+    let ns_pid = match status.nstgid {
+        Some(list) => u32::try_from(*list.last()?).ok()?,
+        None => pid,
+    };
+    // Read after the status: had the pid been reused before, the start time tells.
+    let stat = process.stat().ok()?;
+    same_start(start_ns, stat.starttime).then_some(ns_pid)
 }
 
 /// The name of one thread, if it still exists.

@@ -1,0 +1,238 @@
+//! JIT code named from perf-map files (/tmp/perf-PID.map), end to end with the real profiler:
+//! CPython 3.12 `-X perf`, Node.js `--perf-basic-prof` and HotSpot `jcmd PID Compiler.perfmap`,
+//! each running a recursive `fib` loop; and a perf map that is a FIFO, refused without hanging.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use profiler_tests::*;
+
+/// Whether a frame names the function `fib`, whatever the runtime adds around it
+/// (`py::fib:/path`, `JS:*fib /path:1:13`, `int Fib.fib(int)`).
+fn names_fib(function: &str) -> bool {
+    function
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+        .any(|token| token == "fib")
+}
+
+/// Share (0-100) of the samples of `comm` with `fib` on their stack, and those samples.
+fn fib_share(out: &Path, comm: &str) -> (f64, Vec<DecodedSample>) {
+    let samples: Vec<DecodedSample> = read_samples(out)
+        .into_iter()
+        .filter(|s| s.labels.get("comm").map(String::as_str) == Some(comm))
+        .collect();
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    assert!(total > 200, "too few samples of {comm}: {total}");
+    let fib: i64 = samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| names_fib(f)))
+        .map(|s| s.count)
+        .sum();
+    (100.0 * fib as f64 / total as f64, samples)
+}
+
+/// Removes the perf map a runtime left behind for `pid`.
+fn remove_perf_map(pid: u32) {
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+}
+
+/// A script in the test's directory.
+fn script(t: &BpfTest, name: &str, text: &str) -> PathBuf {
+    let path = t.path(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// pyenv's CPython 3.12 (Debian 12 has none); `cargo xtask setup` installs it.
+fn python312() -> Option<PathBuf> {
+    let root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pyenv")))?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("3.12"))
+        .map(|e| e.path().join("bin/python3.12"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    let python = found.pop();
+    if python.is_none() {
+        assert!(
+            !in_ci(),
+            "python3.12 under pyenv is missing: run cargo xtask setup"
+        );
+        eprintln!("skipped: python3.12 under pyenv is missing");
+    }
+    python
+}
+
+const PYTHON_FIB: &str = "import time
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+end = time.time() + 2
+while time.time() < end:
+    fib(22)
+";
+
+#[test]
+fn python312_perf_trampolines_name_fib() {
+    let Some(t) = bpf_test() else { return };
+    let Some(python) = python312() else { return };
+    let work = script(&t, "work.py", PYTHON_FIB);
+    let (out, stderr) = t.record(
+        "python.pb.gz",
+        &["--unwinder", "auto", "--no-kernel"],
+        &[path_str(&python), "-X", "perf", path_str(&work)],
+    );
+    let (share, samples) = fib_share(&out, "python3.12");
+    for pid in samples.iter().filter_map(|s| s.labels.get("pid")) {
+        remove_perf_map(pid.parse().unwrap());
+    }
+    // Each Python call runs through a trampoline of its own that the perf map names
+    // `py::fib:PATH`; the interpreter's frames below it come from libpython's .eh_frame.
+    assert!(share >= 50.0, "{share:.1}% name fib; {stderr}");
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.has_function("_PyEval_EvalFrameDefault")
+                && s.functions.iter().any(|f| f.starts_with("py::fib:"))),
+        "no fib trampoline above the interpreter loop: {samples:?}"
+    );
+    assert!(stderr.contains("perf maps: 1 files"), "{stderr}");
+}
+
+const NODE_FIB: &str = "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
+const end = Date.now() + Number(process.argv[2] || 2000);
+let x = 0;
+while (Date.now() < end) x += fib(22);
+";
+
+#[test]
+fn node_perf_basic_prof_names_fib_down_to_start() {
+    let Some(t) = bpf_test() else { return };
+    let Some(node) = tool("node", "nodejs") else {
+        return;
+    };
+    let work = script(&t, "work.js", NODE_FIB);
+    let (out, stderr) = t.record(
+        "node.pb.gz",
+        &["--unwinder", "auto", "--no-kernel"],
+        &[
+            path_str(&node),
+            "--perf-basic-prof",
+            // Else node 20 also writes a V8 log into the current directory.
+            "--no-logfile-per-isolate",
+            &format!("--logfile={}", t.path("v8.log").display()),
+            path_str(&work),
+        ],
+    );
+    let (share, samples) = fib_share(&out, "node");
+    for pid in samples.iter().filter_map(|s| s.labels.get("pid")) {
+        remove_perf_map(pid.parse().unwrap());
+    }
+    assert!(share >= 50.0, "{share:.1}% name fib; {stderr}");
+    // V8 keeps frame pointers: JIT frames and node's own (by .eh_frame) make whole stacks.
+    let whole: i64 = samples
+        .iter()
+        .filter(|s| s.functions.iter().any(|f| names_fib(f)) && s.has_function("_start"))
+        .map(|s| s.count)
+        .sum();
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    assert!(
+        whole * 2 >= total,
+        "{whole} of {total} samples go from fib down to _start; {stderr}"
+    );
+}
+
+const JAVA_FIB: &str = "public class Fib {
+    static int fib(int n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
+    public static void main(String[] args) throws Exception {
+        long x = 0;
+        long warm = System.currentTimeMillis() + 1500;
+        while (System.currentTimeMillis() < warm) x += fib(22);
+        System.out.println(\"ready\");
+        while (System.in.available() == 0) x += fib(22);
+        System.out.println(x);
+    }
+}
+";
+
+#[test]
+fn java_perfmap_from_jcmd_names_fib() {
+    let Some(t) = bpf_test() else { return };
+    let (Some(java), Some(jcmd)) = (
+        tool("java", "openjdk-17-jdk-headless"),
+        tool("jcmd", "openjdk-17-jdk-headless"),
+    ) else {
+        return;
+    };
+    let source = script(&t, "Fib.java", JAVA_FIB);
+    let mut child = Command::new(java)
+        .args(["-XX:+PreserveFramePointer"])
+        .arg(&source)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    // fib is compiled by now; HotSpot writes its perf map only when asked.
+    let status = Command::new(jcmd)
+        .args([&pid.to_string(), "Compiler.perfmap"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "jcmd Compiler.perfmap failed");
+    let pid_arg = pid.to_string();
+    let (out, stderr) = t.record(
+        "java.pb.gz",
+        &[
+            "--unwinder",
+            "auto",
+            "--no-kernel",
+            "-d",
+            "2s",
+            "-p",
+            &pid_arg,
+        ],
+        &[],
+    );
+    drop(child.stdin.take());
+    let _ = child.kill();
+    let _ = child.wait();
+    remove_perf_map(pid);
+    let (share, _) = fib_share(&out, "java");
+    assert!(share >= 50.0, "{share:.1}% name fib; {stderr}");
+}
+
+#[test]
+fn a_fifo_for_a_perf_map_is_refused_and_counted_without_hanging() {
+    let Some(t) = bpf_test() else { return };
+    let Some(node) = tool("node", "nodejs") else {
+        return;
+    };
+    let work = script(&t, "work.js", NODE_FIB);
+    // The FIFO has no writer: opened for reading without O_NONBLOCK, it would block forever.
+    let command = format!(
+        "mkfifo /tmp/perf-$$.map && exec {} {} 700",
+        node.display(),
+        work.display()
+    );
+    let (out, output) = t.try_record("fifo.pb.gz", &["--no-kernel"], &["sh", "-c", &command]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for sample in read_samples(&out) {
+        if let Some(pid) = sample.labels.get("pid") {
+            remove_perf_map(pid.parse().unwrap());
+        }
+    }
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("unreadable=1)"), "{stderr}");
+}
