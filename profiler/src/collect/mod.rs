@@ -37,9 +37,9 @@ use unwind::{UnwindLoader, ROW_BYTES};
 pub enum Unwinder {
     /// Unwind tables from `.eh_frame`/`.debug_frame` wherever a pc is covered by one, a
     /// frame-pointer step elsewhere.
-    #[default]
     Auto,
     /// Frame pointers only (`bpf_get_stack`).
+    #[default]
     Fp,
 }
 
@@ -308,7 +308,7 @@ impl Collector {
             program
                 .load()
                 .map_err(explain)
-                .context("loading the stack walker (`--unwinder fp` does without it)")?;
+                .context("loading the stack walker")?;
             let walk = program.fd()?.try_clone()?;
             let mut programs: ProgramArray<MapData> = take_map(&mut ebpf, maps::WALK_PROGRAMS)?;
             programs
