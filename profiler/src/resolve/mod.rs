@@ -330,33 +330,34 @@ impl Resolver {
     }
 
     /// Opens the binary behind a mapping once per [`FileKey`]: through /proc/PID/map_files
-    /// (works for deleted and replaced files and other mount namespaces), else through
-    /// /proc/PID/root. `None` when neither can be read.
+    /// (works for deleted and replaced files and other mount namespaces), else by its path
+    /// inside the process's root, resolved there (`openat2(RESOLVE_IN_ROOT)`), so that a
+    /// container's symlinks never lead to a host file. `None` when neither can be read.
     fn open_binary(&mut self, pid: u32, raw: &RawMapping) -> Option<FileKey> {
         let by_map_files = PathBuf::from(format!(
             "/proc/{pid}/map_files/{:x}-{:x}",
             raw.start, raw.end
         ));
-        let rooted = match (&raw.path, raw.deleted) {
-            (Some(path), false) => Some(
-                PathBuf::from(format!("/proc/{pid}/root"))
-                    .join(path.strip_prefix("/").unwrap_or(path)),
-            ),
-            _ => None,
-        };
-        for path in std::iter::once(by_map_files).chain(rooted) {
-            let Some(key) = FileKey::of(&path) else {
-                continue;
-            };
+        if let Some(key) = FileKey::of(&by_map_files) {
             if self.symbols.has_object(&key) {
                 return Some(key);
             }
-            if let Ok(file) = File::open(&path) {
+            if let Ok(file) = File::open(&by_map_files) {
                 self.symbols.add_object(key, file);
                 return Some(key);
             }
         }
-        None
+        let (Some(path), false) = (&raw.path, raw.deleted) else {
+            return None;
+        };
+        let file = in_root::ProcessRoot::open(pid)
+            .and_then(|root| root.open_regular(path))
+            .ok()?;
+        let key = FileKey::of_metadata(&file.metadata().ok()?);
+        if !self.symbols.has_object(&key) {
+            self.symbols.add_object(key, file);
+        }
+        Some(key)
     }
 
     /// Names every frame of every sample.

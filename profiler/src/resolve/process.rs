@@ -24,14 +24,18 @@ pub struct FileKey {
 impl FileKey {
     /// The key of the file `path` leads to (links followed); `None` when it cannot be read.
     pub fn of(path: &Path) -> Option<FileKey> {
+        Some(Self::of_metadata(&std::fs::metadata(path).ok()?))
+    }
+
+    /// The key of a file from its metadata.
+    pub fn of_metadata(meta: &std::fs::Metadata) -> FileKey {
         use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(path).ok()?;
-        Some(FileKey {
+        FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        })
+        }
     }
 }
 
