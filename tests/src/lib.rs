@@ -277,6 +277,20 @@ pub fn samples(profile: &Profile) -> Vec<DecodedSample> {
         .collect()
 }
 
+/// The share (0-100) of `samples`' counts whose functions, leaf first, hold `chain` in order.
+pub fn chain_share(samples: &[DecodedSample], chain: &[&str]) -> f64 {
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let matching: i64 = samples
+        .iter()
+        .filter(|s| {
+            let mut frames = s.functions.iter();
+            chain.iter().all(|f| frames.any(|g| g == f))
+        })
+        .map(|s| s.count)
+        .sum();
+    100.0 * matching as f64 / total.max(1) as f64
+}
+
 /// Inclusive share (0–100) of each function among the samples that `keep` accepts.
 pub fn inclusive_shares(
     samples: &[DecodedSample],

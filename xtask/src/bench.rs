@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{build, cargo, profiler_bin, run, workspace_root};
 
 mod churn;
+mod offcpu;
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +146,11 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     slowdown(&setup, &mut rows)?;
     own_cost(&setup, &mut rows, &mut notes)?;
     churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
+    offcpu::offcpu(
+        &setup,
+        (setup.plan.own_cost_secs / 3).clamp(1, 10),
+        &mut rows,
+    )?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
     unwind_tables(&mut rows)?;

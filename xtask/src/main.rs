@@ -42,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "elfutils",   // eu-addr2line finds the dist debug file by build ID in a test
     "curl",       // the CI action's download, run by its test from a file:// URL
     "openssl",    // the TLS tests make a CA and a server certificate with it
+    "libbpf-tools", // `offcputime`, the off-CPU peer in the bench
 ];
 
 /// PyPI packages the tests read or validate our output with, as (package, version prefix, a
