@@ -49,7 +49,7 @@ impl Watcher {
             }
             Watcher::Offcputime => {
                 let mut c = Command::new("offcputime");
-                c.args(["-f", "-p", &pid.to_string()]);
+                c.args(["-p", &pid.to_string()]);
                 c
             }
         };
