@@ -121,17 +121,10 @@ fn sleeps_are_three_quarters_of_wall_time_in_the_sleeping_function() {
     assert!(stderr.contains("off CPU in"), "{stderr}");
 
     // Go's own reader shows the off-CPU view on request.
-    let top = Command::new("go")
-        .args(["tool", "pprof", "-sample_index=offcpu", "-top", "-cum"])
-        .arg(&out)
-        .env("HOME", t.dir.path())
-        .output()
-        .expect("go (golang-go) must be installed: cargo xtask setup installs it");
-    let text = String::from_utf8_lossy(&top.stdout);
-    assert!(
-        top.status.success(),
-        "{}",
-        String::from_utf8_lossy(&top.stderr)
+    let text = go_pprof(
+        &["-sample_index=offcpu", "-top", "-cum"],
+        &out,
+        t.dir.path(),
     );
     assert!(text.contains("sleep_phase"), "{text}");
 }
