@@ -59,10 +59,11 @@ impl Watcher {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", self.label()))?;
-        // Attached once a switch program of its own has run (the ping-pong is not going yet,
-        // but the machine switches all the time).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while switch_stats(child.id()).1 == 0 {
+        // Attached once its switch program has run a few thousand times (the ping-pong is
+        // not going yet, but the machine switches all the time; the profiler's fork, exec and
+        // exit programs, attached earlier, run far less).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while switch_stats(child.id()).1 < 2000 {
             if Instant::now() > deadline {
                 bail!("{} never attached", self.label());
             }
