@@ -40,6 +40,43 @@ pub mod maps {
     pub const UNWIND_MAPPINGS: &str = "UNWIND_MAPPINGS";
     /// Program array holding the walker's continuation (`walk`), for tail calls.
     pub const WALK_PROGRAMS: &str = "WALK_PROGRAMS";
+    /// Off-CPU nanoseconds of generation 0, keyed by [`super::SampleKey`].
+    pub const OFFCPU_COUNTS_0: &str = "OFFCPU_COUNTS_0";
+    /// Off-CPU nanoseconds of generation 1.
+    pub const OFFCPU_COUNTS_1: &str = "OFFCPU_COUNTS_1";
+    /// Threads off CPU now: tid to [`super::OffCpuBlock`].
+    pub const OFFCPU_BLOCKED: &str = "OFFCPU_BLOCKED";
+    /// `u64`s: [`super::offcpu::FLIP_0`], [`super::offcpu::FLIP_1`], [`super::offcpu::SPLITTING`].
+    pub const OFFCPU_FLIPS: &str = "OFFCPU_FLIPS";
+    /// Program array holding the off-CPU walker's continuation (`walk_offcpu`).
+    pub const OFFCPU_WALK_PROGRAMS: &str = "OFFCPU_WALK_PROGRAMS";
+}
+
+/// Off-CPU profiling (docs/design/0006-off-cpu.md).
+pub mod offcpu {
+    /// Slot of `OFFCPU_FLIPS`: when generation 0 last became active (CLOCK_MONOTONIC ns).
+    pub const FLIP_0: u32 = 0;
+    /// Slot of `OFFCPU_FLIPS`: when generation 1 last became active.
+    pub const FLIP_1: u32 = 1;
+    /// Slot of `OFFCPU_FLIPS`: 1 while user space splits the blocks that span the last flip.
+    pub const SPLITTING: u32 = 2;
+    /// Width of the window the per-CPU rate bound counts switches in.
+    pub const RATE_WINDOW_NS: u64 = 10_000_000;
+    /// `prev_state` bit of a task that is exiting: its last switch is no block.
+    pub const TASK_DEAD: u32 = 0x80;
+
+    /// Where the part of a block that started at `start` and is still going at `flip` ends up
+    /// accounted: user space splits a block at a flip once it has lasted `min_block`, so the
+    /// time before `flip` is counted there and only the rest remains. The kernel and user
+    /// space both use this, so they never count the same nanoseconds twice.
+    #[inline(always)]
+    pub fn accounted_until(start: u64, flip: u64, min_block: u64) -> u64 {
+        if flip > start && flip - start >= min_block {
+            flip
+        } else {
+            start
+        }
+    }
 }
 
 /// Names of the load-time constants (`.rodata`) that user space sets.
@@ -56,6 +93,14 @@ pub mod globals {
     pub const TASK_START_BOOTTIME_OFFSET: &str = "TASK_START_BOOTTIME_OFFSET";
     /// `u32`: one of `unwinder::*`.
     pub const UNWINDER: &str = "UNWINDER";
+    /// `u32`: byte offset of `pid` in `struct task_struct`.
+    pub const TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+    /// `u64`: blocks shorter than this (ns) are left out (`--off-cpu-min-block`).
+    pub const OFFCPU_MIN_BLOCK_NS: &str = "OFFCPU_MIN_BLOCK_NS";
+    /// `u32`: 0 for every switch-out, else only those whose `prev_state` has one of these bits.
+    pub const OFFCPU_STATE_MASK: &str = "OFFCPU_STATE_MASK";
+    /// `u32`: most switch-outs recorded per CPU per [`super::offcpu::RATE_WINDOW_NS`].
+    pub const OFFCPU_MAX_PER_WINDOW: &str = "OFFCPU_MAX_PER_WINDOW";
 }
 
 /// Values of the `UNWINDER` global: how the kernel side reads user stacks.
@@ -155,6 +200,29 @@ pub fn is_exact_pc(exact: &[u64; 2], i: usize) -> bool {
     i < MAX_STACK_DEPTH && exact[i >> 6] & (1 << (i & 63)) != 0
 }
 
+/// A thread off CPU: when it went, and the key its blocked time will be counted under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OffCpuBlock {
+    /// CLOCK_MONOTONIC ns at the switch-out.
+    pub start_ns: u64,
+    /// Process, thread and stacks at the switch-out.
+    pub key: SampleKey,
+    /// The generation whose stacks map holds the stacks.
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU state of the off-CPU rate bound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateWindow {
+    /// Start of the current window (CLOCK_MONOTONIC ns).
+    pub start_ns: u64,
+    /// Switch-outs recorded in it.
+    pub recorded: u64,
+}
+
 /// Length of a task's `comm`.
 pub const COMM_LEN: usize = 16;
 
@@ -228,11 +296,22 @@ pub enum Counter {
     UnwindFrameLimit,
     /// Frame-pointer steps taken where no table covered a pc.
     UnwindFramePointerSteps,
+    /// Off-CPU blocks (or parts of one, split at a drain) counted into the profile.
+    OffCpuBlocks,
+    /// Off-CPU blocks shorter than `--off-cpu-min-block`, left out.
+    OffCpuShortBlocks,
+    /// Switch-outs not recorded because their CPU hit the off-CPU rate bound.
+    OffCpuRateLimited,
+    /// Switch-outs not recorded because the map of blocked threads was full.
+    OffCpuBlockedMapFull,
+    /// Blocks that ended while user space was splitting them at a drain: their time before
+    /// the drain may be counted twice (in both intervals).
+    OffCpuSplitRaces,
 }
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 26;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -257,6 +336,11 @@ impl Counter {
         Counter::UnwindPcUnmapped,
         Counter::UnwindFrameLimit,
         Counter::UnwindFramePointerSteps,
+        Counter::OffCpuBlocks,
+        Counter::OffCpuShortBlocks,
+        Counter::OffCpuRateLimited,
+        Counter::OffCpuBlockedMapFull,
+        Counter::OffCpuSplitRaces,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -283,6 +367,11 @@ impl Counter {
             Counter::UnwindPcUnmapped => "unwind_stop_pc_unmapped",
             Counter::UnwindFrameLimit => "unwind_stop_frame_limit",
             Counter::UnwindFramePointerSteps => "unwind_frame_pointer_steps",
+            Counter::OffCpuBlocks => "offcpu_blocks",
+            Counter::OffCpuShortBlocks => "offcpu_short_blocks",
+            Counter::OffCpuRateLimited => "offcpu_rate_limited",
+            Counter::OffCpuBlockedMapFull => "offcpu_blocked_map_full",
+            Counter::OffCpuSplitRaces => "offcpu_split_races",
         }
     }
 
@@ -301,6 +390,7 @@ impl Counter {
                 | Counter::UnwindBadFrame
                 | Counter::UnwindPcUnmapped
                 | Counter::UnwindFrameLimit
+                | Counter::OffCpuSplitRaces
         )
     }
 
@@ -312,6 +402,8 @@ impl Counter {
                 | Counter::LostStacksMapFull
                 | Counter::LostStackReadError
                 | Counter::LostStackHashCollision
+                | Counter::OffCpuRateLimited
+                | Counter::OffCpuBlockedMapFull
         )
     }
 }
@@ -324,4 +416,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcessState {}
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::OffCpuBlock {}
 }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
-        bpf_probe_read_kernel,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, perf_event},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -24,10 +24,10 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use profiler_common::{
-    filter,
+    filter, offcpu,
     unwind::{ProcessMappings, TableInfo, UnwindRow},
-    unwinder, Counter, ProcessEvent, ProcessKey, ProcessState, SampleKey, Stack, COMM_LEN,
-    EVENT_EXIT, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
+    unwinder, Counter, OffCpuBlock, ProcessEvent, ProcessKey, ProcessState, RateWindow, SampleKey,
+    Stack, COMM_LEN, EVENT_EXIT, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
 };
 
 #[unsafe(no_mangle)]
@@ -42,6 +42,14 @@ static TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
 static TASK_START_BOOTTIME_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static UNWINDER: Global<u32> = Global::new(unwinder::FRAME_POINTERS);
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFFCPU_MIN_BLOCK_NS: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFFCPU_STATE_MASK: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static OFFCPU_MAX_PER_WINDOW: Global<u32> = Global::new(u32::MAX);
 
 // Sizes here are defaults; user space sets the real ones at load time. The sample and stack
 // maps are not preallocated: a stack is 1 KiB, and kernel memory (charged to the agent's memory
@@ -81,8 +89,27 @@ static UNWIND_MAPPINGS: HashMap<u32, ProcessMappings> =
     HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
 #[map]
 static WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+/// Off-CPU nanoseconds, in generations like `COUNTS_*` and with their stacks in `STACKS_*`.
+#[map]
+static OFFCPU_COUNTS_0: HashMap<SampleKey, u64> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+#[map]
+static OFFCPU_COUNTS_1: HashMap<SampleKey, u64> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+/// Threads off CPU now, by tid. Preallocated: a switch-out must not allocate.
+#[map]
+static OFFCPU_BLOCKED: HashMap<u32, OffCpuBlock> = HashMap::with_max_entries(16384, 0);
+/// When each generation last became active, and whether user space is splitting blocks.
+#[map]
+static OFFCPU_FLIPS: Array<u64> = Array::with_max_entries(3, 0);
+#[map]
+static OFFCPU_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static OFFCPU_WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
+/// Kernel frames `bpf_get_stack` skips in `sched_switch` (its low 8 flag bits).
+const SCHED_SWITCH_SKIP: u64 = 2;
 
 #[inline(always)]
 fn count(counter: Counter) {
@@ -110,55 +137,89 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     let (counts, stacks) = generation_maps(generation);
 
-    let kernel_stack = if KERNEL_STACKS.load() != 0 {
-        match store_stack(&ctx, stacks, 0) {
-            Ok(id) => id,
-            Err(counter) => {
-                count(counter);
-                return 0;
-            }
+    let key = match key_with_kernel_stack(&ctx, stacks, process, tid, 0) {
+        Ok(key) => key,
+        Err(counter) => {
+            count(counter);
+            return 0;
         }
-    } else {
-        NO_STACK
-    };
-    let key = SampleKey {
-        process,
-        tid,
-        _pad: 0,
-        user_stack: NO_STACK,
-        kernel_stack,
     };
     if UNWINDER.load() == unwinder::TABLES {
         // The walk finishes the sample, in this program or in a tail call.
-        walk::start(&ctx, key, generation);
+        walk::start(
+            &ctx,
+            walk::sampled_user_regs(&ctx),
+            key,
+            generation,
+            walk::Finish::Sample,
+            &WALK_PROGRAMS,
+        );
         return 0;
     }
-    let user_stack = match store_stack(&ctx, stacks, BPF_F_USER_STACK as u64) {
+    let user_stack = match user_stack(&ctx, stacks) {
         Ok(id) => id,
         Err(counter) => {
             count(counter);
             return 0;
         }
     };
-    if user_stack == NO_STACK {
-        count(Counter::UserStackMissing);
-    }
     count_sample(counts, &SampleKey { user_stack, ..key });
     0
+}
+
+/// The key of a sample (or block) of thread `tid` with the current kernel stack (skipping
+/// `skip` innermost frames) unless kernel stacks are off; its user stack is still to come.
+#[inline(always)]
+fn key_with_kernel_stack<C: EbpfContext>(
+    ctx: &C,
+    stacks: &HashMap<u64, Stack>,
+    process: ProcessKey,
+    tid: u32,
+    skip: u64,
+) -> Result<SampleKey, Counter> {
+    let kernel_stack = if KERNEL_STACKS.load() != 0 {
+        store_stack(ctx, stacks, skip)?
+    } else {
+        NO_STACK
+    };
+    Ok(SampleKey {
+        process,
+        tid,
+        _pad: 0,
+        user_stack: NO_STACK,
+        kernel_stack,
+    })
+}
+
+/// The current task's user stack by frame pointers (`bpf_get_stack`), its absence counted.
+#[inline(always)]
+fn user_stack<C: EbpfContext>(ctx: &C, stacks: &HashMap<u64, Stack>) -> Result<u64, Counter> {
+    let id = store_stack(ctx, stacks, BPF_F_USER_STACK as u64)?;
+    if id == NO_STACK {
+        count(Counter::UserStackMissing);
+    }
+    Ok(id)
 }
 
 /// Adds one to a sample's count (a cut stack is still a sample).
 #[inline(always)]
 fn count_sample(counts: &HashMap<SampleKey, u64>, key: &SampleKey) {
+    add_to(counts, key, 1, Counter::Samples);
+}
+
+/// Adds `amount` to `key`'s value in `counts` and counts one `counted`, or one lost sample
+/// when the map is full.
+#[inline(always)]
+fn add_to(counts: &HashMap<SampleKey, u64>, key: &SampleKey, amount: u64, counted: Counter) {
     if let Some(value) = counts.get_ptr_mut(key) {
         // The key holds the thread id and a thread is on one CPU at a time: no racing writer.
-        unsafe { *value += 1 };
+        unsafe { *value += amount };
     } else {
-        match counts.insert(key, &1, BPF_NOEXIST as u64) {
+        match counts.insert(key, &amount, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {
                 if let Some(value) = counts.get_ptr_mut(key) {
-                    unsafe { *value += 1 };
+                    unsafe { *value += amount };
                 }
             }
             Err(_) => {
@@ -167,7 +228,17 @@ fn count_sample(counts: &HashMap<SampleKey, u64>, key: &SampleKey) {
             }
         }
     }
-    count(Counter::Samples);
+    count(counted);
+}
+
+/// The off-CPU counts of one generation.
+#[inline(always)]
+fn offcpu_counts(generation: u32) -> &'static HashMap<SampleKey, u64> {
+    if generation == 0 {
+        &OFFCPU_COUNTS_0
+    } else {
+        &OFFCPU_COUNTS_1
+    }
 }
 
 /// The maps of one generation.
@@ -261,8 +332,8 @@ fn track(tgid: u32) -> ProcessKey {
 
 /// Reads one stack into the stacks map and returns its id: a hash of its addresses.
 #[inline(always)]
-fn store_stack(
-    ctx: &PerfEventContext,
+fn store_stack<C: EbpfContext>(
+    ctx: &C,
     stacks: &HashMap<u64, Stack>,
     flags: u64,
 ) -> Result<u64, Counter> {
@@ -274,7 +345,7 @@ fn store_stack(
     let read = unsafe { bpf_get_stack(ctx.as_ptr(), buf.addrs.as_mut_ptr().cast(), size, flags) };
     if read < 0 {
         // A kernel thread, or a task in exit, has no user stack: not a lost sample.
-        if flags != 0 {
+        if flags & BPF_F_USER_STACK as u64 != 0 {
             return Ok(NO_STACK);
         }
         return Err(Counter::LostStackReadError);
@@ -337,6 +408,171 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
         },
     }
     Ok(hash)
+}
+
+/// Off-CPU time (docs/design/0006-off-cpu.md). `current` is still `prev` here, so its stacks
+/// are read as the sampler reads them; the thread switched in gets the time since its own
+/// switch-out added to its key.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let next: *const u8 = ctx.arg(2);
+    switch_in(next, now);
+    let prev_state: u64 = ctx.arg(3);
+    switch_out(&ctx, prev_state as u32, now);
+    0
+}
+
+/// Ends the block of `next`, if it was recorded: adds its time since the last drain's flip
+/// (the time before was counted by user space when it split the block) to its key.
+#[inline(always)]
+fn switch_in(next: *const u8, now: u64) {
+    let pid_at = TASK_PID_OFFSET.load() as usize;
+    let Ok(tid) = (unsafe { bpf_probe_read_kernel(next.add(pid_at).cast::<i32>()) }) else {
+        return;
+    };
+    let tid = tid as u32;
+    let Some(block) = (unsafe { OFFCPU_BLOCKED.get(&tid) }).copied() else {
+        return;
+    };
+    let _ = OFFCPU_BLOCKED.remove(&tid);
+    let min_block = OFFCPU_MIN_BLOCK_NS.load();
+    if now.saturating_sub(block.start_ns) < min_block {
+        count(Counter::OffCpuShortBlocks);
+        return;
+    }
+    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let flip = OFFCPU_FLIPS.get(generation).copied().unwrap_or(0);
+    let mut from = offcpu::accounted_until(block.start_ns, flip, min_block);
+    if block.start_ns < flip && OFFCPU_FLIPS.get(offcpu::SPLITTING).copied() == Some(1) {
+        // User space may or may not have split this block yet: count it all here rather than
+        // lose the part before the flip, and say so.
+        count(Counter::OffCpuSplitRaces);
+        let previous = OFFCPU_FLIPS.get(1 - generation).copied().unwrap_or(0);
+        from = offcpu::accounted_until(block.start_ns, previous, min_block);
+    }
+    let mut key = block.key;
+    if block.generation != generation {
+        // The stacks were stored before a flip: user space kept them in the older
+        // generation's map while the block lasted; the count needs them in this one.
+        let (_, from_stacks) = generation_maps(block.generation & 1);
+        let (_, to_stacks) = generation_maps(generation);
+        for id in [&mut key.user_stack, &mut key.kernel_stack] {
+            if let Err(counter) = copy_stack(*id, from_stacks, to_stacks) {
+                count(counter);
+                return;
+            }
+        }
+    }
+    add_to(
+        offcpu_counts(generation),
+        &key,
+        now.saturating_sub(from),
+        Counter::OffCpuBlocks,
+    );
+}
+
+/// Makes stack `id` present in `to` as well as in `from`.
+#[inline(always)]
+fn copy_stack(
+    id: u64,
+    from: &HashMap<u64, Stack>,
+    to: &HashMap<u64, Stack>,
+) -> Result<(), Counter> {
+    if id == NO_STACK || unsafe { to.get(&id) }.is_some() {
+        return Ok(());
+    }
+    let Some(stack) = from.get_ptr(&id) else {
+        return Err(Counter::LostStackReadError);
+    };
+    match to.insert(&id, unsafe { &*stack }, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(()),
+        Err(err) if err == -EEXIST => Ok(()),
+        Err(_) => Err(Counter::LostStacksMapFull),
+    }
+}
+
+/// Starts a block of the task going off CPU (`current`) when it is wanted: its stacks now,
+/// its time when it comes back.
+#[inline(always)]
+fn switch_out(ctx: &BtfTracePointContext, prev_state: u32, now: u64) {
+    let mask = OFFCPU_STATE_MASK.load();
+    if (mask != 0 && prev_state & mask == 0) || prev_state & offcpu::TASK_DEAD != 0 {
+        return;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if tid == 0 || !wanted(tgid) {
+        return;
+    }
+    if !within_rate(now) {
+        count(Counter::OffCpuRateLimited);
+        return;
+    }
+    let process = track(tgid);
+    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let (_, stacks) = generation_maps(generation);
+    // The two innermost kernel frames are this program and `bpf_trace_run4`.
+    let key = match key_with_kernel_stack(ctx, stacks, process, tid, SCHED_SWITCH_SKIP) {
+        Ok(key) => key,
+        Err(counter) => {
+            count(counter);
+            return;
+        }
+    };
+    if UNWINDER.load() == unwinder::TABLES {
+        walk::start(
+            ctx,
+            walk::task_user_regs(),
+            key,
+            generation,
+            walk::Finish::Block(now),
+            &OFFCPU_WALK_PROGRAMS,
+        );
+        return;
+    }
+    match user_stack(ctx, stacks) {
+        Ok(user_stack) => record_block(&SampleKey { user_stack, ..key }, generation, now),
+        Err(counter) => count(counter),
+    }
+}
+
+/// Remembers that the thread of `key` went off CPU at `start_ns`.
+#[inline(always)]
+fn record_block(key: &SampleKey, generation: u32, start_ns: u64) {
+    let block = OffCpuBlock {
+        start_ns,
+        key: *key,
+        generation,
+        _pad: 0,
+    };
+    if OFFCPU_BLOCKED.insert(&key.tid, &block, 0).is_err() {
+        count(Counter::OffCpuBlockedMapFull);
+    }
+}
+
+/// Whether this CPU may record one more switch-out in its current window.
+#[inline(always)]
+fn within_rate(now: u64) -> bool {
+    let max = OFFCPU_MAX_PER_WINDOW.load();
+    if max == u32::MAX {
+        return true;
+    }
+    let Some(window) = OFFCPU_RATE.get_ptr_mut(0) else {
+        return true;
+    };
+    // Per-CPU, and sched_switch runs with interrupts off: nothing else writes it meanwhile.
+    let window = unsafe { &mut *window };
+    if now.wrapping_sub(window.start_ns) >= offcpu::RATE_WINDOW_NS {
+        window.start_ns = now;
+        window.recorded = 0;
+    }
+    if window.recorded >= u64::from(max) {
+        return false;
+    }
+    window.recorded += 1;
+    true
 }
 
 /// Follows forks: a child of a filtered process joins the filter before it can run.

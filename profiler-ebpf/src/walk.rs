@@ -1,19 +1,20 @@
 //! The user-stack walker: the unwind tables wherever a pc is covered by one, a frame-pointer step
 //! elsewhere (docs/design/0002).
 //!
-//! A program walks [`FRAMES_PER_PROGRAM`] frames, then tail-calls `walk` (itself) through
-//! `WALK_PROGRAMS` to go on; the state between programs is in the per-CPU `WALK_STATE`. The
-//! program that ends the walk stores the stack and counts the sample, so a walk cut short for
-//! any reason still counts, with the frames it has.
+//! A program walks [`FRAMES_PER_PROGRAM`] frames, then tail-calls its continuation (itself:
+//! `walk` for samples, `walk_offcpu` for switch-outs, as a tail call stays within one program
+//! type) to go on; the state between programs is in the per-CPU `WALK_STATE`. The program that
+//! ends the walk stores the stack and counts the sample or records the block, so a walk cut
+//! short for any reason still counts, with the frames it has.
 
 use aya_ebpf::{
     bindings::{bpf_perf_event_data, pt_regs, BPF_F_USER_STACK},
     helpers::{
         bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     },
-    macros::{map, perf_event},
-    maps::PerCpuArray,
-    programs::PerfEventContext,
+    macros::{btf_tracepoint, map, perf_event},
+    maps::{PerCpuArray, ProgramArray},
+    programs::{BtfTracePointContext, PerfEventContext},
     EbpfContext,
 };
 use profiler_common::{
@@ -25,13 +26,22 @@ use profiler_common::{
 };
 
 use crate::{
-    count, count_sample, generation_maps, intern_stack, UNWIND_MAPPINGS, UNWIND_ROWS,
-    UNWIND_TABLES, WALK_PROGRAMS,
+    count, count_sample, generation_maps, intern_stack, record_block, OFFCPU_WALK_PROGRAMS,
+    UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES, WALK_PROGRAMS,
 };
 
 /// Frames per program: the verifier explores every path of each one, and 8 frames went past
 /// its million instructions; 127 frames take 32 tail calls of the 33 allowed.
 const FRAMES_PER_PROGRAM: usize = 4;
+
+/// What the end of a walk does with the stack.
+#[derive(Clone, Copy)]
+pub enum Finish {
+    /// Counts one on-CPU sample.
+    Sample,
+    /// Records an off-CPU block that started at this time.
+    Block(u64),
+}
 
 /// A walk in progress, carried from one program to the next.
 #[repr(C)]
@@ -42,15 +52,27 @@ pub struct WalkState {
     generation: u32,
     /// 1 when `regs.rip` is a return address.
     is_return_address: u32,
+    /// Switch-out time of an off-CPU block; 0 for an on-CPU sample.
+    block_start_ns: u64,
 }
 
+/// One state per CPU serves both walks: the cpu-clock sampler runs from a timer interrupt and
+/// sched_switch with interrupts off, so neither walk can interrupt the other on one CPU.
 #[map]
 static WALK_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 
-/// Starts the walk of the current task's user stack for a sample keyed `key` (its user stack
-/// still to be filled in).
+/// Starts the walk of the current task's user stack from `regs` (None: a kernel thread) for
+/// `key` (its user stack still to be filled in); `programs` holds the continuation of the
+/// program type of `ctx`.
 #[inline(always)]
-pub fn start(ctx: &PerfEventContext, key: SampleKey, generation: u32) {
+pub fn start<C: EbpfContext>(
+    ctx: &C,
+    regs: Option<Regs>,
+    key: SampleKey,
+    generation: u32,
+    finish_as: Finish,
+    programs: &ProgramArray,
+) {
     let Some(state) = WALK_STATE.get_ptr_mut(0) else {
         count(Counter::LostStackReadError);
         return;
@@ -61,17 +83,21 @@ pub fn start(ctx: &PerfEventContext, key: SampleKey, generation: u32) {
     state.stack.len = 0;
     state.stack.exact = [0, 0];
     state.is_return_address = 0;
-    let Some(regs) = user_regs(ctx) else {
+    state.block_start_ns = match finish_as {
+        Finish::Sample => 0,
+        Finish::Block(start) => start.max(1),
+    };
+    let Some(regs) = regs else {
         // A kernel thread: no user stack, as with frame pointers.
         count(Counter::UserStackMissing);
         finish(state, None);
         return;
     };
     state.regs = regs;
-    // The sampler's own checks leave no room for frames under the verifier's limit: every
-    // frame is walked in `walk`.
-    // SAFETY: the program array holds `walk`, a perf_event program like this one.
-    unsafe { WALK_PROGRAMS.tail_call(ctx, 0) };
+    // The caller's own checks leave no room for frames under the verifier's limit: every
+    // frame is walked in the continuation.
+    // SAFETY: `programs` holds the continuation, a program of the same type as this one.
+    unsafe { programs.tail_call(ctx, 0) };
     finish(state, Some(StopReason::FrameLimit));
 }
 
@@ -79,14 +105,23 @@ pub fn start(ctx: &PerfEventContext, key: SampleKey, generation: u32) {
 #[perf_event]
 pub fn walk(ctx: PerfEventContext) -> u32 {
     if let Some(state) = WALK_STATE.get_ptr_mut(0) {
-        step_frames(&ctx, unsafe { &mut *state });
+        step_frames(&ctx, unsafe { &mut *state }, &WALK_PROGRAMS);
+    }
+    0
+}
+
+/// The continuation of a switch-out's walk (`sched_switch`, or an earlier `walk_offcpu`).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn walk_offcpu(ctx: BtfTracePointContext) -> i32 {
+    if let Some(state) = WALK_STATE.get_ptr_mut(0) {
+        step_frames(&ctx, unsafe { &mut *state }, &OFFCPU_WALK_PROGRAMS);
     }
     0
 }
 
 /// Walks up to [`FRAMES_PER_PROGRAM`] frames; then finishes the sample or hands on.
 #[inline(always)]
-fn step_frames(ctx: &PerfEventContext, state: &mut WalkState) {
+fn step_frames<C: EbpfContext>(ctx: &C, state: &mut WalkState, programs: &ProgramArray) {
     let tgid = state.key.process.tgid;
     let mappings = unsafe { UNWIND_MAPPINGS.get(&tgid) }.filter(|m| m.process == state.key.process);
     for _ in 0..FRAMES_PER_PROGRAM {
@@ -110,8 +145,8 @@ fn step_frames(ctx: &PerfEventContext, state: &mut WalkState) {
             }
         }
     }
-    // SAFETY: the program array holds `walk`, a perf_event program like this one.
-    unsafe { WALK_PROGRAMS.tail_call(ctx, 0) };
+    // SAFETY: `programs` holds this program's own continuation.
+    unsafe { programs.tail_call(ctx, 0) };
     // Only reached when the tail call failed (its limit, or no program): keep what we have.
     finish(state, Some(StopReason::FrameLimit));
 }
@@ -196,7 +231,7 @@ fn read_user(address: u64) -> Option<u64> {
 /// The user-mode registers of the sampled task: the sample's own when it interrupted user
 /// code, else those the task saved on entering the kernel. `None` for kernel threads.
 #[inline(always)]
-fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
+pub fn sampled_user_regs(ctx: &PerfEventContext) -> Option<Regs> {
     let data = ctx.as_ptr() as *const bpf_perf_event_data;
     let sampled = unsafe { &(*data).regs };
     if sampled.cs & 3 == 3 {
@@ -206,6 +241,13 @@ fn user_regs(ctx: &PerfEventContext) -> Option<Regs> {
             rbp: sampled.rbp,
         });
     }
+    task_user_regs()
+}
+
+/// The user-mode registers the current task saved on entering the kernel. `None` for kernel
+/// threads.
+#[inline(always)]
+pub fn task_user_regs() -> Option<Regs> {
     let task = unsafe { bpf_get_current_task_btf() };
     let saved = unsafe { bpf_task_pt_regs(task) } as *const pt_regs;
     if saved.is_null() {
@@ -254,5 +296,9 @@ fn finish(state: &mut WalkState, stop: Option<StopReason>) {
         user_stack,
         ..state.key
     };
-    count_sample(counts, &key);
+    if state.block_start_ns != 0 {
+        record_block(&key, state.generation, state.block_start_ns);
+    } else {
+        count_sample(counts, &key);
+    }
 }

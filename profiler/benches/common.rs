@@ -57,6 +57,7 @@ pub fn stacks(count: usize, depth: usize) -> Vec<ResolvedSample> {
                 thread: Arc::from("worker"),
                 frames,
                 count: 1 + (s % 5) as u64,
+                off_cpu: false,
             }
         })
         .collect()

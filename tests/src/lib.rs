@@ -181,6 +181,24 @@ pub fn assert_one_line_error(out: &Output, code: i32, needles: &[&str]) {
     assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"));
 }
 
+/// Runs Go's own reader, `go tool pprof ARGS PATH`, with HOME (its cache) in `home`; asserts
+/// success and returns its stdout.
+pub fn go_pprof(args: &[&str], path: &Path, home: &Path) -> String {
+    let out = Command::new("go")
+        .args(["tool", "pprof"])
+        .args(args)
+        .arg(path)
+        .env("HOME", home)
+        .output()
+        .expect("go (golang-go) must be installed: cargo xtask setup installs it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Parses an SVG written by inferno, failing the test unless it is well-formed XML with an
 /// `svg` root (inferno writes a DOCTYPE, so DTDs are allowed).
 pub fn parse_svg(text: &str) -> roxmltree::Document<'_> {
@@ -275,6 +293,20 @@ pub fn samples(profile: &Profile) -> Vec<DecodedSample> {
                 .collect(),
         })
         .collect()
+}
+
+/// The share (0-100) of `samples`' counts whose functions, leaf first, hold `chain` in order.
+pub fn chain_share(samples: &[DecodedSample], chain: &[&str]) -> f64 {
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let matching: i64 = samples
+        .iter()
+        .filter(|s| {
+            let mut frames = s.functions.iter();
+            chain.iter().all(|f| frames.any(|g| g == f))
+        })
+        .map(|s| s.count)
+        .sum();
+    100.0 * matching as f64 / total.max(1) as f64
 }
 
 /// Inclusive share (0–100) of each function among the samples that `keep` accepts.

@@ -291,17 +291,10 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
     let (forced, _) = t.record("forced.out", &["--format", "folded"], &command);
 
     // pprof: Go's own reader, with our symbols (no re-symbolization).
-    let top = std::process::Command::new("go")
-        .args(["tool", "pprof", "-symbolize=none", "-top", "-nodecount=5"])
-        .arg(&pprof)
-        .env("HOME", t.dir.path())
-        .output()
-        .expect("go (golang-go) must be installed: cargo xtask setup installs it");
-    let text = String::from_utf8_lossy(&top.stdout);
-    assert!(
-        top.status.success(),
-        "{}",
-        String::from_utf8_lossy(&top.stderr)
+    let text = go_pprof(
+        &["-symbolize=none", "-top", "-nodecount=5"],
+        &pprof,
+        t.dir.path(),
     );
     let rows: Vec<&str> = text
         .lines()

@@ -104,16 +104,8 @@ fn record_running(
 /// The share (0-100) of `samples` whose user frames, leaf first, contain `chain` in order.
 fn share_with_chain(samples: &[DecodedSample], chain: &[&str]) -> f64 {
     let total: i64 = samples.iter().map(|s| s.count).sum();
-    let matching: i64 = samples
-        .iter()
-        .filter(|s| {
-            let mut frames = s.functions.iter();
-            chain.iter().all(|f| frames.any(|g| g == f))
-        })
-        .map(|s| s.count)
-        .sum();
     assert!(total > 300, "too few samples: {total}");
-    100.0 * matching as f64 / total as f64
+    chain_share(samples, chain)
 }
 
 const CHAIN: [&str; 7] = [

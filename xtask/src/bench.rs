@@ -19,6 +19,7 @@ use anyhow::{bail, Context as _, Result};
 use super::{build, cargo, profiler_bin, run, workspace_root};
 
 mod churn;
+mod offcpu;
 mod sample_cost;
 
 /// How much to measure.
@@ -165,6 +166,11 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     own_cost(&setup, &mut rows, &mut notes)?;
     sample_cost::sample_cost(&setup, &mut rows, &mut notes)?;
     churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
+    offcpu::offcpu(
+        &setup,
+        (setup.plan.own_cost_secs / 3).clamp(1, 10),
+        &mut rows,
+    )?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
     unwind_tables(&mut rows)?;

@@ -44,6 +44,7 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",    // the TLS tests make a CA and a server certificate with it
     "nodejs",     // the JIT tests: node --perf-basic-prof writes /tmp/perf-PID.map
     "openjdk-17-jdk-headless", // the JIT tests: java and `jcmd PID Compiler.perfmap`
+    "libbpf-tools", // `offcputime`, the off-CPU peer in the bench
 ];
 
 /// PyPI packages the tests read or validate our output with, as (package, version prefix, a

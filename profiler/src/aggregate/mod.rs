@@ -25,11 +25,26 @@ pub enum SampleLabels {
     ThreadNames,
 }
 
+/// Which times a profile holds, as its sample types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// `samples/count` and `cpu/nanoseconds` (the default).
+    OnCpu,
+    /// Those and `offcpu/nanoseconds`, the default sample type (`record --off-cpu`).
+    OnAndOffCpu,
+    /// `offcpu/nanoseconds` alone (the agent's `offcpu` series, as Grafana Alloy sends it).
+    OffCpu,
+}
+
+/// Name of the off-CPU sample type (and of its Pyroscope series).
+pub const OFF_CPU_TYPE: &str = "offcpu";
+
 /// One profile builder per key (per series in the agent), started and emptied together, with
 /// at most `max_keys` keys per interval: samples of any further key fold into one overflow key.
 pub struct ProfileSet<K> {
     frequency: u64,
     labels: SampleLabels,
+    values: Values,
     builders: std::collections::BTreeMap<K, ProfileBuilder>,
     cap: Option<(usize, K)>,
 }
@@ -40,9 +55,16 @@ impl<K: Ord + Clone> ProfileSet<K> {
         Self {
             frequency,
             labels,
+            values: Values::OnCpu,
             builders: Default::default(),
             cap: None,
         }
+    }
+
+    /// The times each profile holds (samples of other kinds are left out).
+    pub fn with_values(mut self, values: Values) -> Self {
+        self.values = values;
+        self
     }
 
     /// At most `max_keys` keys per interval (`overflow` not counted): samples of any other
@@ -66,10 +88,14 @@ impl<K: Ord + Clone> ProfileSet<K> {
             }
             _ => (key, false),
         };
-        let (frequency, labels) = (self.frequency, self.labels);
+        let (frequency, labels, values) = (self.frequency, self.labels, self.values);
         self.builders
             .entry(key.clone())
-            .or_insert_with(|| ProfileBuilder::new(frequency).sample_labels(labels))
+            .or_insert_with(|| {
+                ProfileBuilder::new(frequency)
+                    .sample_labels(labels)
+                    .values(values)
+            })
             .add(std::slice::from_ref(sample));
         folded
     }
@@ -117,8 +143,10 @@ pub struct ProfileBuilder {
     mapping_rank: HashMap<u64, u8>,
     locations: HashMap<(u64, u64), u64>,
     location_table: Vec<Location>,
-    samples: HashMap<(Vec<u64>, [i64; 4]), u64>,
+    /// Per stack and labels: on-CPU sample count, off-CPU nanoseconds.
+    samples: HashMap<(Vec<u64>, [i64; 4]), [u64; 2]>,
     labels: SampleLabels,
+    values: Values,
     period_ns: i64,
     start: SystemTime,
 }
@@ -140,6 +168,7 @@ impl ProfileBuilder {
             location_table: Vec::new(),
             samples: HashMap::new(),
             labels: SampleLabels::All,
+            values: Values::OnCpu,
             period_ns: 1_000_000_000 / frequency.max(1) as i64,
             start: SystemTime::now(),
         };
@@ -153,6 +182,12 @@ impl ProfileBuilder {
         self
     }
 
+    /// The times the profile holds from now on; samples of other kinds are left out.
+    pub fn values(mut self, values: Values) -> Self {
+        self.values = values;
+        self
+    }
+
     /// Number of distinct samples so far.
     pub fn len(&self) -> usize {
         self.samples.len()
@@ -163,9 +198,9 @@ impl ProfileBuilder {
         self.samples.is_empty()
     }
 
-    /// Total sample count so far.
+    /// Total on-CPU sample count so far.
     pub fn total(&self) -> u64 {
-        self.samples.values().sum()
+        self.samples.values().map(|v| v[0]).sum()
     }
 
     fn string(&mut self, text: &str) -> i64 {
@@ -301,6 +336,14 @@ impl ProfileBuilder {
     /// differ only in labels left out merge.
     pub fn add(&mut self, samples: &[ResolvedSample]) {
         for sample in samples {
+            let kept = match self.values {
+                Values::OnCpu => !sample.off_cpu,
+                Values::OnAndOffCpu => true,
+                Values::OffCpu => sample.off_cpu,
+            };
+            if !kept {
+                continue;
+            }
             let locations: Vec<u64> = sample.frames.iter().map(|f| self.location(f)).collect();
             let labels = match self.labels {
                 SampleLabels::All => [
@@ -312,7 +355,8 @@ impl ProfileBuilder {
                 SampleLabels::None => [0; 4],
                 SampleLabels::ThreadNames => [0, 0, 0, self.string(&sample.thread)],
             };
-            *self.samples.entry((locations, labels)).or_default() += sample.count;
+            self.samples.entry((locations, labels)).or_default()[usize::from(sample.off_cpu)] +=
+                sample.count;
         }
     }
 
@@ -324,6 +368,10 @@ impl ProfileBuilder {
         };
         let cpu_type = ValueType {
             r#type: self.string("cpu"),
+            unit: self.string("nanoseconds"),
+        };
+        let off_cpu_type = ValueType {
+            r#type: self.string(OFF_CPU_TYPE),
             unit: self.string("nanoseconds"),
         };
         // Label keys only when samples carry them: an unused string is noise in the table.
@@ -341,7 +389,7 @@ impl ProfileBuilder {
         let mut entries: Vec<_> = self.samples.iter().collect();
         // Deterministic output: the same input always encodes to the same bytes.
         entries.sort();
-        for ((locations, labels), count) in entries {
+        for ((locations, labels), [count, off_cpu]) in entries {
             let label = |key: i64, str: i64, num: i64| Label {
                 key,
                 str,
@@ -350,7 +398,15 @@ impl ProfileBuilder {
             };
             samples.push(Sample {
                 location_id: locations.clone(),
-                value: vec![*count as i64, *count as i64 * self.period_ns],
+                value: match self.values {
+                    Values::OnCpu => vec![*count as i64, *count as i64 * self.period_ns],
+                    Values::OnAndOffCpu => vec![
+                        *count as i64,
+                        *count as i64 * self.period_ns,
+                        *off_cpu as i64,
+                    ],
+                    Values::OffCpu => vec![*off_cpu as i64],
+                },
                 label: [
                     label(keys[0], 0, labels[0]),
                     label(keys[1], 0, labels[1]),
@@ -369,8 +425,24 @@ impl ProfileBuilder {
         // Tools take the first mapping for the main binary (ids are explicit; order is free).
         let mut mapping = self.mapping_table.clone();
         mapping.sort_by_key(|m| self.mapping_rank[&m.id]);
+        // Off-CPU values are measured, not sampled: their period is one nanosecond.
+        let (sample_type, default_type, period_type, period) = match self.values {
+            Values::OnCpu => (
+                vec![samples_type, cpu_type],
+                cpu_type,
+                cpu_type,
+                self.period_ns,
+            ),
+            Values::OnAndOffCpu => (
+                vec![samples_type, cpu_type, off_cpu_type],
+                off_cpu_type,
+                cpu_type,
+                self.period_ns,
+            ),
+            Values::OffCpu => (vec![off_cpu_type], off_cpu_type, off_cpu_type, 1),
+        };
         Profile {
-            sample_type: vec![samples_type, cpu_type],
+            sample_type,
             sample: samples,
             mapping,
             location: self.location_table.clone(),
@@ -380,10 +452,10 @@ impl ProfileBuilder {
             keep_frames: 0,
             time_nanos,
             duration_nanos,
-            period_type: Some(cpu_type),
-            period: self.period_ns,
+            period_type: Some(period_type),
+            period,
             comment: vec![],
-            default_sample_type: cpu_type.r#type,
+            default_sample_type: default_type.r#type,
             doc_url: 0,
         }
     }
@@ -451,6 +523,7 @@ mod tests {
             thread: Arc::from("worker"),
             frames,
             count,
+            off_cpu: false,
         }
     }
 
@@ -662,6 +735,54 @@ mod tests {
         assert_eq!(
             label_names(&profile),
             vec![vec!["pid", "tid", "comm", "thread"]]
+        );
+    }
+
+    #[test]
+    fn off_cpu_time_is_its_own_sample_type() {
+        let exe = mapping(3, "/bin/app", true);
+        let stack = vec![frame(&exe, 0x3020, &["wait"])];
+        let mut blocked = sample(stack.clone(), 11, 30_000_000);
+        blocked.off_cpu = true;
+        let samples = [sample(stack, 11, 2), blocked];
+        let name = |p: &profiler_proto::pprof::Profile, i: i64| p.string_table[i as usize].clone();
+
+        let mut both = ProfileBuilder::new(100).values(super::Values::OnAndOffCpu);
+        both.add(&samples);
+        let profile = both.build(1);
+        let types: Vec<String> = profile
+            .sample_type
+            .iter()
+            .map(|t| name(&profile, t.r#type))
+            .collect();
+        assert_eq!(types, ["samples", "cpu", "offcpu"]);
+        assert_eq!(name(&profile, profile.default_sample_type), "offcpu");
+        assert_eq!(
+            profile.sample.len(),
+            1,
+            "one stack: on and off CPU in one sample"
+        );
+        assert_eq!(profile.sample[0].value, [2, 20_000_000, 30_000_000]);
+
+        let mut only = ProfileBuilder::new(100)
+            .sample_labels(SampleLabels::None)
+            .values(super::Values::OffCpu);
+        only.add(&samples);
+        let profile = only.build(1);
+        let types: Vec<String> = profile
+            .sample_type
+            .iter()
+            .map(|t| name(&profile, t.r#type))
+            .collect();
+        assert_eq!(types, ["offcpu"]);
+        assert_eq!(profile.sample[0].value, [30_000_000]);
+
+        let mut on = ProfileBuilder::new(100);
+        on.add(&samples);
+        assert_eq!(
+            on.build(1).sample[0].value,
+            [2, 20_000_000],
+            "off-CPU left out"
         );
     }
 

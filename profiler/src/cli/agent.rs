@@ -16,7 +16,7 @@ use super::{
     raise_fd_limit,
 };
 use crate::{
-    aggregate::{ProfileSet, SampleLabels},
+    aggregate::{ProfileSet, SampleLabels, Values, OFF_CPU_TYPE},
     collect::{CollectConfig, Collector, ProcessChange, Targets as Filter},
     export,
     metrics::{BackendMetrics, Metrics},
@@ -43,6 +43,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         kernel_stacks: true,
         unwinder: config.unwinder,
         unwind_table_memory: config.unwind_table_memory,
+        off_cpu: config.off_cpu.clone(),
         ..Default::default()
     })?;
     // Before anything starts a thread (the resolver's DNS lookups do): threads inherit them.
@@ -73,6 +74,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         config.frequency,
         sample_labels,
         collector.drained_window().0,
+        config.off_cpu.is_some(),
     )
     .with_max_series(config.max_series, targets.overflow_key());
 
@@ -168,6 +170,8 @@ fn forget_ended(collector: &Collector, resolver: &mut Resolver, targets: &mut Ta
 /// One upload interval's profiles, one per series.
 struct Interval {
     profiles: ProfileSet<TargetKey>,
+    /// Off-CPU profiles (`--off-cpu`), pushed as the targets' `offcpu` series.
+    off_cpu: Option<ProfileSet<TargetKey>>,
     /// When the interval's samples were taken: the windows of its drains, which meet.
     start: SystemTime,
     until: SystemTime,
@@ -175,9 +179,11 @@ struct Interval {
 }
 
 impl Interval {
-    fn new(frequency: u64, labels: SampleLabels, start: SystemTime) -> Self {
+    fn new(frequency: u64, labels: SampleLabels, start: SystemTime, off_cpu: bool) -> Self {
         Self {
             profiles: ProfileSet::new(frequency, labels),
+            off_cpu: off_cpu
+                .then(|| ProfileSet::new(frequency, labels).with_values(Values::OffCpu)),
             start,
             until: start,
             frequency,
@@ -186,19 +192,32 @@ impl Interval {
 
     /// At most `max` series per interval; what is over goes to `overflow`.
     fn with_max_series(mut self, max: usize, overflow: TargetKey) -> Self {
-        self.profiles = self.profiles.with_cap(max, overflow);
+        self.profiles = self.profiles.with_cap(max, overflow.clone());
+        self.off_cpu = self.off_cpu.map(|set| set.with_cap(max, overflow));
         self
+    }
+
+    /// Adds `sample` to its kind's profile of `key`; returns the samples that went to the
+    /// overflow series instead (off-CPU time is not a number of samples: none).
+    fn file(&mut self, key: &TargetKey, sample: &ResolvedSample) -> u64 {
+        match (&mut self.off_cpu, sample.off_cpu) {
+            (Some(off_cpu), true) => {
+                off_cpu.add(key, sample);
+                0
+            }
+            (None, true) => 0,
+            (_, false) => match self.profiles.add(key, sample) {
+                true => sample.count,
+                false => 0,
+            },
+        }
     }
 
     /// Files samples under their series; dropped processes' samples go nowhere, undecided
     /// ones wait in `targets`.
     fn add(&mut self, targets: &mut Targets, samples: &[ResolvedSample], metrics: &Metrics) {
         let mut folded = 0;
-        targets.file(samples, |key, sample| {
-            if self.profiles.add(key, sample) {
-                folded += sample.count;
-            }
-        });
+        targets.file(samples, |key, sample| folded += self.file(key, sample));
         metrics.series_overflow(folded);
         metrics.samples_lost("awaiting_metadata_full", targets.take_held_dropped());
     }
@@ -215,11 +234,7 @@ impl Interval {
         all: bool,
     ) {
         let mut folded = 0;
-        let file = |key: &TargetKey, sample: &ResolvedSample| {
-            if self.profiles.add(key, sample) {
-                folded += sample.count;
-            }
-        };
+        let file = |key: &TargetKey, sample: &ResolvedSample| folded += self.file(key, sample);
         let changes = match all {
             true => targets.decide_all(file),
             false => targets.revisit(file),
@@ -239,9 +254,22 @@ impl Interval {
     fn send(&mut self, backends: &Backends) {
         let until = self.until;
         let profiles = self.profiles.take(self.start, until);
-        let targets: Vec<_> = profiles
+        let mut targets: Vec<_> = profiles
             .iter()
-            .map(|(key, profile)| (key.labels(), profile))
+            .map(|(key, profile)| (std::borrow::Cow::Borrowed(key.labels()), profile))
+            .collect();
+        let off_cpu = match &mut self.off_cpu {
+            Some(set) => set.take(self.start, until),
+            None => Vec::new(),
+        };
+        for (key, profile) in &off_cpu {
+            let mut labels = key.labels().clone();
+            labels.insert("__name__".into(), OFF_CPU_TYPE.into());
+            targets.push((std::borrow::Cow::Owned(labels), profile));
+        }
+        let targets: Vec<_> = targets
+            .iter()
+            .map(|(labels, profile)| (labels.as_ref(), *profile))
             .collect();
         backends.send(&targets, self.start, until, self.frequency);
         self.start = until;

@@ -15,8 +15,8 @@ use profiler_metadata::relabel::{RelabelConfig, Relabeler};
 use profiler_push::{Delivery, OtlpConfig, OtlpProtocol, Protocol, PushConfig};
 use serde::Deserialize;
 
-use super::{parse_duration, Exit};
-use crate::collect::{Unwinder, DEFAULT_UNWIND_TABLE_MEMORY};
+use super::{parse_duration, parse_min_block, record::off_cpu_config, Exit};
+use crate::collect::{OffCpuConfig, OffCpuState, Unwinder, DEFAULT_UNWIND_TABLE_MEMORY};
 
 /// `profiler agent` flags. Each one can also come from `PROFILER_<NAME>` or the config file.
 #[derive(Args, Debug, Default)]
@@ -125,6 +125,18 @@ pub struct AgentArgs {
     /// Kernel memory for unwind tables: 16MiB, 512KiB, or bytes [default: 16MiB].
     #[arg(long, env = "PROFILER_UNWIND_TABLE_MEMORY", value_name = "SIZE", value_parser = super::diff::parse_size)]
     pub unwind_table_memory: Option<u64>,
+    /// Also push off-CPU time: one `offcpu` series per target, beside `process_cpu`.
+    #[arg(long, env = "PROFILER_OFF_CPU", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub off_cpu: Option<bool>,
+    /// Leave out off-CPU blocks shorter than this: 1us, 1ms, 0 [default: 1us].
+    #[arg(long, env = "PROFILER_OFF_CPU_MIN_BLOCK", value_name = "DUR", value_parser = parse_min_block)]
+    pub off_cpu_min_block: Option<Duration>,
+    /// Which switch-outs count: any, blocked, uninterruptible [default: any].
+    #[arg(long, env = "PROFILER_OFF_CPU_STATE", value_enum, value_name = "S")]
+    pub off_cpu_state: Option<OffCpuState>,
+    /// Most switch-outs recorded per second on each CPU [default: 50000].
+    #[arg(long, env = "PROFILER_OFF_CPU_MAX_RATE", value_name = "N")]
+    pub off_cpu_max_rate: Option<u64>,
 }
 
 /// The config file's shape; unknown keys are errors.
@@ -161,6 +173,10 @@ struct FileConfig {
     thread_names: Option<bool>,
     unwinder: Option<Unwinder>,
     unwind_table_memory: Option<u64>,
+    off_cpu: Option<bool>,
+    off_cpu_min_block: Option<String>,
+    off_cpu_state: Option<OffCpuState>,
+    off_cpu_max_rate: Option<u64>,
     #[serde(default)]
     relabel_configs: Vec<RelabelConfig>,
 }
@@ -189,6 +205,8 @@ pub struct AgentConfig {
     pub unwinder: Unwinder,
     /// Kernel memory for unwind tables, in bytes.
     pub unwind_table_memory: u64,
+    /// Off-CPU profiling, when enabled.
+    pub off_cpu: Option<OffCpuConfig>,
 }
 
 impl AgentConfig {
@@ -330,7 +348,22 @@ impl AgentConfig {
             }
             None => None,
         };
+        let off_cpu_min_block = match (args.off_cpu_min_block, &file.off_cpu_min_block) {
+            (Some(d), _) => Some(d),
+            (None, Some(text)) => {
+                Some(parse_min_block(text).map_err(|e| anyhow!("off_cpu_min_block: {e}"))?)
+            }
+            (None, None) => None,
+        };
+        let off_cpu = off_cpu_config(
+            args.off_cpu.or(file.off_cpu).unwrap_or(false),
+            off_cpu_min_block,
+            args.off_cpu_state.or(file.off_cpu_state),
+            args.off_cpu_max_rate.or(file.off_cpu_max_rate),
+        )
+        .map_err(|e| anyhow!(e))?;
         Ok(AgentConfig {
+            off_cpu,
             frequency,
             upload_interval,
             labels,

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Record on-CPU stacks of processes, a command, or the whole machine into a profile.
+    /// Record on-CPU stacks (and with --off-cpu, off-CPU time) of processes, a command, or the
+    /// whole machine into a profile.
     Record(RecordArgs),
     /// Profile the whole node continuously and push profiles to Pyroscope and/or an OTLP endpoint.
     Agent(Box<config::AgentArgs>),
@@ -135,6 +136,15 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> 
         return Err("the duration must be longer than 0".into());
     }
     Ok(duration)
+}
+
+/// Parses `--off-cpu-min-block`: a duration like 10us or 1ms, or 0 to keep every block.
+pub(crate) fn parse_min_block(text: &str) -> Result<std::time::Duration, String> {
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}` is not a duration like 10us, 1ms or 0 ({e})"))
 }
 
 /// The error and its causes on one line.

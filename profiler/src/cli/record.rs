@@ -16,10 +16,15 @@ use tokio::{
     signal::unix::{signal, SignalKind},
 };
 
-use super::{parse_duration, privileges::require_capabilities, raise_fd_limit, Exit};
+use super::{
+    parse_duration, parse_min_block, privileges::require_capabilities, raise_fd_limit, Exit,
+};
 use crate::{
-    aggregate::ProfileBuilder,
-    collect::{CollectConfig, Collector, Counters, Targets, Unwinder},
+    aggregate::{ProfileBuilder, Values},
+    collect::{
+        CollectConfig, Collector, Counters, OffCpuConfig, OffCpuState, Targets, Unwinder,
+        DEFAULT_OFF_CPU_MAX_RATE, DEFAULT_OFF_CPU_MIN_BLOCK,
+    },
     export::{self, Format},
     resolve::{is_alive, PerfMapStats, Resolver},
 };
@@ -66,6 +71,23 @@ pub struct RecordArgs {
     /// Kernel memory for unwind tables (`--unwinder auto`): 16MiB, 512KiB, or bytes.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = super::diff::parse_size)]
     unwind_table_memory: u64,
+    /// Record off-CPU time too (where threads wait), as sample type `offcpu` (nanoseconds),
+    /// the file's default; folded and SVG output show it. On-CPU samples stay in the file
+    /// (`go tool pprof -sample_index=cpu`).
+    #[arg(long)]
+    off_cpu: bool,
+    /// Leave out blocks shorter than this (counted as offcpu_short_blocks): 1us, 1ms, 0
+    /// [default: 1us].
+    #[arg(long, value_name = "DUR", value_parser = parse_min_block)]
+    off_cpu_min_block: Option<Duration>,
+    /// Which switch-outs count as off-CPU: any (preemption included), blocked (waits and
+    /// sleeps), uninterruptible (D state) [default: any].
+    #[arg(long, value_enum, value_name = "S")]
+    off_cpu_state: Option<OffCpuState>,
+    /// Most switch-outs recorded per second on each CPU; more are dropped and counted
+    /// (offcpu_rate_limited) [default: 50000].
+    #[arg(long, value_name = "N")]
+    off_cpu_max_rate: Option<u64>,
     /// Command to start and record, with its arguments, after `--`.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -97,6 +119,13 @@ pub async fn run(args: RecordArgs) -> Result<u8> {
             "nothing to record: give --pid PID, --all, or a command after --",
         ));
     }
+    off_cpu_config(
+        args.off_cpu,
+        args.off_cpu_min_block,
+        args.off_cpu_state,
+        args.off_cpu_max_rate,
+    )
+    .map_err(Exit::usage)?;
     // Opened without truncating, so that a recording that fails to start destroys nothing.
     let existed = args.output.exists();
     let output = std::fs::OpenOptions::new()
@@ -136,11 +165,22 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         unwinder: args.unwinder,
         unwind_table_memory: args.unwind_table_memory,
         debug_dirs: args.debug_dirs.clone(),
+        off_cpu: off_cpu_config(
+            args.off_cpu,
+            args.off_cpu_min_block,
+            args.off_cpu_state,
+            args.off_cpu_max_rate,
+        )
+        .map_err(Exit::usage)?,
         ..Default::default()
     };
     let mut collector = Collector::start(&config)?;
     let mut resolver = Resolver::new(&args.debug_dirs);
-    let mut builder = ProfileBuilder::new(args.frequency);
+    let values = match args.off_cpu {
+        true => Values::OnAndOffCpu,
+        false => Values::OnCpu,
+    };
+    let mut builder = ProfileBuilder::new(args.frequency).values(values);
     let started = Instant::now();
 
     let mut child = match args.command.split_first() {
@@ -223,7 +263,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     if progress {
         print_summary(args, &summary, &profile, &counters);
     } else {
-        eprintln!("{}", summary_line(args, &summary, &counters));
+        eprintln!("{}", summary_line(args, &summary, &profile, &counters));
     }
     let go_errors = resolver.stats().gopclntab_errors;
     if go_errors > 0 {
@@ -238,6 +278,36 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         child_status = Some(exit_code(child.wait().await?));
     }
     Ok(child_status.unwrap_or(0))
+}
+
+/// The off-CPU settings from the `--off-cpu*` flags (shared by `record` and the agent), or
+/// why they do not go together.
+pub(crate) fn off_cpu_config(
+    enabled: bool,
+    min_block: Option<Duration>,
+    state: Option<OffCpuState>,
+    max_rate: Option<u64>,
+) -> Result<Option<OffCpuConfig>, String> {
+    if !enabled {
+        let given = [
+            ("--off-cpu-min-block", min_block.is_some()),
+            ("--off-cpu-state", state.is_some()),
+            ("--off-cpu-max-rate", max_rate.is_some()),
+        ];
+        return match given.iter().find(|(_, set)| *set) {
+            Some((flag, _)) => Err(format!("{flag} needs --off-cpu")),
+            None => Ok(None),
+        };
+    }
+    let max_rate = max_rate.unwrap_or(DEFAULT_OFF_CPU_MAX_RATE);
+    if max_rate == 0 {
+        return Err("--off-cpu-max-rate must be at least 1".into());
+    }
+    Ok(Some(OffCpuConfig {
+        min_block: min_block.unwrap_or(DEFAULT_OFF_CPU_MIN_BLOCK),
+        state: state.unwrap_or_default(),
+        max_rate,
+    }))
 }
 
 /// Takes in what the kernel said about processes (new ones are read from /proc at once).
@@ -311,10 +381,28 @@ struct Summary {
 }
 
 /// What both summaries start with: samples, processes, time, why it stopped, losses.
-fn headline(args: &RecordArgs, summary: &Summary, counters: &Counters) -> String {
+fn headline(
+    args: &RecordArgs,
+    summary: &Summary,
+    profile: &profiler_proto::pprof::Profile,
+    counters: &Counters,
+) -> String {
+    use profiler_common::Counter;
+    let off_cpu = match args.off_cpu {
+        true => {
+            let index = export::shown_value(profile);
+            let ns: i64 = profile.sample.iter().map(|s| s.value[index]).sum();
+            format!(
+                " and {:.2}s off CPU in {} blocks",
+                ns as f64 / 1e9,
+                counters.get(Counter::OffCpuBlocks)
+            )
+        }
+        false => String::new(),
+    };
     format!(
-        "recorded {} samples from {} processes in {:.2}s at {} Hz ({}); {} lost",
-        counters.get(profiler_common::Counter::Samples),
+        "recorded {} samples{off_cpu} from {} processes in {:.2}s at {} Hz ({}); {} lost",
+        counters.get(Counter::Samples),
         summary.processes,
         summary.elapsed.as_secs_f64(),
         args.frequency,
@@ -325,7 +413,12 @@ fn headline(args: &RecordArgs, summary: &Summary, counters: &Counters) -> String
 
 /// The summary for a CI log (stderr is not a terminal): one line with what a failed job needs
 /// to be understood — samples, losses by reason, why the recording stopped, where it went.
-fn summary_line(args: &RecordArgs, summary: &Summary, counters: &Counters) -> String {
+fn summary_line(
+    args: &RecordArgs,
+    summary: &Summary,
+    profile: &profiler_proto::pprof::Profile,
+    counters: &Counters,
+) -> String {
     let losses: Vec<String> = counters
         .all()
         .iter()
@@ -346,7 +439,7 @@ fn summary_line(args: &RecordArgs, summary: &Summary, counters: &Counters) -> St
         .unwrap_or_default();
     format!(
         "{}{losses}{jit}; wrote {} ({})",
-        headline(args, summary, counters),
+        headline(args, summary, profile, counters),
         args.output.display(),
         summary.format,
     )
@@ -360,7 +453,7 @@ fn print_summary(
     profile: &profiler_proto::pprof::Profile,
     counters: &Counters,
 ) {
-    let mut out = headline(args, summary, counters);
+    let mut out = headline(args, summary, profile, counters);
     out.push('\n');
     out.push_str(&export::top_table(profile, 10));
     let counts: Vec<String> = counters

@@ -40,6 +40,20 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
+const KIND_TYPEDEF: u32 = 8;
+
+/// Fails with one clear line when the kernel has no BTF tracepoint `name` (the typedef
+/// `btf_trace_NAME` the kernel declares for each), which `feature` needs.
+pub fn require_btf_tracepoint(btf: &[u8], name: &str, feature: &str) -> Result<()> {
+    let typedef = format!("btf_trace_{name}");
+    if find_type(btf, KIND_TYPEDEF, &typedef)?.is_none() {
+        bail!(
+            "{feature} needs the BTF tracepoint {name} (tp_btf/{name}), which this kernel's BTF \
+             does not declare"
+        );
+    }
+    Ok(())
+}
 
 /// Byte offset of `member` in `struct strukt`, from the kernel's BTF bytes (native endian).
 #[cfg(test)]
@@ -47,16 +61,26 @@ pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Result<u32> {
     Ok(member_offsets(btf, strukt, &[member])?[0])
 }
 
-/// Byte offsets of `members` in `struct strukt`, in one scan of the kernel's BTF bytes.
-pub fn member_offsets(btf: &[u8], strukt: &str, members: &[&str]) -> Result<Vec<u32>> {
+fn u32_at(btf: &[u8], at: usize) -> Option<u32> {
+    btf.get(at..at + 4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// A type found by [`find_type`]: where its members start, how many, and its kind flag.
+struct FoundType<'a> {
+    members_at: usize,
+    vlen: usize,
+    kind_flag: u32,
+    strings: &'a [u8],
+}
+
+/// The first type of `kind` named `name`, in one scan of the type section.
+fn find_type<'a>(btf: &'a [u8], kind: u32, name: &str) -> Result<Option<FoundType<'a>>> {
     let u16_at = |at: usize| {
         btf.get(at..at + 2)
             .map(|b| u16::from_ne_bytes([b[0], b[1]]))
     };
-    let u32_at = |at: usize| {
-        btf.get(at..at + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
+    let u32_at = |at: usize| u32_at(btf, at);
     let bad = || anyhow!("the kernel's BTF is malformed");
     if u16_at(0) != Some(BTF_MAGIC) {
         bail!("the kernel's BTF has a bad magic number");
@@ -68,41 +92,57 @@ pub fn member_offsets(btf: &[u8], strukt: &str, members: &[&str]) -> Result<Vec<
     let strings = btf
         .get(header_len + str_off..header_len + str_off + str_len)
         .ok_or_else(bad)?;
-    let name = |offset: u32| {
-        let rest = strings.get(offset as usize..).unwrap_or_default();
-        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-        &rest[..end]
-    };
-
     let mut at = types.start;
     while at + 12 <= types.end {
         let name_off = u32_at(at).ok_or_else(bad)?;
         let info = u32_at(at + 4).ok_or_else(bad)?;
-        let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
+        let (found, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
         at += 12;
-        if kind == KIND_STRUCT && name(name_off) == strukt.as_bytes() {
-            let mut offsets = Vec::with_capacity(members.len());
-            for member in members {
-                let found = (0..vlen)
-                    .map(|i| at + 12 * i)
-                    .find(|m| u32_at(*m).is_some_and(|n| name(n) == member.as_bytes()))
-                    .ok_or_else(|| {
-                        anyhow!("no member `{member}` in `struct {strukt}` in the kernel's BTF")
-                    })?;
-                let offset = u32_at(found + 8).ok_or_else(bad)?;
-                // With kind_flag, the top 8 bits hold a bitfield size.
-                let bits = if kind_flag == 1 {
-                    offset & 0xff_ffff
-                } else {
-                    offset
-                };
-                offsets.push(bits / 8);
-            }
-            return Ok(offsets);
+        if found == kind && string(strings, name_off) == name.as_bytes() {
+            return Ok(Some(FoundType {
+                members_at: at,
+                vlen,
+                kind_flag,
+                strings,
+            }));
         }
-        at += trailing_bytes(kind, vlen).ok_or_else(|| anyhow!("unknown BTF kind {kind}"))?;
+        at += trailing_bytes(found, vlen).ok_or_else(|| anyhow!("unknown BTF kind {found}"))?;
     }
-    Err(anyhow!("no `struct {strukt}` in the kernel's BTF"))
+    Ok(None)
+}
+
+/// The NUL-terminated string at `offset` of the string section.
+fn string(strings: &[u8], offset: u32) -> &[u8] {
+    let rest = strings.get(offset as usize..).unwrap_or_default();
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Byte offsets of `members` in `struct strukt`, in one scan of the kernel's BTF bytes.
+pub fn member_offsets(btf: &[u8], strukt: &str, members: &[&str]) -> Result<Vec<u32>> {
+    let bad = || anyhow!("the kernel's BTF is malformed");
+    let found = find_type(btf, KIND_STRUCT, strukt)?
+        .ok_or_else(|| anyhow!("no `struct {strukt}` in the kernel's BTF"))?;
+    let mut offsets = Vec::with_capacity(members.len());
+    for member in members {
+        let at = (0..found.vlen)
+            .map(|i| found.members_at + 12 * i)
+            .find(|m| {
+                u32_at(btf, *m).is_some_and(|n| string(found.strings, n) == member.as_bytes())
+            })
+            .ok_or_else(|| {
+                anyhow!("no member `{member}` in `struct {strukt}` in the kernel's BTF")
+            })?;
+        let offset = u32_at(btf, at + 8).ok_or_else(bad)?;
+        // With kind_flag, the top 8 bits hold a bitfield size.
+        let bits = if found.kind_flag == 1 {
+            offset & 0xff_ffff
+        } else {
+            offset
+        };
+        offsets.push(bits / 8);
+    }
+    Ok(offsets)
 }
 
 /// Bytes that follow a type's 12-byte header, by kind (see the kernel's btf.rst).
@@ -162,6 +202,21 @@ mod tests {
         assert!(member_offset(&btf, "point", "z").is_err());
         assert!(member_offset(&btf, "line", "x").is_err());
         assert!(member_offset(b"junk", "point", "x").is_err());
+    }
+
+    #[test]
+    fn btf_tracepoints_are_found_by_their_typedef() {
+        let btf = tiny_btf();
+        let err = super::require_btf_tracepoint(&btf, "sched_switch", "--off-cpu").unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("--off-cpu needs the BTF tracepoint sched_switch"));
+        let Ok(vmlinux) = std::fs::read(super::VMLINUX_BTF) else {
+            eprintln!("skipped: no kernel BTF");
+            return;
+        };
+        super::require_btf_tracepoint(&vmlinux, "sched_switch", "--off-cpu").unwrap();
+        assert!(super::require_btf_tracepoint(&vmlinux, "no_such_event", "x").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod btf;
 mod unwind;
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     os::fd::{AsFd as _, OwnedFd},
     path::PathBuf,
     sync::Arc,
@@ -22,12 +22,12 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    filter, globals, maps, unwinder, Counter, ProcessEvent, SampleKey, Stack, EVENT_EXIT,
-    EVENT_NEW_PROCESS, NO_STACK,
+    filter, globals, maps, offcpu, unwinder, Counter, OffCpuBlock, ProcessEvent, SampleKey, Stack,
+    EVENT_EXIT, EVENT_NEW_PROCESS, NO_STACK,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
-pub use btf::require_btf;
+pub use btf::{require_btf, require_btf_tracepoint};
 pub use unwind::UnwindCounters;
 use unwind::{UnwindLoader, ROW_BYTES};
 
@@ -52,6 +52,57 @@ pub enum Targets {
     Pids(Vec<u32>),
 }
 
+/// Which switch-outs start an off-CPU block, by the state the thread leaves the CPU in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffCpuState {
+    /// Every switch-out: waits, sleeps, and preemption (time on the run queue).
+    #[default]
+    Any,
+    /// Waits and sleeps (interruptible or not), not preemption.
+    Blocked,
+    /// Uninterruptible waits only (`D` state: disk I/O, some locks).
+    Uninterruptible,
+}
+
+impl OffCpuState {
+    /// The kernel's `prev_state` bits that select a switch-out (0: all).
+    fn mask(self) -> u32 {
+        match self {
+            OffCpuState::Any => 0,
+            OffCpuState::Blocked => u32::MAX,
+            // TASK_UNINTERRUPTIBLE
+            OffCpuState::Uninterruptible => 0x2,
+        }
+    }
+}
+
+/// Off-CPU profiling settings (`--off-cpu`).
+#[derive(Clone, Debug)]
+pub struct OffCpuConfig {
+    /// Blocks shorter than this are left out (and counted).
+    pub min_block: Duration,
+    pub state: OffCpuState,
+    /// Most switch-outs recorded per second on each CPU; the rest are counted and dropped.
+    pub max_rate: u64,
+}
+
+/// Default `--off-cpu-min-block`; see docs/design/0006-off-cpu.md for the measurement.
+pub const DEFAULT_OFF_CPU_MIN_BLOCK: Duration = Duration::from_micros(1);
+
+/// Default `--off-cpu-max-rate`: switch-outs recorded per second per CPU.
+pub const DEFAULT_OFF_CPU_MAX_RATE: u64 = 50_000;
+
+impl Default for OffCpuConfig {
+    fn default() -> Self {
+        Self {
+            min_block: DEFAULT_OFF_CPU_MIN_BLOCK,
+            state: OffCpuState::Any,
+            max_rate: DEFAULT_OFF_CPU_MAX_RATE,
+        }
+    }
+}
+
 /// How the kernel side samples.
 #[derive(Clone, Debug)]
 pub struct CollectConfig {
@@ -69,6 +120,8 @@ pub struct CollectConfig {
     pub unwind_table_memory: u64,
     /// Where separate debug files (with `.debug_frame`) are looked for.
     pub debug_dirs: Vec<PathBuf>,
+    /// Off-CPU time too, when set.
+    pub off_cpu: Option<OffCpuConfig>,
 }
 
 /// Default `--unwind-table-memory`: libc, python3.11 and a large Rust binary take 0.45, 1.0 and
@@ -86,6 +139,7 @@ impl Default for CollectConfig {
             unwinder: Unwinder::default(),
             unwind_table_memory: DEFAULT_UNWIND_TABLE_MEMORY,
             debug_dirs: Vec::new(),
+            off_cpu: None,
         }
     }
 }
@@ -103,7 +157,10 @@ pub struct RawSample {
     /// return address.
     pub user_exact: [u64; 2],
     pub kernel: Arc<[u64]>,
+    /// Times sampled on CPU, or for an off-CPU sample, nanoseconds off CPU.
     pub count: u64,
+    /// True for off-CPU time.
+    pub off_cpu: bool,
 }
 
 /// What the kernel said about a process.
@@ -187,6 +244,21 @@ struct Generation {
     stacks: HashMap<MapData, u64, Stack>,
 }
 
+/// The off-CPU maps and what user space keeps between drains.
+struct OffCpu {
+    counts: [HashMap<MapData, SampleKey, u64>; 2],
+    blocked: HashMap<MapData, u32, OffCpuBlock>,
+    flips: Array<MapData, u64>,
+    min_block_ns: u64,
+    /// CLOCK_MONOTONIC ns of the last flip (0 before the first).
+    last_flip_ns: u64,
+    /// The parts before the last flip of the blocks still going then: they belong to the
+    /// window of the generation now inactive, and are returned when it is drained.
+    pending: Vec<RawSample>,
+    /// Kept open: the tail-call map must outlive the programs' use of it.
+    _walk_programs: Option<ProgramArray<MapData>>,
+}
+
 /// The loaded and attached kernel programs and their maps.
 pub struct Collector {
     // Kept alive: dropping it detaches the programs.
@@ -210,6 +282,7 @@ pub struct Collector {
     drained_window: (SystemTime, SystemTime),
     /// Keeps the walker's tables in the kernel (`--unwinder auto`).
     unwind: Option<UnwindLoader>,
+    off_cpu: Option<OffCpu>,
 }
 
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -222,9 +295,20 @@ impl Collector {
         let offsets = btf::member_offsets(
             &btf_bytes,
             "task_struct",
-            &["tgid", "group_leader", "start_boottime"],
+            &["tgid", "group_leader", "start_boottime", "pid"],
         )?;
-        let (tgid_offset, leader_offset, start_offset) = (offsets[0], offsets[1], offsets[2]);
+        let (tgid_offset, leader_offset, start_offset, pid_offset) =
+            (offsets[0], offsets[1], offsets[2], offsets[3]);
+        if config.off_cpu.is_some() {
+            require_btf_tracepoint(&btf_bytes, "sched_switch", "--off-cpu")?;
+        }
+        let off_cpu = config.off_cpu.clone().unwrap_or_default();
+        let min_block_ns = off_cpu.min_block.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let state_mask = off_cpu.state.mask();
+        let max_per_window =
+            u32::try_from(off_cpu.max_rate.saturating_mul(offcpu::RATE_WINDOW_NS) / 1_000_000_000)
+                .unwrap_or(u32::MAX - 1)
+                .max(1);
         let btf = Btf::parse(&btf_bytes, aya::Endianness::default())
             .context("parsing the kernel's BTF")?;
         let mode = match config.targets {
@@ -251,11 +335,17 @@ impl Collector {
             .override_global(globals::TASK_GROUP_LEADER_OFFSET, &leader_offset, true)
             .override_global(globals::TASK_START_BOOTTIME_OFFSET, &start_offset, true)
             .override_global(globals::UNWINDER, &unwinder, true)
+            .override_global(globals::TASK_PID_OFFSET, &pid_offset, true)
+            .override_global(globals::OFFCPU_MIN_BLOCK_NS, &min_block_ns, true)
+            .override_global(globals::OFFCPU_STATE_MASK, &state_mask, true)
+            .override_global(globals::OFFCPU_MAX_PER_WINDOW, &max_per_window, true)
             .map_max_entries(maps::UNWIND_ROWS, row_capacity)
             .map_max_entries(maps::COUNTS_0, config.counts_capacity)
             .map_max_entries(maps::COUNTS_1, config.counts_capacity)
             .map_max_entries(maps::STACKS_0, config.stacks_capacity)
             .map_max_entries(maps::STACKS_1, config.stacks_capacity)
+            .map_max_entries(maps::OFFCPU_COUNTS_0, config.counts_capacity)
+            .map_max_entries(maps::OFFCPU_COUNTS_1, config.counts_capacity)
             .load(EBPF_OBJECT)
             .map_err(explain)
             .context("loading the eBPF programs")?;
@@ -330,6 +420,11 @@ impl Collector {
             None
         };
 
+        let off_cpu = match config.off_cpu {
+            Some(_) => Some(attach_off_cpu(&mut ebpf, &btf, tables, min_block_ns)?),
+            None => None,
+        };
+
         let program: &mut PerfEvent = ebpf
             .program_mut("sample")
             .ok_or_else(|| anyhow!("program `sample` missing from the eBPF object"))?
@@ -367,6 +462,7 @@ impl Collector {
             inactive_window: (started, started),
             drained_window: (started, started),
             unwind,
+            off_cpu,
         })
     }
 
@@ -461,8 +557,18 @@ impl Collector {
     /// taken; [`Collector::drained_window`] says when.
     pub fn drain(&mut self) -> Result<Vec<RawSample>> {
         let inactive = 1 - self.active;
-        let samples = self.read_generation(inactive)?;
+        let mut samples = self.read_generation(inactive)?;
+        let flip_ns = monotonic_ns();
+        if let Some(off_cpu) = &mut self.off_cpu {
+            off_cpu.flips.set(inactive, flip_ns, 0)?;
+            off_cpu.flips.set(offcpu::SPLITTING, 1, 0)?;
+        }
         self.generation.set(0, inactive, 0)?;
+        if let Some(off_cpu) = &mut self.off_cpu {
+            let split = off_cpu.split(flip_ns, &self.generations, &mut self.lost_stack_missing);
+            off_cpu.flips.set(offcpu::SPLITTING, 0, 0)?;
+            samples.append(&mut std::mem::replace(&mut off_cpu.pending, split));
+        }
         if let Some(unwind) = &mut self.unwind {
             unwind.sampled(samples.iter().map(|s| (s.process, &s.user[..])));
         }
@@ -483,6 +589,12 @@ impl Collector {
         std::thread::sleep(Duration::from_millis(20));
         samples.extend(self.drain()?);
         self.drained_window.0 = first.0;
+        // Threads still off CPU at the last flip: their time up to it, which the window
+        // then reaches.
+        if let Some(off_cpu) = &mut self.off_cpu {
+            samples.append(&mut off_cpu.pending);
+            self.drained_window.1 = self.inactive_window.1;
+        }
         Ok(samples)
     }
 
@@ -493,40 +605,33 @@ impl Collector {
     }
 
     fn read_generation(&mut self, index: u32) -> Result<Vec<RawSample>> {
-        let generation = &mut self.generations[index as usize];
-        let keys: Vec<SampleKey> = generation.counts.keys().filter_map(|k| k.ok()).collect();
-        let mut stacks: StdHashMap<u64, (Arc<[u64]>, [u64; 2])> = StdHashMap::new();
-        let empty: Arc<[u64]> = Arc::from(Vec::new());
-        stacks.insert(NO_STACK, (empty.clone(), [0; 2]));
-        let mut samples = Vec::with_capacity(keys.len());
-        for key in keys {
-            let Ok(count) = generation.counts.get(&key, 0) else {
-                continue;
-            };
-            let _ = generation.counts.remove(&key);
-            let mut lookup = |id: u64| -> Option<(Arc<[u64]>, [u64; 2])> {
-                if let Some(stack) = stacks.get(&id) {
-                    return Some(stack.clone());
+        // Stacks of threads still off CPU stay: their blocks will be counted with them.
+        let mut keep = HashSet::new();
+        if let Some(off_cpu) = &self.off_cpu {
+            for (_, block) in off_cpu.blocked.iter().filter_map(|e| e.ok()) {
+                if block.generation == index {
+                    keep.extend([block.key.user_stack, block.key.kernel_stack]);
                 }
-                let stack = generation.stacks.get(&id, 0).ok()?;
-                let stack = (Arc::from(stack.frames()), stack.exact);
-                stacks.insert(id, stack.clone());
-                Some(stack)
-            };
-            match (lookup(key.user_stack), lookup(key.kernel_stack)) {
-                (Some((user, user_exact)), Some((kernel, _))) => samples.push(RawSample {
-                    process: key.process,
-                    tid: key.tid,
-                    user,
-                    user_exact,
-                    kernel,
-                    count,
-                }),
-                _ => self.lost_stack_missing += count,
             }
         }
+        let generation = &mut self.generations[index as usize];
+        let mut stacks = StackReader::new(&generation.stacks);
+        let mut samples = read_counts(
+            &mut generation.counts,
+            &mut stacks,
+            false,
+            &mut self.lost_stack_missing,
+        );
+        if let Some(off_cpu) = &mut self.off_cpu {
+            samples.extend(read_counts(
+                &mut off_cpu.counts[index as usize],
+                &mut stacks,
+                true,
+                &mut self.lost_stack_missing,
+            ));
+        }
         let stack_ids: Vec<u64> = generation.stacks.keys().filter_map(|k| k.ok()).collect();
-        for id in stack_ids {
+        for id in stack_ids.into_iter().filter(|id| !keep.contains(id)) {
             let _ = generation.stacks.remove(&id);
         }
         Ok(samples)
@@ -550,6 +655,159 @@ impl Collector {
         }
         Ok(counters)
     }
+}
+
+/// Reads stacks of one generation's map, each once.
+struct StackReader<'a> {
+    map: &'a HashMap<MapData, u64, Stack>,
+    read: StdHashMap<u64, (Arc<[u64]>, [u64; 2])>,
+}
+
+impl<'a> StackReader<'a> {
+    fn new(map: &'a HashMap<MapData, u64, Stack>) -> Self {
+        let mut read = StdHashMap::new();
+        read.insert(NO_STACK, (Arc::from(Vec::new()), [0; 2]));
+        Self { map, read }
+    }
+
+    /// Stack `id` (addresses, exact-pc bits), or None when it is not in the map.
+    fn get(&mut self, id: u64) -> Option<(Arc<[u64]>, [u64; 2])> {
+        if let Some(stack) = self.read.get(&id) {
+            return Some(stack.clone());
+        }
+        let stack = self.map.get(&id, 0).ok()?;
+        let stack = (Arc::from(stack.frames()), stack.exact);
+        self.read.insert(id, stack.clone());
+        Some(stack)
+    }
+
+    /// The sample of `key` with its stacks, or None (counted in `lost`) when one is missing.
+    fn sample(&mut self, key: &SampleKey, count: u64, off_cpu: bool) -> Option<RawSample> {
+        match (self.get(key.user_stack), self.get(key.kernel_stack)) {
+            (Some((user, user_exact)), Some((kernel, _))) => Some(RawSample {
+                process: key.process,
+                tid: key.tid,
+                user,
+                user_exact,
+                kernel,
+                count,
+                off_cpu,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Reads and clears one counts map; samples whose stacks are missing are counted in `lost`.
+fn read_counts(
+    counts: &mut HashMap<MapData, SampleKey, u64>,
+    stacks: &mut StackReader<'_>,
+    off_cpu: bool,
+    lost: &mut u64,
+) -> Vec<RawSample> {
+    let keys: Vec<SampleKey> = counts.keys().filter_map(|k| k.ok()).collect();
+    let mut samples = Vec::with_capacity(keys.len());
+    for key in keys {
+        let Ok(count) = counts.get(&key, 0) else {
+            continue;
+        };
+        let _ = counts.remove(&key);
+        match stacks.sample(&key, count, off_cpu) {
+            Some(sample) => samples.push(sample),
+            // Off-CPU values are nanoseconds: a lost block counts once.
+            None => *lost += if off_cpu { 1 } else { count },
+        }
+    }
+    samples
+}
+
+impl OffCpu {
+    /// Splits the blocks still going at the flip at `flip_ns`: returns their time before it
+    /// (since the previous flip, or their start), which the window that just ended holds.
+    fn split(
+        &mut self,
+        flip_ns: u64,
+        generations: &[Generation; 2],
+        lost: &mut u64,
+    ) -> Vec<RawSample> {
+        let mut readers = [
+            StackReader::new(&generations[0].stacks),
+            StackReader::new(&generations[1].stacks),
+        ];
+        let mut split = Vec::new();
+        for (_, block) in self.blocked.iter().filter_map(|e| e.ok()) {
+            let start = block.start_ns;
+            if start >= flip_ns || flip_ns - start < self.min_block_ns {
+                continue;
+            }
+            let from = offcpu::accounted_until(start, self.last_flip_ns, self.min_block_ns);
+            let reader = &mut readers[(block.generation & 1) as usize];
+            match reader.sample(&block.key, flip_ns.saturating_sub(from), true) {
+                Some(sample) => split.push(sample),
+                None => *lost += 1,
+            }
+        }
+        self.last_flip_ns = flip_ns;
+        split
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes `now` only.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Loads and attaches the off-CPU programs: the walker's continuation first (`--unwinder
+/// auto`), so that no switch-out runs without it.
+fn attach_off_cpu(ebpf: &mut Ebpf, btf: &Btf, tables: bool, min_block_ns: u64) -> Result<OffCpu> {
+    let walk_programs = if tables {
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut("walk_offcpu")
+            .ok_or_else(|| anyhow!("program `walk_offcpu` missing from the eBPF object"))?
+            .try_into()?;
+        program
+            .load("sched_switch", btf)
+            .map_err(explain)
+            .context("loading the off-CPU stack walker")?;
+        let walk = program.fd()?.try_clone()?;
+        let mut programs: ProgramArray<MapData> = take_map(ebpf, maps::OFFCPU_WALK_PROGRAMS)?;
+        programs
+            .set(0, &walk, 0)
+            .context("installing the off-CPU stack walker's tail call")?;
+        Some(programs)
+    } else {
+        None
+    };
+    let off_cpu = OffCpu {
+        counts: [
+            take_map(ebpf, maps::OFFCPU_COUNTS_0)?,
+            take_map(ebpf, maps::OFFCPU_COUNTS_1)?,
+        ],
+        blocked: take_map(ebpf, maps::OFFCPU_BLOCKED)?,
+        flips: take_map(ebpf, maps::OFFCPU_FLIPS)?,
+        min_block_ns,
+        last_flip_ns: 0,
+        pending: Vec::new(),
+        _walk_programs: walk_programs,
+    };
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut("sched_switch")
+        .ok_or_else(|| anyhow!("program `sched_switch` missing from the eBPF object"))?
+        .try_into()?;
+    program
+        .load("sched_switch", btf)
+        .map_err(explain)
+        .context("loading the off-CPU program (tp_btf/sched_switch)")?;
+    program
+        .attach()
+        .context("attaching to the BTF tracepoint sched_switch")?;
+    Ok(off_cpu)
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>

@@ -101,10 +101,24 @@ pub fn location_frames(profile: &Profile) -> HashMap<u64, Vec<Frame>> {
         .collect()
 }
 
-/// Every stack in `profile` counted by its first value, inlined functions expanded, merged by
-/// name and sorted.
+/// Every stack in `profile` counted by its first value (by its off-CPU time when that is the
+/// profile's default sample type), inlined functions expanded, merged by name and sorted.
 pub fn folded_stacks(profile: &Profile) -> Vec<FoldedStack> {
-    folded_stacks_of(profile, 0)
+    folded_stacks_of(profile, shown_value(profile))
+}
+
+/// The value folded stacks, flame graphs and the summary show: off-CPU time in a profile
+/// whose default sample type it is, else the first (the sample count in ours).
+pub fn shown_value(profile: &Profile) -> usize {
+    let text = |i: i64| profile.string_table.get(i as usize).map(String::as_str);
+    if text(profile.default_sample_type) != Some(crate::aggregate::OFF_CPU_TYPE) {
+        return 0;
+    }
+    profile
+        .sample_type
+        .iter()
+        .position(|t| t.r#type == profile.default_sample_type)
+        .unwrap_or(0)
 }
 
 /// Like [`folded_stacks`], counting the sample value at `value_index` (of `sample_type`):

@@ -17,7 +17,9 @@ use flate2::{write::GzEncoder, Compression};
 use profiler_proto::pprof::Profile;
 use prost::Message as _;
 
-pub use folded::{folded_stacks, folded_stacks_of, location_frames, FoldedStack, Frame};
+pub use folded::{
+    folded_stacks, folded_stacks_of, location_frames, shown_value, FoldedStack, Frame,
+};
 pub use top::{top_functions, top_table, TopEntry};
 
 /// An output format.
@@ -97,11 +99,15 @@ fn write_svg(profile: &Profile, out: &mut impl Write) -> Result<()> {
         .map(|s| s.line())
         .collect();
     let mut options = inferno::flamegraph::Options::default();
-    options.title = "CPU profile".into();
-    options.count_name = "samples".into();
+    let (title, unit) = match shown_value(profile) {
+        0 => ("CPU profile", "samples"),
+        _ => ("Off-CPU time", "ns"),
+    };
+    options.title = title.into();
+    options.count_name = unit.into();
     if lines.is_empty() {
         // inferno refuses an empty input; an empty profile still gets a valid picture.
-        options.title = "CPU profile (no samples)".into();
+        options.title = format!("{title} (no samples)");
         let empty = ["[no samples] 1"];
         inferno::flamegraph::from_lines(&mut options, empty.iter().copied(), out)?;
     } else {

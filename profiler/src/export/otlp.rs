@@ -309,11 +309,18 @@ impl Dictionary {
         }
 
         // The sample count is the value OTLP carries; the CPU time follows from the period.
-        let count_index = profile
+        // Off-CPU time is carried as measured, as Pyroscope's OTLP ingestion names `off_cpu`.
+        let off_cpu = profile
             .sample_type
             .iter()
-            .position(|t| text(t.r#type) == "samples")
-            .unwrap_or(0);
+            .position(|t| text(t.r#type) == crate::aggregate::OFF_CPU_TYPE);
+        let count_index = off_cpu.unwrap_or_else(|| {
+            profile
+                .sample_type
+                .iter()
+                .position(|t| text(t.r#type) == "samples")
+                .unwrap_or(0)
+        });
         let samples = profile
             .sample
             .iter()
@@ -361,13 +368,21 @@ impl Dictionary {
             type_strindex: dictionary.string(kind),
             unit_strindex: dictionary.string(unit),
         };
+        let (sample_type, period_type, period) = match off_cpu {
+            Some(_) => (value_type(self, "off_cpu", "nanoseconds"), None, 0),
+            None => (
+                value_type(self, "samples", "count"),
+                Some(value_type(self, "cpu", "nanoseconds")),
+                profile.period,
+            ),
+        };
         OtlpProfile {
-            sample_type: Some(value_type(self, "samples", "count")),
+            sample_type: Some(sample_type),
             samples,
             time_unix_nano: u64::try_from(profile.time_nanos).unwrap_or(0),
             duration_nano: u64::try_from(profile.duration_nanos).unwrap_or(0),
-            period_type: Some(value_type(self, "cpu", "nanoseconds")),
-            period: profile.period,
+            period_type,
+            period,
             ..Default::default()
         }
     }

@@ -54,7 +54,10 @@ pub struct ResolvedSample {
     pub comm: Arc<str>,
     pub thread: Arc<str>,
     pub frames: Vec<Frame>,
+    /// Times sampled on CPU, or for an off-CPU sample, nanoseconds off CPU.
     pub count: u64,
+    /// True for off-CPU time.
+    pub off_cpu: bool,
 }
 
 /// Resolver statistics, for reports and metrics.
@@ -531,6 +534,7 @@ impl Resolver {
             thread,
             frames,
             count: sample.count,
+            off_cpu: sample.off_cpu,
         }
     }
 }

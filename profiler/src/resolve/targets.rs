@@ -589,6 +589,7 @@ mod tests {
             thread: Arc::from("app"),
             frames: Vec::new(),
             count,
+            off_cpu: false,
         }
     }
 
