@@ -329,12 +329,7 @@ impl Config {
                 c
             }
         };
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", self.label()))?;
+        let child = spawn_watcher(&mut command, &self.label())?;
         let running = Running {
             child,
             started: Instant::now(),
@@ -343,6 +338,17 @@ impl Config {
         running.wait_attached()?;
         Ok(Some(running))
     }
+}
+
+/// Starts a profiler or peer in the background: no input, no output, stderr kept for its
+/// summary.
+fn spawn_watcher(command: &mut Command, label: &str) -> Result<Child> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {label}"))
 }
 
 /// A running profiler or peer.

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{bpf_prog_stats, median, row, signal_process, works, Row, Setup};
+use super::{bpf_prog_stats, median, row, signal_process, spawn_watcher, works, Row, Setup};
 use crate::{profiler_bin, run, workspace_root};
 
 /// Who watches the ping-pong.
@@ -53,12 +53,7 @@ impl Watcher {
                 c
             }
         };
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", self.label()))?;
+        let child = spawn_watcher(&mut command, &self.label())?;
         // Attached once its switch program has run a few thousand times (the ping-pong is
         // not going yet, but the machine switches all the time; the profiler's fork, exec and
         // exit programs, attached earlier, run far less).
