@@ -559,13 +559,10 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
             "MiB",
             (rss + maps) as f64 / 1024.0,
         ));
-        for (kind, (time_after, runs_after)) in bpf_after {
-            let (time_before, runs_before) = bpf_before.get(&kind).copied().unwrap_or_default();
-            let runs = runs_after.saturating_sub(runs_before);
-            if runs == 0 {
+        for kind in bpf_after.keys() {
+            let Some(per_run) = micros_per_run(&bpf_before, &bpf_after, kind) else {
                 continue;
-            }
-            let per_run = (time_after - time_before) as f64 / runs as f64 / 1000.0;
+            };
             rows.push(Row::single(
                 "bpf cost",
                 format!("{label}: {kind} program"),
@@ -958,6 +955,19 @@ fn fd_links(pid: u32, target: &str) -> usize {
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
         .filter(|link| link.to_string_lossy() == target)
         .count()
+}
+
+/// Microseconds per run of the `kind` programs between two [`bpf_prog_stats`] readings;
+/// `None` when they did not run.
+fn micros_per_run(
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    kind: &str,
+) -> Option<f64> {
+    let (time_before, runs_before) = before.get(kind).copied().unwrap_or_default();
+    let (time_after, runs_after) = after.get(kind).copied().unwrap_or_default();
+    let runs = runs_after.saturating_sub(runs_before);
+    (runs > 0).then(|| time_after.saturating_sub(time_before) as f64 / runs as f64 / 1000.0)
 }
 
 /// (run_time_ns, run_cnt) summed per BPF program type over a process's program fds; the

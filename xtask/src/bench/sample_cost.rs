@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 
-use super::{median, row, run, workspace_root, Config, KillOnDrop, Row, Setup};
+use super::{median, micros_per_run, row, run, workspace_root, Config, KillOnDrop, Row, Setup};
 
 /// One build of the unwinder's test program.
 struct Build {
@@ -70,13 +70,7 @@ pub(super) fn sample_cost(
                 thread::sleep(Duration::from_secs(seconds));
                 let after = running.bpf_stats();
                 running.stop()?;
-                let (time, runs) = after.get("perf_event").copied().unwrap_or_default();
-                let (time_before, runs_before) =
-                    before.get("perf_event").copied().unwrap_or_default();
-                let runs = runs.saturating_sub(runs_before);
-                if runs > 0 {
-                    per_sample[i].push((time - time_before) as f64 / runs as f64 / 1000.0);
-                }
+                per_sample[i].extend(micros_per_run(&before, &after, "perf_event"));
             }
         }
         let peer = peers
