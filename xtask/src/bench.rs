@@ -258,11 +258,22 @@ fn works(tool: &str) -> bool {
 }
 
 fn compile_workload(dir: &Path) -> Result<PathBuf> {
-    let out = dir.join("workload");
+    compile_c(
+        dir,
+        "workload",
+        "bench/workload.c",
+        &["-O1", "-fno-omit-frame-pointer"],
+    )
+}
+
+/// Compiles the workspace's C file `source` with `flags` into `dir/name`.
+fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> Result<PathBuf> {
+    let out = dir.join(name);
     run(Command::new("gcc")
-        .args(["-O1", "-fno-omit-frame-pointer", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&out)
-        .arg(workspace_root().join("bench/workload.c")))?;
+        .arg(workspace_root().join(source)))?;
     Ok(out)
 }
 

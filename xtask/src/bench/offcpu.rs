@@ -14,8 +14,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{bpf_prog_stats, median, row, signal_process, spawn_watcher, works, Row, Setup};
-use crate::{profiler_bin, run, workspace_root};
+use super::{
+    bpf_prog_stats, compile_c, median, row, signal_process, spawn_watcher, works, Row, Setup,
+};
+use crate::profiler_bin;
 
 /// Who watches the ping-pong.
 #[derive(Clone, Copy)]
@@ -81,12 +83,12 @@ fn switch_stats(pid: u32) -> (u64, u64) {
 
 /// Compiles the workload with frame pointers (offcputime's stacks need them).
 fn compile(dir: &Path) -> Result<PathBuf> {
-    let out = dir.join("offcpu");
-    run(Command::new("gcc")
-        .args(["-O1", "-pthread", "-fno-omit-frame-pointer", "-o"])
-        .arg(&out)
-        .arg(workspace_root().join("tests/workloads/offcpu.c")))?;
-    Ok(out)
+    compile_c(
+        dir,
+        "offcpu",
+        "tests/workloads/offcpu.c",
+        &["-O1", "-pthread", "-fno-omit-frame-pointer"],
+    )
 }
 
 /// Runs the stage: `runs` interleaved rounds of `seconds` each per watcher.

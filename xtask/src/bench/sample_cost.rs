@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 
-use super::{median, micros_per_run, row, run, workspace_root, Config, KillOnDrop, Row, Setup};
+use super::{compile_c, median, micros_per_run, row, Config, KillOnDrop, Row, Setup};
 
 /// One build of the unwinder's test program.
 struct Build {
@@ -105,14 +105,11 @@ pub(super) fn sample_cost(
 }
 
 fn compile(dir: &Path, build: &Build) -> Result<PathBuf> {
-    let out = dir.join(format!(
-        "frames-{}",
-        build.flags[1].trim_start_matches("-f")
-    ));
-    run(Command::new("gcc")
-        .args(build.flags)
-        .arg("-o")
-        .arg(&out)
-        .arg(workspace_root().join("profiler-unwind/tests/testdata/frames.c")))?;
-    Ok(out)
+    let name = format!("frames-{}", build.flags[1].trim_start_matches("-f"));
+    compile_c(
+        dir,
+        &name,
+        "profiler-unwind/tests/testdata/frames.c",
+        build.flags,
+    )
 }
