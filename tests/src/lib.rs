@@ -309,6 +309,11 @@ pub fn chain_share(samples: &[DecodedSample], chain: &[&str]) -> f64 {
     100.0 * matching as f64 / total.max(1) as f64
 }
 
+/// The samples among `samples` that `keep` keeps, counted.
+pub fn sample_count(samples: &[DecodedSample], keep: impl Fn(&DecodedSample) -> bool) -> i64 {
+    samples.iter().filter(|s| keep(s)).map(|s| s.count).sum()
+}
+
 /// Inclusive share (0–100) of each function among the samples that `keep` accepts.
 pub fn inclusive_shares(
     samples: &[DecodedSample],

@@ -101,11 +101,7 @@ fn binary_from_an_empty_directory_records_a_workload() {
     let samples = read_samples(&out);
     let is_workload = |s: &DecodedSample| s.labels.get("comm").is_some_and(|c| c == "workload");
     let shares = inclusive_shares(&samples, is_workload);
-    let total: i64 = samples
-        .iter()
-        .filter(|s| is_workload(s))
-        .map(|s| s.count)
-        .sum();
+    let total = sample_count(&samples, is_workload);
     // Few enough for a machine whose other work leaves the workload a fraction of a CPU.
     assert!(total > 100, "too few samples: {total}; {stderr}");
     for (function, truth) in [("main", 100.0), ("heavy", 60.0), ("light", 30.0)] {

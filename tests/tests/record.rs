@@ -39,11 +39,7 @@ fn known_shares_and_leaf_first_order() {
     ]);
     let samples = read_samples(&out);
     let shares = inclusive_shares(&samples, is_workload);
-    let total: i64 = samples
-        .iter()
-        .filter(|s| is_workload(s))
-        .map(|s| s.count)
-        .sum();
+    let total = sample_count(&samples, is_workload);
     assert!(total > 1000, "too few samples: {total}");
     // Truth from the unit counts: heavy 6, light 3, leaf_c 1 of every 10 units.
     for (function, truth) in [
