@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{build, cargo, profiler_bin, run, workspace_root};
+use super::{build_suite, cargo, profiler_bin, run, workspace_root, SUITE};
 
 mod churn;
 mod offcpu;
@@ -147,7 +147,7 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
         [Some("--smoke")] => Mode::Smoke,
         _ => bail!("`bench` takes --quick, --smoke or nothing"),
     };
-    build()?;
+    build_suite()?;
     let plan = mode.plan();
     let dir = workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
@@ -340,11 +340,17 @@ impl Config {
                 c
             }
         };
-        let child = spawn_watcher(&mut command, &self.label())?;
+        let label = self.label();
+        let child = spawn_watcher(&mut command, &label)?;
         let running = Running {
             child,
             started: Instant::now(),
             metrics,
+            label,
+            ours: matches!(
+                self,
+                Config::Record(_) | Config::Unwinder(..) | Config::Agent(_)
+            ),
         };
         running.wait_attached()?;
         Ok(Some(running))
@@ -367,6 +373,9 @@ struct Running {
     child: Child,
     started: Instant,
     metrics: String,
+    label: String,
+    /// The profiler itself rather than a peer: one that hangs on SIGINT fails the run.
+    ours: bool,
 }
 
 impl Running {
@@ -406,13 +415,16 @@ impl Running {
 
     /// Stops it with SIGINT (every tool here writes its output on SIGINT) and returns stderr.
     fn stop(mut self) -> Result<String> {
-        signal_process(self.pid(), 2);
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err);
+        match interrupt(&mut self.child) {
+            Ok(stderr) => Ok(stderr),
+            Err(e) if self.ours => Err(e.context(self.label.clone())),
+            // A peer that hangs on exit (bpftrace symbolizing every stack it kept, say) costs
+            // the run its output, not the run.
+            Err(e) => {
+                eprintln!("bench: {}: {e:#}", self.label);
+                Ok(String::new())
+            }
         }
-        self.child.wait()?;
-        Ok(err)
     }
 }
 
@@ -644,10 +656,14 @@ fn startup(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
 /// Stages 5 and 6 (symbolization, profile building) and perf-map parsing from the profiler crate's own bench
 /// binary, which prints one JSON object per line.
 fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
-    let bench = [
-        "bench", "--quiet", "-p", "profiler", "--bench", "stages", "--",
-    ];
-    let output = json_lines(cargo().args(bench).arg(mode.name()), "the stages bench")?;
+    let mut command = cargo();
+    command.args(["bench", "--quiet"]).args(&SUITE[1..]).args([
+        "--bench",
+        "stages",
+        "--",
+        mode.name(),
+    ]);
+    let output = json_lines(&mut command, "the stages bench")?;
     push_json_rows(&output, rows, |stage| match stage {
         "symbolize" => "symbolization",
         "gopclntab" => "Go symbols (.gopclntab)",
@@ -660,15 +676,12 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
 /// Unwind tables: rows, size and build time per MiB of CFI for Debian's libc and the profiler's
 /// own binary (profiler-unwind's `table_stats` example).
 fn unwind_tables(rows: &mut Vec<Row>) -> Result<()> {
-    let example = ["run", "--release", "--quiet", "-p", "profiler-unwind"];
-    let args = ["--example", "table_stats", "--", "--json"];
+    // Built by `build_suite` with the rest: `cargo run -p profiler-unwind` would resolve
+    // features for that crate alone and rebuild its dependencies.
+    let example = workspace_root().join("target/release/examples/table_stats");
     let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
-    let mut command = cargo();
-    command
-        .args(example)
-        .args(args)
-        .arg(libc)
-        .arg(profiler_bin());
+    let mut command = Command::new(example);
+    command.arg("--json").arg(libc).arg(profiler_bin());
     let output = json_lines(&mut command, "the unwind table bench")?;
     push_json_rows(&output, rows, |_| "unwind tables");
     Ok(())
@@ -712,15 +725,10 @@ fn push_json_rows(output: &str, rows: &mut Vec<Row>, stage: impl Fn(&str) -> &'s
 /// look-up, pprof building); the smoke run keeps criterion's minimum sample count and short times.
 fn micro(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
     let mut cmd = cargo();
-    cmd.current_dir(workspace_root()).args([
-        "bench",
-        "--quiet",
-        "-p",
-        "profiler",
-        "--bench",
-        "hot_paths",
-        "--",
-    ]);
+    cmd.current_dir(workspace_root())
+        .args(["bench", "--quiet"])
+        .args(&SUITE[1..])
+        .args(["--bench", "hot_paths", "--"]);
     if mode != Mode::Full {
         cmd.args([
             "--warm-up-time",
@@ -1107,6 +1115,38 @@ fn signal_process(pid: u32, signal: i32) {
     let _ = Command::new("kill")
         .args([format!("-{signal}"), pid.to_string()])
         .status();
+}
+
+/// How long a profiler or peer gets after SIGINT to write its output and exit.
+const EXIT_GRACE: Duration = Duration::from_secs(60);
+
+/// Sends SIGINT to `child` and returns its stderr once it exits; one still running
+/// [`EXIT_GRACE`] later is killed and that is an error, so a tool that hangs on exit cannot
+/// stall the benchmark (and CI with it) for good.
+fn interrupt(child: &mut Child) -> Result<String> {
+    let stderr = child.stderr.take();
+    // Read while waiting: a tool blocked on a full stderr pipe would never exit.
+    let reader = thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut stderr) = stderr {
+            let _ = stderr.read_to_string(&mut text);
+        }
+        text
+    });
+    signal_process(child.id(), 2);
+    let deadline = Instant::now() + EXIT_GRACE;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "still running {} s after SIGINT; killed",
+                EXIT_GRACE.as_secs()
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(reader.join().unwrap_or_default())
 }
 
 /// Kills the live processes when the stage ends, however it ends.

@@ -17,6 +17,7 @@ use std::os::unix::fs::symlink;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
@@ -176,24 +177,26 @@ fn record(args: &[OsString]) -> Result<()> {
 /// release binary. The dist and image tests get the tarballs built here (`PROFILER_DIST`,
 /// `PROFILER_DIST_DEBUG`) and this very xtask (`PROFILER_XTASK`) to build images with.
 fn test(args: &[OsString]) -> Result<()> {
-    setup()?;
-    build_profiler()?;
+    let started = Instant::now();
+    build_suite()?;
+    println!("xtask: built in {:.0?}", started.elapsed());
     let dist = dist::build_dist()?;
+    println!("xtask: dist built at {:.0?}", started.elapsed());
     let xtask = env::current_exe().context("finding the xtask binary")?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
-        .args(["test", "--release", "--workspace"])
-        // The eBPF crate is `no_std`/`no_main` for bpfel only (profiler/build.rs builds it), and
-        // its binary is also named `profiler`, which would collide with the real one.
-        .args(["--exclude", "profiler-ebpf"])
+        .arg("test")
+        .args(SUITE)
         .args(args)
         .env("PROFILER_BIN", profiler_bin())
         .env("PROFILER_DIST", &dist.tarball)
         .env("PROFILER_DIST_DEBUG", &dist.debug_tarball)
         .env("PROFILER_XTASK", xtask);
     let (passed, failed) = run_counting_tests(&mut cmd)?;
+    println!("xtask: tests done at {:.0?}", started.elapsed());
     // The benchmark harness is part of the suite: every stage once, tiny, output checked.
     bench::bench(&["--smoke".into()])?;
+    println!("xtask: bench smoke done at {:.0?}", started.elapsed());
     // The suite's closing line counts every test binary, since cargo ends on the last one's.
     println!("tests: {} passed, {failed} failed", passed + 1);
     Ok(())
@@ -237,7 +240,27 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-/// `cargo build --release -p profiler` at the workspace root.
+/// What the suite builds, tests and benches, always with these arguments: cargo resolves
+/// features once per package selection, and `-p profiler` alone resolves them without the test
+/// crates' and dev-dependencies' features, so the two would rebuild the profiler and most of
+/// its dependencies (about five minutes here) each time one follows the other. The eBPF crate
+/// is left out: it is `no_std`/`no_main` for bpfel only (profiler/build.rs builds it), and its
+/// binary is also named `profiler`, which would collide with the real one.
+const SUITE: [&str; 4] = ["--release", "--workspace", "--exclude", "profiler-ebpf"];
+
+/// Setup, then the release profiler with every test, bench and example target of the suite,
+/// in one feature resolution (see [`SUITE`]).
+fn build_suite() -> Result<()> {
+    setup()?;
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root())
+        .arg("build")
+        .args(SUITE)
+        .arg("--all-targets");
+    run(&mut cmd)
+}
+
+/// `cargo build --release -p profiler` at the workspace root: the binary alone, for `record`.
 fn build_profiler() -> Result<()> {
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())

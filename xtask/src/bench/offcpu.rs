@@ -14,9 +14,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{
-    bpf_prog_stats, compile_c, median, row, signal_process, spawn_watcher, works, Row, Setup,
-};
+use super::{bpf_prog_stats, compile_c, interrupt, median, row, spawn_watcher, works, Row, Setup};
 use crate::profiler_bin;
 
 /// Who watches the ping-pong.
@@ -136,12 +134,14 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
                 if n1 > n0 {
                     per_run[i].push(t1.saturating_sub(t0) as f64 / (n1 - n0) as f64);
                 }
-                signal_process(child.id(), 2);
-                let mut err = String::new();
-                if let Some(mut stderr) = child.stderr.take() {
-                    let _ = stderr.read_to_string(&mut err);
-                }
-                child.wait()?;
+                let err = match (interrupt(&mut child), watcher) {
+                    (Ok(err), _) => err,
+                    (Err(e), Watcher::Profiler(_)) => return Err(e.context(watcher.label())),
+                    (Err(e), _) => {
+                        eprintln!("bench: {}: {e:#}", watcher.label());
+                        String::new()
+                    }
+                };
                 if let Watcher::Profiler(_) = watcher {
                     eprintln!("bench: {}", err.lines().last().unwrap_or(""));
                 }
