@@ -169,6 +169,8 @@ pub struct ProcessState {
     pub exec_seq: u32,
     /// 1 once user space was told of this incarnation.
     pub announced: u32,
+    /// CLOCK_MONOTONIC ns of the last [`EVENT_UNWIND_MISS`] sent for it (0: none yet).
+    pub miss_reported_ns: u64,
 }
 
 /// A stack as the kernel side stores it: instruction pointers, leaf first.
@@ -245,6 +247,15 @@ pub const EVENT_NEW_PROCESS: u32 = 1;
 
 /// [`ProcessEvent::kind`]: the whole thread group exited; its last samples are still in the maps.
 pub const EVENT_EXIT: u32 = 2;
+
+/// [`ProcessEvent::kind`]: the walker met a pc in none of the process's known mappings (a
+/// library mapped after user space read /proc/PID/maps: at exec, ld.so maps them a moment
+/// later), so user space should read them again. At most one per process per
+/// [`UNWIND_MISS_INTERVAL_NS`].
+pub const EVENT_UNWIND_MISS: u32 = 3;
+
+/// The least time between two [`EVENT_UNWIND_MISS`] of one process.
+pub const UNWIND_MISS_INTERVAL_NS: u64 = 10_000_000;
 
 /// Kernel-side counters, one slot each in the per-CPU `COUNTERS` array.
 ///

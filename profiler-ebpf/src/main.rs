@@ -27,7 +27,8 @@ use profiler_common::{
     filter, offcpu,
     unwind::{ProcessMappings, TableInfo, UnwindRow},
     unwinder, Counter, OffCpuBlock, ProcessEvent, ProcessKey, ProcessState, RateWindow, SampleKey,
-    Stack, COMM_LEN, EVENT_EXIT, EVENT_NEW_PROCESS, MAX_STACK_DEPTH, NO_STACK,
+    Stack, COMM_LEN, EVENT_EXIT, EVENT_NEW_PROCESS, EVENT_UNWIND_MISS, MAX_STACK_DEPTH, NO_STACK,
+    UNWIND_MISS_INTERVAL_NS,
 };
 
 #[unsafe(no_mangle)]
@@ -144,16 +145,17 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
             return 0;
         }
     };
-    if UNWINDER.load() == unwinder::TABLES {
-        // The walk finishes the sample, in this program or in a tail call.
-        walk::start(
+    // The walk finishes the sample, in this program or in a tail call.
+    if UNWINDER.load() == unwinder::TABLES
+        && walk::start(
             &ctx,
             walk::sampled_user_regs(&ctx),
             key,
             generation,
             walk::Finish::Sample,
             &WALK_PROGRAMS,
-        );
+        )
+    {
         return 0;
     }
     let user_stack = match user_stack(&ctx, stacks) {
@@ -301,6 +303,7 @@ fn track(tgid: u32) -> ProcessKey {
                 start_ns,
                 exec_seq: 0,
                 announced: 0,
+                miss_reported_ns: 0,
             };
             if PROCESSES.insert(&tgid, &fresh, 0).is_err() {
                 return process;
@@ -328,6 +331,36 @@ fn track(tgid: u32) -> ProcessKey {
         }
     }
     process
+}
+
+/// Tells user space that a walk of `process` met a pc in none of its known mappings, unless
+/// it was told less than [`UNWIND_MISS_INTERVAL_NS`] ago.
+#[inline(always)]
+fn report_unwind_miss(process: ProcessKey) {
+    let Some(state) = PROCESSES.get_ptr_mut(&process.tgid) else {
+        return;
+    };
+    let state = unsafe { &mut *state };
+    if state.start_ns != process.start_ns {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if state.miss_reported_ns != 0
+        && now.wrapping_sub(state.miss_reported_ns) < UNWIND_MISS_INTERVAL_NS
+    {
+        return;
+    }
+    let event = ProcessEvent {
+        process,
+        kind: EVENT_UNWIND_MISS,
+        _pad: 0,
+        comm: [0; COMM_LEN],
+    };
+    if PROCESS_EVENTS.output::<ProcessEvent>(&event, 0).is_ok() {
+        state.miss_reported_ns = now;
+    } else {
+        count(Counter::LostProcessEvents);
+    }
 }
 
 /// Reads one stack into the stacks map and returns its id: a hash of its addresses.
@@ -521,15 +554,16 @@ fn switch_out(ctx: &BtfTracePointContext, prev_state: u32, now: u64) {
             return;
         }
     };
-    if UNWINDER.load() == unwinder::TABLES {
-        walk::start(
+    if UNWINDER.load() == unwinder::TABLES
+        && walk::start(
             ctx,
             walk::task_user_regs(),
             key,
             generation,
             walk::Finish::Block(now),
             &OFFCPU_WALK_PROGRAMS,
-        );
+        )
+    {
         return;
     }
     match user_stack(ctx, stacks) {

@@ -26,8 +26,8 @@ use profiler_common::{
 };
 
 use crate::{
-    count, count_sample, generation_maps, intern_stack, record_block, OFFCPU_WALK_PROGRAMS,
-    UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES, WALK_PROGRAMS,
+    count, count_sample, generation_maps, intern_stack, record_block, report_unwind_miss,
+    OFFCPU_WALK_PROGRAMS, UNWIND_MAPPINGS, UNWIND_ROWS, UNWIND_TABLES, WALK_PROGRAMS,
 };
 
 /// Frames per program: the verifier explores every path of each one, and 8 frames went past
@@ -63,7 +63,9 @@ static WALK_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Starts the walk of the current task's user stack from `regs` (None: a kernel thread) for
 /// `key` (its user stack still to be filled in); `programs` holds the continuation of the
-/// program type of `ctx`.
+/// program type of `ctx`. False when the continuation is not installed yet (`record` starts
+/// sampling while the verifier still checks it): the caller then takes the frame-pointer path,
+/// and nothing has been recorded.
 #[inline(always)]
 pub fn start<C: EbpfContext>(
     ctx: &C,
@@ -72,10 +74,10 @@ pub fn start<C: EbpfContext>(
     generation: u32,
     finish_as: Finish,
     programs: &ProgramArray,
-) {
+) -> bool {
     let Some(state) = WALK_STATE.get_ptr_mut(0) else {
         count(Counter::LostStackReadError);
-        return;
+        return true;
     };
     let state = unsafe { &mut *state };
     state.key = key;
@@ -91,14 +93,15 @@ pub fn start<C: EbpfContext>(
         // A kernel thread: no user stack, as with frame pointers.
         count(Counter::UserStackMissing);
         finish(state, None);
-        return;
+        return true;
     };
     state.regs = regs;
     // The caller's own checks leave no room for frames under the verifier's limit: every
     // frame is walked in the continuation.
     // SAFETY: `programs` holds the continuation, a program of the same type as this one.
     unsafe { programs.tail_call(ctx, 0) };
-    finish(state, Some(StopReason::FrameLimit));
+    // The first tail call of a chain cannot hit the kernel's limit: the slot is empty.
+    false
 }
 
 /// The continuation: the next frames of the walk `sample` (or an earlier `walk`) began.
@@ -279,6 +282,9 @@ fn finish(state: &mut WalkState, stop: Option<StopReason>) {
     };
     if let Some(counter) = counter {
         count(counter);
+    }
+    if stop == Some(StopReason::Unmapped) {
+        report_unwind_miss(state.key.process);
     }
     let (counts, stacks) = generation_maps(state.generation);
     let user_stack = if state.stack.len == 0 {

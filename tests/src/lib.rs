@@ -106,6 +106,31 @@ fn record_args<'a>(out: &'a Path, flags: &[&'a str], command: &[&'a str]) -> Vec
     args
 }
 
+/// Waits (up to 60 s) until process `pid` holds a BPF link to a perf event (aya attaches the
+/// sampler that way): a profiler started in the background samples from then on, its programs
+/// loaded and verified.
+pub fn wait_until_sampling(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let sampling = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| {
+                std::fs::read_to_string(fd.path())
+                    .is_ok_and(|info| info.lines().any(|l| l == "link_type:\tperf"))
+            });
+        if sampling {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} opened no perf event within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// A path as a command-line argument (the tests' paths are all UTF-8).
 pub fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()

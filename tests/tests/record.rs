@@ -2,6 +2,7 @@
 //! and the output decoded.
 
 use std::{
+    io::Write as _,
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -191,11 +192,13 @@ fn binary_deleted_after_start_is_symbolized() {
     let Some(t) = bpf_test() else { return };
     let copy = t.path("doomed");
     std::fs::copy(workload(), &copy).unwrap();
-    let mut child = Command::new(&copy).args(["burn", "2.5"]).spawn().unwrap();
+    // It outlives the recorder's start-up and second of sampling, and is killed after it.
+    let mut child = Command::new(&copy).args(["burn", "30"]).spawn().unwrap();
     sleep(Duration::from_millis(200));
     std::fs::remove_file(&copy).unwrap();
     let pid = child.id().to_string();
     let (out, _) = t.record("deleted.pb.gz", &["-p", &pid, "-d", "1s"], &[]);
+    let _ = child.kill();
     let _ = child.wait();
     let samples = read_samples(&out);
     assert!(
@@ -208,7 +211,8 @@ fn binary_deleted_after_start_is_symbolized() {
 #[test]
 fn recording_a_pid_stops_when_it_exits() {
     let Some(t) = bpf_test() else { return };
-    let mut child = spawn_workload(&["burn", "1"]);
+    // It outlives the start-up (verifying the stack walker takes a second or two).
+    let mut child = spawn_workload(&["burn", "3"]);
     let pid = child.id().to_string();
     let out = t.path("pid.pb.gz");
     let started = Instant::now();
@@ -351,6 +355,30 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
 }
 
 #[test]
+fn ctrl_c_during_start_up_still_writes_a_profile() {
+    let Some(t) = bpf_test() else { return };
+    let out = t.path("early.pb.gz");
+    let mut burner = spawn_workload(&["burn", "10"]);
+    let recorder = Command::new(profiler_bin())
+        .args(["record", "-p", &burner.id().to_string()])
+        .args(["-o", path_str(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Well inside the second or more it takes to load and verify the programs.
+    sleep(Duration::from_millis(300));
+    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    let output = recorder.wait_with_output().unwrap();
+    let _ = burner.kill();
+    let _ = burner.wait();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    // A valid profile, however few samples it holds.
+    load_pprof(&out);
+}
+
+#[test]
 fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
     let Some(t) = bpf_test() else { return };
     for signal in [libc::SIGTERM, libc::SIGINT] {
@@ -362,7 +390,8 @@ fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        sleep(Duration::from_millis(1500));
+        wait_until_sampling(recorder.id());
+        sleep(Duration::from_millis(500));
         unsafe { libc::kill(recorder.id() as i32, signal) };
         let output = recorder.wait_with_output().unwrap();
         let _ = burner.kill();
@@ -377,13 +406,39 @@ fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
 #[test]
 fn recording_goes_on_until_the_last_of_several_pids_exits() {
     let Some(t) = bpf_test() else { return };
-    let mut short = spawn_workload(&["burn", "0.5"]);
-    let mut long = spawn_workload(&["shares", "2"]);
+    // Each waits for a line before it execs the workload (same pid), so that both start work
+    // once the recorder samples, however long its start-up takes.
+    let held = |args: &str| {
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!("read _ && exec {} {args}", workload().display()),
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut short = held("burn 0.5");
+    let mut long = held("shares 2");
     let (short_pid, long_pid) = (short.id().to_string(), long.id().to_string());
-    let reaper = std::thread::spawn(move || (short.wait(), long.wait()));
+    let out = t.path("two.pb.gz");
+    let recorder = Command::new(profiler_bin())
+        .args(["record", "-F", "499", "-p", &short_pid, "-p", &long_pid])
+        .args(["-o", path_str(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_sampling(recorder.id());
     let started = Instant::now();
-    let (out, stderr) = t.record("two.pb.gz", &["-p", &short_pid, "-p", &long_pid], &[]);
+    for child in [&mut short, &mut long] {
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    }
+    let reaper = std::thread::spawn(move || (short.wait(), long.wait()));
+    let output = recorder.wait_with_output().unwrap();
     let _ = reaper.join();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("targets exited"), "{stderr}");
     assert!(started.elapsed() >= Duration::from_millis(1500), "{stderr}");
     let samples = read_samples(&out);
     let pids: std::collections::HashSet<&str> =

@@ -283,6 +283,59 @@ fn main() {
     assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
 }
 
+/// A library dlopen()ed after the profiler read the process's maps: the walker's first pc in
+/// it tells user space at once, which rereads the maps, so nearly every sample in the library
+/// keeps its callers (waiting for the next drain's reread would cut a drain's worth: 8 % here).
+#[test]
+fn a_library_loaded_after_the_maps_were_read_is_walked_through() {
+    let Some(t) = bpf_test() else { return };
+    let dir = root().join("target/test-workloads");
+    std::fs::create_dir_all(&dir).unwrap();
+    let frameless = ["-O2", "-fomit-frame-pointer", "-g"];
+    let lib = dir.join("libdlopen_spin.so");
+    let program = dir.join("dlopen");
+    for (out, source, extra) in [
+        (&lib, "dlopen_lib.c", &["-shared", "-fPIC"][..]),
+        (&program, "dlopen.c", &[][..]),
+    ] {
+        let status = Command::new("gcc")
+            .args(frameless)
+            .args(extra)
+            .arg("-o")
+            .arg(out)
+            .arg(root().join("tests/workloads").join(source))
+            .status()
+            .expect("gcc must be installed (cargo xtask setup installs it)");
+        assert!(status.success(), "compiling {source} failed");
+    }
+    let mut spinner = Spinner::run(Command::new(&program).arg(&lib).stdin(Stdio::piped()));
+    let pid = spinner.pid();
+    let out = t.path("dlopen.pb.gz");
+    let recorder = Command::new(profiler_bin())
+        .args(["record", "-F", "499", "--no-kernel", "-d", "4s", "-p", &pid])
+        .args(["-o", path_str(&out)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_sampling(recorder.id());
+    // Sampled, so announced and its maps read, before the library is there.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::io::Write::write_all(&mut spinner.0.stdin.take().unwrap(), b"go\n").unwrap();
+    let output = recorder.wait_with_output().unwrap();
+    drop(spinner);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let in_lib: Vec<DecodedSample> = read_samples(&out)
+        .into_iter()
+        .filter(|s| s.has_function("lib_leaf"))
+        .collect();
+    let share = share_with_chain(
+        &in_lib,
+        &["lib_leaf", "lib_spin", "call_lib", "main", "_start"],
+    );
+    assert!(share >= 97.0, "{share:.1}%; {stderr}\n{in_lib:?}");
+}
+
 /// Go keeps frame pointers and describes its code in `.debug_frame` only: the walk goes through
 /// either, and reaches the runtime's `runtime.main`.
 #[test]

@@ -174,6 +174,10 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         .map_err(Exit::usage)?,
         ..Default::default()
     };
+    // Before the programs load (a second or two, mostly verifying the stack walker), so that a
+    // Ctrl-C meanwhile still ends in a written profile rather than the default kill.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     let mut collector = Collector::start(&config)?;
     let mut resolver = Resolver::new(&args.debug_dirs);
     let values = match args.off_cpu {
@@ -190,8 +194,6 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     let mut child_status: Option<u8> = None;
 
     let events = collector.events()?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let progress = std::io::stderr().is_terminal();

@@ -23,7 +23,7 @@ use aya::{
 };
 use profiler_common::{
     filter, globals, maps, offcpu, unwinder, Counter, OffCpuBlock, ProcessEvent, SampleKey, Stack,
-    EVENT_EXIT, EVENT_NEW_PROCESS, NO_STACK,
+    EVENT_EXIT, EVENT_NEW_PROCESS, EVENT_UNWIND_MISS, NO_STACK,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -37,9 +37,9 @@ use unwind::{UnwindLoader, ROW_BYTES};
 pub enum Unwinder {
     /// Unwind tables from `.eh_frame`/`.debug_frame` wherever a pc is covered by one, a
     /// frame-pointer step elsewhere.
+    #[default]
     Auto,
     /// Frame pointers only (`bpf_get_stack`).
-    #[default]
     Fp,
 }
 
@@ -212,6 +212,7 @@ impl Counters {
             self.unwind.mappings_dropped,
             false,
         ));
+        all.push(("unwind_mappings_reread", self.unwind.rereads, false));
         all
     }
 
@@ -539,6 +540,11 @@ impl Collector {
                         process: event.process,
                         comm: String::from_utf8_lossy(&event.comm[..len]).into_owned(),
                     });
+                }
+                EVENT_UNWIND_MISS => {
+                    if let Some(unwind) = &mut self.unwind {
+                        unwind.missed(event.process);
+                    }
                 }
                 EVENT_EXIT => {
                     if let Some(unwind) = &mut self.unwind {

@@ -31,6 +31,10 @@ pub const ROW_BYTES: u64 = 16;
 pub const TABLE_SLOTS: u32 = 4096;
 /// The soonest a process's mappings are reread for addresses none of them covers.
 const REREAD_INTERVAL: Duration = Duration::from_secs(1);
+/// Its first few rereads come sooner: the first read often lands between exec and ld.so
+/// mapping the libraries, and until the reread every stack stops at the first library frame.
+const QUICK_REREADS: u32 = 3;
+const QUICK_REREAD_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What the loader did, for the summary and `/metrics`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -50,6 +54,8 @@ pub struct UnwindCounters {
     pub mappings_dropped: u64,
     /// Bytes of rows in the kernel now.
     pub bytes_loaded: u64,
+    /// Mappings read again for addresses none of them covered.
+    pub rereads: u64,
 }
 
 /// A table in the kernel's row array.
@@ -79,6 +85,27 @@ struct Process {
     key: ProcessKey,
     mappings: Vec<Mapped>,
     read_at: Instant,
+    rereads: u32,
+}
+
+impl Process {
+    /// Rereads the mappings if the last read is old enough; true if it did.
+    fn reread(&mut self, counters: &mut UnwindCounters) -> bool {
+        let wait = match self.rereads < QUICK_REREADS {
+            true => QUICK_REREAD_INTERVAL,
+            false => REREAD_INTERVAL,
+        };
+        if self.read_at.elapsed() < wait {
+            return false;
+        }
+        self.read_at = Instant::now();
+        self.rereads += 1;
+        counters.rereads += 1;
+        if let Some(mappings) = read_mappings(self.key.tgid, counters) {
+            self.mappings = mappings;
+        }
+        true
+    }
 }
 
 /// The row array, mapped into our memory.
@@ -186,9 +213,25 @@ impl UnwindLoader {
                 key: process,
                 mappings,
                 read_at: Instant::now(),
+                rereads: 0,
             },
         );
         self.publish(process.tgid);
+    }
+
+    /// The kernel's walker met a pc in none of the mappings known for `process`: they are
+    /// read again (see [`Process::reread`] for how often) and published.
+    pub fn missed(&mut self, process: ProcessKey) {
+        match self.processes.get_mut(&process.tgid) {
+            Some(known) if known.key == process => {
+                if known.reread(&mut self.counters) {
+                    self.publish(process.tgid);
+                }
+            }
+            Some(_) => {}
+            // Its first read failed or has not happened: this is it.
+            None => self.started(process),
+        }
     }
 
     /// The process ended: the kernel removed its mappings itself (exit tracepoint).
@@ -230,11 +273,7 @@ impl UnwindLoader {
                     _ => outside = true,
                 }
             }
-            if outside && process.read_at.elapsed() >= REREAD_INTERVAL {
-                process.read_at = Instant::now();
-                if let Some(mappings) = read_mappings(key.tgid, &mut self.counters) {
-                    process.mappings = mappings;
-                }
+            if outside && process.reread(&mut self.counters) {
                 dirty.push(key.tgid);
             }
         }
