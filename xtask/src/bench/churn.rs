@@ -66,8 +66,16 @@ pub(super) fn churn(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<
     );
     let single = |metric, unit, value| Row::single("churn", label.clone(), metric, unit, value);
     rows.push(single("RSS growth over the second half", "MiB", growth));
-    rows.push(single("RSS at the end", "MiB", steady as f64 / 1024.0));
-    rows.push(single("RSS peak", "MiB", peak as f64 / 1024.0));
+    rows.push(single(
+        "RSS at the end, mmapped maps apart",
+        "MiB",
+        steady as f64 / 1024.0,
+    ));
+    rows.push(single(
+        "RSS peak, mmapped maps apart",
+        "MiB",
+        peak as f64 / 1024.0,
+    ));
     rows.push(single("BPF map memory", "MiB", maps as f64 / 1024.0));
     rows.push(single(
         "footprint (RSS + BPF maps)",
