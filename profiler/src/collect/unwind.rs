@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::maps::{Array, HashMap, MapData, ProgramArray};
 use profiler_common::{
     unwind::{ExecMapping, ProcessMappings, TableInfo, UnwindRow, MAX_PROCESS_MAPPINGS, NO_TABLE},
@@ -108,24 +108,56 @@ impl Process {
     }
 }
 
-/// The row array, mapped into our memory.
-struct Rows {
+/// A window of the row array mapped into our memory while a table is copied in. Mapping the
+/// whole array for good would make all of it (16 MiB by default) resident in our RSS, on top of
+/// the same pages counted as the map's kernel memory.
+struct RowWindow {
     ptr: NonNull<u8>,
-    capacity: u32,
     bytes: usize,
+    /// Byte offset of `ptr` in the array.
+    offset: usize,
 }
 
-impl Drop for Rows {
+impl RowWindow {
+    /// Maps the pages that hold bytes `begin..end` of the array behind `fd`.
+    fn map(fd: std::os::fd::BorrowedFd<'_>, begin: usize, end: usize) -> std::io::Result<Self> {
+        let offset = begin / PAGE * PAGE;
+        let bytes = end.next_multiple_of(PAGE) - offset;
+        // SAFETY: maps part of the array map's values, shared with the kernel, whose mmap takes
+        // page offsets within its size; nothing else maps this range while the window lives.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(Self { ptr, bytes, offset })
+    }
+}
+
+impl Drop for RowWindow {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map_rows` mapped.
+        // SAFETY: unmaps exactly what `map` mapped.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
     }
 }
 
+const PAGE: usize = 4096;
+
 /// The tables and mappings the kernel walker reads, kept in step with the processes sampled.
 pub struct UnwindLoader {
-    rows: Rows,
-    _rows_map: MapData,
+    /// The `UNWIND_ROWS` array; tables are copied in through [`RowWindow`]s.
+    rows_map: MapData,
+    /// Rows the array holds.
+    capacity: u32,
     tables_map: Array<MapData, TableInfo>,
     mappings_map: HashMap<MapData, u32, ProcessMappings>,
     /// Kept open: the tail-call map must outlive the programs' use of it.
@@ -151,32 +183,12 @@ impl UnwindLoader {
         debug_dirs: Vec<PathBuf>,
         programs: ProgramArray<MapData>,
     ) -> Result<Self> {
-        let bytes = (capacity as usize * ROW_BYTES as usize).next_multiple_of(4096);
-        // SAFETY: maps the array map's values, shared with the kernel; nothing else maps them.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&rows_map.fd().as_fd()),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(anyhow!(
-                "mapping the unwind rows into memory: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let rows = Rows {
-            ptr: NonNull::new(ptr.cast()).context("mmap returned null")?,
-            capacity,
-            bytes,
-        };
+        // Fails here, not at the first table, if the array cannot be mapped.
+        RowWindow::map(rows_map.fd().as_fd(), 0, ROW_BYTES as usize)
+            .context("mapping the unwind rows into memory")?;
         Ok(Self {
-            rows,
-            _rows_map: rows_map,
+            rows_map,
+            capacity,
             tables_map,
             mappings_map,
             _programs: programs,
@@ -366,7 +378,12 @@ impl UnwindLoader {
             self.counters.not_loaded += 1;
             return;
         };
-        self.write_rows(first_row, &table.rows);
+        if let Err(err) = self.write_rows(first_row, &table.rows) {
+            eprintln!("warning: copying an unwind table into the kernel: {err}");
+            self.free_slots.push(slot);
+            self.counters.not_loaded += 1;
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
         let info = TableInfo {
@@ -397,7 +414,7 @@ impl UnwindLoader {
     /// The first row of a free run of `len` rows, evicting least recently used tables until
     /// one exists. `None` when the table is larger than the whole budget.
     fn allocate(&mut self, len: u32) -> Option<u32> {
-        if len == 0 || len > self.rows.capacity {
+        if len == 0 || len > self.capacity {
             return None;
         }
         loop {
@@ -414,7 +431,7 @@ impl UnwindLoader {
                 }
                 at = at.max(end);
             }
-            if self.rows.capacity - at >= len {
+            if self.capacity - at >= len {
                 return Some(at);
             }
             self.evict_oldest()?;
@@ -435,18 +452,26 @@ impl UnwindLoader {
         Some(())
     }
 
-    fn write_rows(&mut self, first_row: u32, rows: &[UnwindRow]) {
-        for (i, row) in rows.iter().enumerate() {
-            let index = first_row as usize + i;
-            if index >= self.rows.capacity as usize {
-                break;
-            }
-            // SAFETY: index < capacity, and each element is ROW_BYTES apart in the mapping.
+    fn write_rows(&mut self, first_row: u32, rows: &[UnwindRow]) -> std::io::Result<()> {
+        let end_row = (first_row as usize + rows.len()).min(self.capacity as usize);
+        if end_row <= first_row as usize {
+            return Ok(());
+        }
+        let row_bytes = ROW_BYTES as usize;
+        let window = RowWindow::map(
+            self.rows_map.fd().as_fd(),
+            first_row as usize * row_bytes,
+            end_row * row_bytes,
+        )?;
+        for (index, row) in (first_row as usize..end_row).zip(rows) {
+            // SAFETY: the window holds rows first_row..end_row, ROW_BYTES apart from offset 0
+            // of the array.
             unsafe {
-                let at = self.rows.ptr.as_ptr().add(index * ROW_BYTES as usize);
+                let at = window.ptr.as_ptr().add(index * row_bytes - window.offset);
                 std::ptr::write_unaligned(at.cast::<UnwindRow>(), *row);
             }
         }
+        Ok(())
     }
 }
 
