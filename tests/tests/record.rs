@@ -3,6 +3,7 @@
 
 use std::{
     io::Write as _,
+    path::Path,
     process::{Child, Command, Stdio},
     thread::sleep,
     time::{Duration, Instant},
@@ -354,26 +355,37 @@ fn outputs_load_in_go_tool_pprof_and_folded_and_svg_are_well_formed() {
         .any(|n| n.text().is_some_and(|t| t.contains("heavy"))));
 }
 
-#[test]
-fn ctrl_c_during_start_up_still_writes_a_profile() {
-    let Some(t) = bpf_test() else { return };
-    let out = t.path("early.pb.gz");
+/// `profiler record -F 499 -o OUT -p PID...` in the background, its stderr kept.
+fn start_recorder(pids: &[&str], out: &Path) -> Child {
+    let mut command = Command::new(profiler_bin());
+    command.args(["record", "-F", "499", "-o", path_str(out)]);
+    for pid in pids {
+        command.args(["-p", pid]);
+    }
+    command.stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Records a burning workload into `out`, sends `signal` once `before_signal` (given the
+/// recorder's pid) returns, and checks that the recording stopped cleanly.
+fn interrupted_recording(out: &Path, signal: i32, before_signal: impl FnOnce(u32)) {
     let mut burner = spawn_workload(&["burn", "10"]);
-    let recorder = Command::new(profiler_bin())
-        .args(["record", "-p", &burner.id().to_string()])
-        .args(["-o", path_str(&out)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Well inside the second or more it takes to load and verify the programs.
-    sleep(Duration::from_millis(300));
-    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    let recorder = start_recorder(&[&burner.id().to_string()], out);
+    before_signal(recorder.id());
+    unsafe { libc::kill(recorder.id() as i32, signal) };
     let output = recorder.wait_with_output().unwrap();
     let _ = burner.kill();
     let _ = burner.wait();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
+}
+
+#[test]
+fn ctrl_c_during_start_up_still_writes_a_profile() {
+    let Some(t) = bpf_test() else { return };
+    let out = t.path("early.pb.gz");
+    // Well inside the second or more it takes to load and verify the programs.
+    interrupted_recording(&out, libc::SIGINT, |_| sleep(Duration::from_millis(300)));
     // A valid profile, however few samples it holds.
     load_pprof(&out);
 }
@@ -383,22 +395,10 @@ fn sigterm_and_sigint_stop_the_recording_and_write_the_profile() {
     let Some(t) = bpf_test() else { return };
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let out = t.path(&format!("sig{signal}.pb.gz"));
-        let mut burner = spawn_workload(&["burn", "10"]);
-        let recorder = Command::new(profiler_bin())
-            .args(["record", "-F", "499", "-p", &burner.id().to_string()])
-            .args(["-o", path_str(&out)])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_until_sampling(recorder.id());
-        sleep(Duration::from_millis(500));
-        unsafe { libc::kill(recorder.id() as i32, signal) };
-        let output = recorder.wait_with_output().unwrap();
-        let _ = burner.kill();
-        let _ = burner.wait();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(0), "{stderr}");
-        assert!(stderr.contains("interrupted"), "{stderr}");
+        interrupted_recording(&out, signal, |recorder| {
+            wait_until_sampling(recorder);
+            sleep(Duration::from_millis(500));
+        });
         assert!(has_function(&read_samples(&out), "burn_inner"));
     }
 }
@@ -422,12 +422,7 @@ fn recording_goes_on_until_the_last_of_several_pids_exits() {
     let mut long = held("shares 2");
     let (short_pid, long_pid) = (short.id().to_string(), long.id().to_string());
     let out = t.path("two.pb.gz");
-    let recorder = Command::new(profiler_bin())
-        .args(["record", "-F", "499", "-p", &short_pid, "-p", &long_pid])
-        .args(["-o", path_str(&out)])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let recorder = start_recorder(&[&short_pid, &long_pid], &out);
     wait_until_sampling(recorder.id());
     let started = Instant::now();
     for child in [&mut short, &mut long] {
