@@ -415,16 +415,7 @@ impl Running {
 
     /// Stops it with SIGINT (every tool here writes its output on SIGINT) and returns stderr.
     fn stop(mut self) -> Result<String> {
-        match interrupt(&mut self.child) {
-            Ok(stderr) => Ok(stderr),
-            Err(e) if self.ours => Err(e.context(self.label.clone())),
-            // A peer that hangs on exit (bpftrace symbolizing every stack it kept, say) costs
-            // the run its output, not the run.
-            Err(e) => {
-                eprintln!("bench: {}: {e:#}", self.label);
-                Ok(String::new())
-            }
-        }
+        interrupt(&mut self.child, &self.label, self.ours)
     }
 }
 
@@ -666,13 +657,8 @@ fn startup(plan: &Plan, dir: &Path, rows: &mut Vec<Row>) -> Result<()> {
 /// Stages 5 and 6 (symbolization, profile building) and perf-map parsing from the profiler crate's own bench
 /// binary, which prints one JSON object per line.
 fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
-    let mut command = cargo();
-    command.args(["bench", "--quiet"]).args(&SUITE[1..]).args([
-        "--bench",
-        "stages",
-        "--",
-        mode.name(),
-    ]);
+    let mut command = cargo_bench("stages");
+    command.arg(mode.name());
     let output = json_lines(&mut command, "the stages bench")?;
     push_json_rows(&output, rows, |stage| match stage {
         "symbolize" => "symbolization",
@@ -695,6 +681,18 @@ fn unwind_tables(rows: &mut Vec<Row>) -> Result<()> {
     let output = json_lines(&mut command, "the unwind table bench")?;
     push_json_rows(&output, rows, |_| "unwind tables");
     Ok(())
+}
+
+/// `cargo bench --quiet SUITE --bench NAME --` at the workspace root, ready for the bench's own
+/// arguments: with the suite's package selection, so it reuses what `build_suite` built.
+fn cargo_bench(name: &str) -> Command {
+    let mut command = cargo();
+    command
+        .current_dir(workspace_root())
+        .args(["bench", "--quiet"])
+        .args(SUITE)
+        .args(["--bench", name, "--"]);
+    command
 }
 
 /// Runs a cargo command at the workspace root and returns its stdout.
@@ -734,11 +732,7 @@ fn push_json_rows(output: &str, rows: &mut Vec<Row>, stage: impl Fn(&str) -> &'s
 /// Stage 7: criterion micro-benchmarks of the userspace hot paths (stack decode, symbol cache
 /// look-up, pprof building); the smoke run keeps criterion's minimum sample count and short times.
 fn micro(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
-    let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["bench", "--quiet"])
-        .args(&SUITE[1..])
-        .args(["--bench", "hot_paths", "--"]);
+    let mut cmd = cargo_bench("hot_paths");
     if mode != Mode::Full {
         cmd.args([
             "--warm-up-time",
@@ -1163,10 +1157,11 @@ fn signal_process(pid: u32, signal: i32) {
 /// How long a profiler or peer gets after SIGINT to write its output and exit.
 const EXIT_GRACE: Duration = Duration::from_secs(60);
 
-/// Sends SIGINT to `child` and returns its stderr once it exits; one still running
-/// [`EXIT_GRACE`] later is killed and that is an error, so a tool that hangs on exit cannot
-/// stall the benchmark (and CI with it) for good.
-fn interrupt(child: &mut Child) -> Result<String> {
+/// Sends SIGINT to `child` (`label`) and returns its stderr once it exits. One still running
+/// [`EXIT_GRACE`] later is killed, so a tool that hangs on exit cannot stall the benchmark (and
+/// CI with it) for good: an error if it is the profiler itself (`ours`), while a peer that
+/// hangs (bpftrace symbolizing every stack it kept, say) costs the run its output, not the run.
+fn interrupt(child: &mut Child, label: &str, ours: bool) -> Result<String> {
     let stderr = child.stderr.take();
     // Read while waiting: a tool blocked on a full stderr pipe would never exit.
     let reader = thread::spawn(move || {
@@ -1182,10 +1177,15 @@ fn interrupt(child: &mut Child) -> Result<String> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "still running {} s after SIGINT; killed",
+            let hung = format!(
+                "{label}: still running {} s after SIGINT; killed",
                 EXIT_GRACE.as_secs()
             );
+            if ours {
+                bail!(hung);
+            }
+            eprintln!("bench: {hung}");
+            return Ok(String::new());
         }
         thread::sleep(Duration::from_millis(20));
     }

@@ -185,7 +185,7 @@ fn test(args: &[OsString]) -> Result<()> {
     let xtask = env::current_exe().context("finding the xtask binary")?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
-        .arg("test")
+        .args(["test", "--release"])
         .args(SUITE)
         .args(args)
         .env("PROFILER_BIN", profiler_bin())
@@ -246,7 +246,7 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
 /// its dependencies (about five minutes here) each time one follows the other. The eBPF crate
 /// is left out: it is `no_std`/`no_main` for bpfel only (profiler/build.rs builds it), and its
 /// binary is also named `profiler`, which would collide with the real one.
-const SUITE: [&str; 4] = ["--release", "--workspace", "--exclude", "profiler-ebpf"];
+const SUITE: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
 
 /// Setup, then the release profiler with every test, bench and example target of the suite,
 /// in one feature resolution (see [`SUITE`]).
@@ -254,7 +254,7 @@ fn build_suite() -> Result<()> {
     setup()?;
     let mut cmd = cargo();
     cmd.current_dir(workspace_root())
-        .arg("build")
+        .args(["build", "--release"])
         .args(SUITE)
         .arg("--all-targets");
     run(&mut cmd)

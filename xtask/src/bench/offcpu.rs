@@ -134,15 +134,9 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
                 if n1 > n0 {
                     per_run[i].push(t1.saturating_sub(t0) as f64 / (n1 - n0) as f64);
                 }
-                let err = match (interrupt(&mut child), watcher) {
-                    (Ok(err), _) => err,
-                    (Err(e), Watcher::Profiler(_)) => return Err(e.context(watcher.label())),
-                    (Err(e), _) => {
-                        eprintln!("bench: {}: {e:#}", watcher.label());
-                        String::new()
-                    }
-                };
-                if let Watcher::Profiler(_) = watcher {
+                let ours = matches!(watcher, Watcher::Profiler(_));
+                let err = interrupt(&mut child, &watcher.label(), ours)?;
+                if ours {
                     eprintln!("bench: {}", err.lines().last().unwrap_or(""));
                 }
             }
