@@ -12,17 +12,26 @@ use profiler_tests::*;
 
 /// frames.c (profiler-unwind's test program) built without frame pointers.
 fn frameless() -> PathBuf {
+    compile_frameless("profiler-unwind/tests/testdata/frames.c", "frameless", &[])
+}
+
+/// Compiles `source` (relative to the repository) -O2 without frame pointers, with `extra`
+/// flags, into target/test-workloads/NAME; through a temporary name, since tests running at
+/// once may build the same program.
+fn compile_frameless(source: &str, name: &str, extra: &[&str]) -> PathBuf {
     let dir = root().join("target/test-workloads");
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("frameless");
-    let tmp = dir.join(format!("frameless.{}", std::process::id()));
+    let out = dir.join(name);
+    let tmp = dir.join(format!("{name}.{}", std::process::id()));
     let status = Command::new("gcc")
-        .args(["-O2", "-fomit-frame-pointer", "-g", "-o"])
+        .args(["-O2", "-fomit-frame-pointer", "-g"])
+        .args(extra)
+        .arg("-o")
         .arg(&tmp)
-        .arg(root().join("profiler-unwind/tests/testdata/frames.c"))
+        .arg(root().join(source))
         .status()
         .expect("gcc must be installed (cargo xtask setup installs it)");
-    assert!(status.success(), "compiling frames.c failed");
+    assert!(status.success(), "compiling {source} failed");
     std::fs::rename(&tmp, &out).unwrap();
     out
 }
@@ -289,25 +298,12 @@ fn main() {
 #[test]
 fn a_library_loaded_after_the_maps_were_read_is_walked_through() {
     let Some(t) = bpf_test() else { return };
-    let dir = root().join("target/test-workloads");
-    std::fs::create_dir_all(&dir).unwrap();
-    let frameless = ["-O2", "-fomit-frame-pointer", "-g"];
-    let lib = dir.join("libdlopen_spin.so");
-    let program = dir.join("dlopen");
-    for (out, source, extra) in [
-        (&lib, "dlopen_lib.c", &["-shared", "-fPIC"][..]),
-        (&program, "dlopen.c", &[][..]),
-    ] {
-        let status = Command::new("gcc")
-            .args(frameless)
-            .args(extra)
-            .arg("-o")
-            .arg(out)
-            .arg(root().join("tests/workloads").join(source))
-            .status()
-            .expect("gcc must be installed (cargo xtask setup installs it)");
-        assert!(status.success(), "compiling {source} failed");
-    }
+    let lib = compile_frameless(
+        "tests/workloads/dlopen_lib.c",
+        "libdlopen_spin.so",
+        &["-shared", "-fPIC"],
+    );
+    let program = compile_frameless("tests/workloads/dlopen.c", "dlopen", &[]);
     let mut spinner = Spinner::run(Command::new(&program).arg(&lib).stdin(Stdio::piped()));
     let pid = spinner.pid();
     let out = t.path("dlopen.pb.gz");
