@@ -97,7 +97,14 @@ pub struct Resolver {
     maps_reads: u64,
     processes_seen: u64,
     perf_maps: PerfMapStats,
+    /// When `/proc` was last read for the ends the kernel failed to report.
+    swept_at: Option<Instant>,
 }
+
+/// How often `forget_ended` looks in `/proc` for processes whose exit event was lost. The
+/// kernel reports every exit it can; reading every known process's stat at each drain cost
+/// half the agent's steady CPU with 200 processes, for an event that is rarely lost.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 const UNKNOWN_PROCESS: &str = "[unknown]";
 
@@ -128,6 +135,7 @@ impl Resolver {
             maps_reads: 0,
             processes_seen: 0,
             perf_maps: PerfMapStats::default(),
+            swept_at: None,
         }
     }
 
@@ -265,18 +273,23 @@ impl Resolver {
     }
 
     /// Forgets the processes that ended at least two generation flips before `flips`: by then
-    /// every sample they left in the kernel's maps has been drained and resolved. Live
-    /// processes whose end the kernel could not report (its event lost) are found here too.
+    /// every sample they left in the kernel's maps has been drained and resolved. Processes
+    /// whose end the kernel could not report (its event lost) are found here too, by a look in
+    /// `/proc` at most every `SWEEP_EVERY`.
     /// Binaries no remaining process maps are closed, so that memory stays bounded however many
     /// processes come and go. Returns the processes forgotten.
     pub fn forget_ended(&mut self, flips: u64) -> Vec<ProcessKey> {
+        let sweep = self.swept_at.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+        if sweep {
+            self.swept_at = Some(Instant::now());
+        }
         let mut gone = Vec::new();
         for (key, info) in &mut self.processes {
             match info.ended_at {
                 Some(at) if at + 2 <= flips => gone.push(*key),
                 Some(_) => {}
                 None => {
-                    if !is_running(key.tgid, key.start_ns) {
+                    if sweep && !is_running(key.tgid, key.start_ns) {
                         info.ended_at = Some(flips);
                     }
                 }
