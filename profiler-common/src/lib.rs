@@ -62,6 +62,24 @@ pub mod offcpu {
     pub const SPLITTING: u32 = 2;
     /// Width of the window the per-CPU rate bound counts switches in.
     pub const RATE_WINDOW_NS: u64 = 10_000_000;
+    /// Longest sampling period of the rate bound: one switch-out in this many.
+    pub const MAX_PERIOD: u32 = 1 << 16;
+
+    /// The sampling period for the next window, from the last one's: it halves after a window
+    /// that recorded a quarter of the bound or less, and a CPU that recorded nothing for two
+    /// windows starts again at 1 (the period doubles within a window, as soon as it reaches the
+    /// bound). So a switch storm is sampled and every switch-out of a quiet CPU is recorded.
+    #[inline(always)]
+    pub fn next_period(period: u32, recorded: u32, max: u32, idle_windows: u64) -> u32 {
+        if idle_windows >= 2 {
+            1
+        } else if recorded <= max / 4 {
+            (period / 2).max(1)
+        } else {
+            period.max(1)
+        }
+    }
+
     /// `prev_state` bit of a task that is exiting: its last switch is no block.
     pub const TASK_DEAD: u32 = 0x80;
 
@@ -212,7 +230,9 @@ pub struct OffCpuBlock {
     pub key: SampleKey,
     /// The generation whose stacks map holds the stacks.
     pub generation: u32,
-    pub _pad: u32,
+    /// Switch-outs this one stands for: its CPU's sampling period when it was recorded (0 is
+    /// read as 1). Its blocked time counts this many times over.
+    pub weight: u32,
 }
 
 /// Per-CPU state of the off-CPU rate bound.
@@ -222,7 +242,9 @@ pub struct RateWindow {
     /// Start of the current window (CLOCK_MONOTONIC ns).
     pub start_ns: u64,
     /// Switch-outs recorded in it.
-    pub recorded: u64,
+    pub recorded: u32,
+    /// One switch-out in `period` (a power of two; 0 is read as 1) is recorded, at random.
+    pub period: u32,
 }
 
 /// Length of a task's `comm`.
@@ -311,8 +333,12 @@ pub enum Counter {
     OffCpuBlocks,
     /// Off-CPU blocks shorter than `--off-cpu-min-block`, left out.
     OffCpuShortBlocks,
-    /// Switch-outs not recorded because their CPU hit the off-CPU rate bound.
+    /// Switch-outs not recorded because their CPU hit the off-CPU rate bound at the longest
+    /// sampling period.
     OffCpuRateLimited,
+    /// Switch-outs left out by sampling while their CPU switched faster than the rate bound:
+    /// the recorded ones count for them (their weight), so their time is estimated, not lost.
+    OffCpuSampledOut,
     /// Switch-outs not recorded because the map of blocked threads was full.
     OffCpuBlockedMapFull,
     /// Blocks that ended while user space was splitting them at a drain: their time before
@@ -322,7 +348,7 @@ pub enum Counter {
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -352,6 +378,7 @@ impl Counter {
         Counter::OffCpuRateLimited,
         Counter::OffCpuBlockedMapFull,
         Counter::OffCpuSplitRaces,
+        Counter::OffCpuSampledOut,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -383,6 +410,7 @@ impl Counter {
             Counter::OffCpuRateLimited => "offcpu_rate_limited",
             Counter::OffCpuBlockedMapFull => "offcpu_blocked_map_full",
             Counter::OffCpuSplitRaces => "offcpu_split_races",
+            Counter::OffCpuSampledOut => "offcpu_sampled_out",
         }
     }
 
@@ -428,4 +456,23 @@ mod pod {
     unsafe impl aya::Pod for super::Stack {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::OffCpuBlock {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::offcpu::{next_period, MAX_PERIOD};
+
+    #[test]
+    fn the_sampling_period_halves_under_a_quarter_and_resets_after_idle_windows() {
+        // Well under the bound: halves, down to 1.
+        assert_eq!(next_period(8, 5, 20, 1), 4);
+        assert_eq!(next_period(1, 0, 20, 1), 1);
+        // Between a quarter of it and the bound: stays.
+        assert_eq!(next_period(8, 6, 20, 1), 8);
+        assert_eq!(next_period(8, 20, 20, 1), 8);
+        // A CPU quiet for two windows records everything again.
+        assert_eq!(next_period(MAX_PERIOD, 20, 20, 2), 1);
+        // A zeroed per-CPU slot reads as 1.
+        assert_eq!(next_period(0, 10, 20, 1), 1);
+    }
 }

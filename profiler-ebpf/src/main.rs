@@ -15,8 +15,8 @@ mod walk;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_prandom_u32,
+        bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map, perf_event},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
@@ -500,7 +500,7 @@ fn switch_in(next: *const u8, now: u64) {
     add_to(
         offcpu_counts(generation),
         &key,
-        now.saturating_sub(from),
+        now.saturating_sub(from) * u64::from(block.weight.max(1)),
         Counter::OffCpuBlocks,
     );
 }
@@ -539,10 +539,9 @@ fn switch_out(ctx: &BtfTracePointContext, prev_state: u32, now: u64) {
     if tid == 0 || !wanted(tgid) {
         return;
     }
-    if !within_rate(now) {
-        count(Counter::OffCpuRateLimited);
+    let Some(weight) = sampled(now) else {
         return;
-    }
+    };
     let process = track(tgid);
     let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
     let (_, stacks) = generation_maps(generation);
@@ -560,53 +559,81 @@ fn switch_out(ctx: &BtfTracePointContext, prev_state: u32, now: u64) {
             walk::task_user_regs(),
             key,
             generation,
-            walk::Finish::Block(now),
+            walk::Finish::Block(weight),
             &OFFCPU_WALK_PROGRAMS,
         )
     {
         return;
     }
     match user_stack(ctx, stacks) {
-        Ok(user_stack) => record_block(&SampleKey { user_stack, ..key }, generation, now),
+        Ok(user_stack) => record_block(&SampleKey { user_stack, ..key }, generation, weight),
         Err(counter) => count(counter),
     }
 }
 
-/// Remembers that the thread of `key` went off CPU at `start_ns`.
+/// Remembers that the thread of `key` goes off CPU now, standing for `weight` switch-outs.
+/// The block starts when its stacks are stored, not when the switch began: the walk delays
+/// whatever runs next on this CPU, and a block timed from before it would count the
+/// profiler's own cost (a quarter of a pipe ping-pong's blocks, and so a bias in sampled
+/// totals, whose recorded blocks alone pay it).
 #[inline(always)]
-fn record_block(key: &SampleKey, generation: u32, start_ns: u64) {
+fn record_block(key: &SampleKey, generation: u32, weight: u32) {
     let block = OffCpuBlock {
-        start_ns,
+        start_ns: unsafe { bpf_ktime_get_ns() },
         key: *key,
         generation,
-        _pad: 0,
+        weight,
     };
     if OFFCPU_BLOCKED.insert(&key.tid, &block, 0).is_err() {
         count(Counter::OffCpuBlockedMapFull);
     }
 }
 
-/// Whether this CPU may record one more switch-out in its current window.
+/// Whether to record this switch-out, and the weight it then carries: every one while the CPU
+/// stays under the rate bound; past it one in its sampling period, chosen at random, so that
+/// the recorded blocks, weighted, estimate all of them without bias. The period doubles as soon
+/// as a window reaches the bound and halves in a window that stays well under it.
 #[inline(always)]
-fn within_rate(now: u64) -> bool {
+fn sampled(now: u64) -> Option<u32> {
     let max = OFFCPU_MAX_PER_WINDOW.load();
     if max == u32::MAX {
-        return true;
+        return Some(1);
     }
     let Some(window) = OFFCPU_RATE.get_ptr_mut(0) else {
-        return true;
+        return Some(1);
     };
     // Per-CPU, and sched_switch runs with interrupts off: nothing else writes it meanwhile.
     let window = unsafe { &mut *window };
-    if now.wrapping_sub(window.start_ns) >= offcpu::RATE_WINDOW_NS {
+    let elapsed = now.wrapping_sub(window.start_ns);
+    if elapsed >= offcpu::RATE_WINDOW_NS {
+        let idle_windows = elapsed / offcpu::RATE_WINDOW_NS;
+        window.period = offcpu::next_period(window.period, window.recorded, max, idle_windows);
         window.start_ns = now;
         window.recorded = 0;
     }
-    if window.recorded >= u64::from(max) {
-        return false;
+    // The low 16 bits choose within the period (at most 2^16), bit 31 when it doubles.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let mut period = window.period.max(1);
+    if random & (period - 1) != 0 {
+        count(Counter::OffCpuSampledOut);
+        return None;
+    }
+    if window.recorded >= max {
+        if period >= offcpu::MAX_PERIOD {
+            count(Counter::OffCpuRateLimited);
+            return None;
+        }
+        // Half as many from now on, this one included: it stays with probability 1/2.
+        period *= 2;
+        window.period = period;
+        window.recorded = max / 2;
+        if random >> 31 != 0 {
+            count(Counter::OffCpuSampledOut);
+            return None;
+        }
     }
     window.recorded += 1;
-    true
+    Some(period)
 }
 
 /// Follows forks: a child of a filtered process joins the filter before it can run.

@@ -39,8 +39,8 @@ const FRAMES_PER_PROGRAM: usize = 4;
 pub enum Finish {
     /// Counts one on-CPU sample.
     Sample,
-    /// Records an off-CPU block that started at this time.
-    Block(u64),
+    /// Records an off-CPU block with this weight (at least 1).
+    Block(u32),
 }
 
 /// A walk in progress, carried from one program to the next.
@@ -52,8 +52,10 @@ pub struct WalkState {
     generation: u32,
     /// 1 when `regs.rip` is a return address.
     is_return_address: u32,
-    /// Switch-out time of an off-CPU block; 0 for an on-CPU sample.
-    block_start_ns: u64,
+    /// Weight of the off-CPU block (see `OffCpuBlock::weight`); 0 for an on-CPU sample. A
+    /// u64 where the walk's layout had its start time: the walker verifies near the
+    /// verifier's limit, and a new layout took it past.
+    block_weight: u64,
 }
 
 /// One state per CPU serves both walks: the cpu-clock sampler runs from a timer interrupt and
@@ -85,14 +87,14 @@ pub fn start<C: EbpfContext>(
     state.stack.len = 0;
     state.stack.exact = [0, 0];
     state.is_return_address = 0;
-    state.block_start_ns = match finish_as {
+    state.block_weight = match finish_as {
         Finish::Sample => 0,
-        Finish::Block(start) => start.max(1),
+        Finish::Block(weight) => u64::from(weight.max(1)),
     };
     let Some(regs) = regs else {
         // A kernel thread: no user stack, as with frame pointers.
         count(Counter::UserStackMissing);
-        finish(state, None);
+        finish(state, None, matches!(finish_as, Finish::Block(_)));
         return true;
     };
     state.regs = regs;
@@ -108,7 +110,7 @@ pub fn start<C: EbpfContext>(
 #[perf_event]
 pub fn walk(ctx: PerfEventContext) -> u32 {
     if let Some(state) = WALK_STATE.get_ptr_mut(0) {
-        step_frames(&ctx, unsafe { &mut *state }, &WALK_PROGRAMS);
+        step_frames(&ctx, unsafe { &mut *state }, &WALK_PROGRAMS, false);
     }
     0
 }
@@ -117,21 +119,28 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
 #[btf_tracepoint(function = "sched_switch")]
 pub fn walk_offcpu(ctx: BtfTracePointContext) -> i32 {
     if let Some(state) = WALK_STATE.get_ptr_mut(0) {
-        step_frames(&ctx, unsafe { &mut *state }, &OFFCPU_WALK_PROGRAMS);
+        step_frames(&ctx, unsafe { &mut *state }, &OFFCPU_WALK_PROGRAMS, true);
     }
     0
 }
 
-/// Walks up to [`FRAMES_PER_PROGRAM`] frames; then finishes the sample or hands on.
+/// Walks up to [`FRAMES_PER_PROGRAM`] frames; then finishes the sample (the block, when
+/// `off_cpu`) or hands on. `off_cpu` is a constant of each program, so that neither holds the
+/// other's finish: the walker verifies near the verifier's instruction limit.
 #[inline(always)]
-fn step_frames<C: EbpfContext>(ctx: &C, state: &mut WalkState, programs: &ProgramArray) {
+fn step_frames<C: EbpfContext>(
+    ctx: &C,
+    state: &mut WalkState,
+    programs: &ProgramArray,
+    off_cpu: bool,
+) {
     let tgid = state.key.process.tgid;
     let mappings = unsafe { UNWIND_MAPPINGS.get(&tgid) }.filter(|m| m.process == state.key.process);
     for _ in 0..FRAMES_PER_PROGRAM {
         let n = state.stack.len as usize;
         if n >= MAX_STACK_DEPTH {
             count(Counter::StacksTruncated);
-            finish(state, Some(StopReason::FrameLimit));
+            finish(state, Some(StopReason::FrameLimit), off_cpu);
             return;
         }
         state.stack.addrs[n] = state.regs.rip;
@@ -143,7 +152,7 @@ fn step_frames<C: EbpfContext>(ctx: &C, state: &mut WalkState, programs: &Progra
             StepResult::Caller => state.is_return_address = 1,
             StepResult::Interrupted => state.is_return_address = 0,
             StepResult::Stop(reason) => {
-                finish(state, Some(reason));
+                finish(state, Some(reason), off_cpu);
                 return;
             }
         }
@@ -151,7 +160,7 @@ fn step_frames<C: EbpfContext>(ctx: &C, state: &mut WalkState, programs: &Progra
     // SAFETY: `programs` holds this program's own continuation.
     unsafe { programs.tail_call(ctx, 0) };
     // Only reached when the tail call failed (its limit, or no program): keep what we have.
-    finish(state, Some(StopReason::FrameLimit));
+    finish(state, Some(StopReason::FrameLimit), off_cpu);
 }
 
 /// One frame: the table's rule where one covers the pc; else, where the frame pointer looks
@@ -267,9 +276,10 @@ pub fn task_user_regs() -> Option<Regs> {
     (rip != 0).then_some(Regs { rip, rsp, rbp })
 }
 
-/// Counts why the walk stopped, stores the stack and counts the sample.
+/// Counts why the walk stopped, stores the stack and counts the sample (records the block,
+/// when `off_cpu`).
 #[inline(always)]
-fn finish(state: &mut WalkState, stop: Option<StopReason>) {
+fn finish(state: &mut WalkState, stop: Option<StopReason>, off_cpu: bool) {
     let counter = match stop {
         None | Some(StopReason::EndOfStack) => None,
         Some(StopReason::NoTable) => Some(Counter::UnwindNoTable),
@@ -302,8 +312,8 @@ fn finish(state: &mut WalkState, stop: Option<StopReason>) {
         user_stack,
         ..state.key
     };
-    if state.block_start_ns != 0 {
-        record_block(&key, state.generation, state.block_start_ns);
+    if off_cpu {
+        record_block(&key, state.generation, state.block_weight as u32);
     } else {
         count_sample(counts, &key);
     }

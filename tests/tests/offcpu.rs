@@ -230,6 +230,64 @@ fn pipe_and_mutex_waits_keep_their_callers() {
 }
 
 #[test]
+fn a_switch_storm_is_sampled_and_weighted_to_the_same_blocked_time() {
+    let Some(t) = bpf_test() else { return };
+    // A pipe ping-pong with nothing between messages: tens of thousands of switch-outs per
+    // second on each CPU. Two recordings watch it at once: one records every switch-out, the
+    // other at most 300 per second per CPU, so it samples and weights what it records.
+    let mut workload = Command::new(offcpu_workload())
+        .args(["storm", "120"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = workload.id().to_string();
+    let record = |name: &str, max_rate: &str| {
+        let flags = [
+            "--off-cpu",
+            "--off-cpu-state",
+            "blocked",
+            "--unwinder",
+            "fp",
+            "--no-kernel",
+            "--off-cpu-max-rate",
+            max_rate,
+            "-d",
+            "4s",
+            "--pid",
+            &pid,
+        ];
+        let (out, stderr) = t.record(name, &flags, &[]);
+        let profile = load_pprof(&out);
+        let per_second =
+            total(&samples_of(&profile, "offcpu")) as f64 / profile.duration_nanos as f64;
+        (per_second, stderr)
+    };
+    let ((every, every_err), (sampled, sampled_err)) = std::thread::scope(|s| {
+        let every = s.spawn(|| record("every.pb.gz", "100000000"));
+        let sampled = s.spawn(|| record("sampled.pb.gz", "300"));
+        (every.join().unwrap(), sampled.join().unwrap())
+    });
+    let _ = workload.kill();
+    let _ = workload.wait();
+    eprintln!("sampled {sampled:.3} every {every:.3}\n{sampled_err}\n{every_err}");
+    // Each of the two threads waits for the other most of the time.
+    assert!(every >= 0.5, "{every:.2} s off CPU per second; {every_err}");
+    assert!(
+        (0.75..=1.25).contains(&(sampled / every)),
+        "sampled {sampled:.2} against every {every:.2} s off CPU per second\n{sampled_err}\n{every_err}"
+    );
+    let sampled_out = |stderr: &str| -> u64 {
+        stderr
+            .split_once(" more switch-outs sampled out")
+            .and_then(|(before, _)| before.rsplit('(').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(sampled_out(&sampled_err) > 0, "{sampled_err}");
+    assert_eq!(sampled_out(&every_err), 0, "{every_err}");
+}
+
+#[test]
 fn agent_pushes_an_offcpu_series_to_pyroscope_and_otlp() {
     let Some(_t) = bpf_test() else { return };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -134,7 +134,8 @@ pub struct AgentArgs {
     /// Which switch-outs count: any, blocked, uninterruptible [default: any].
     #[arg(long, env = "PROFILER_OFF_CPU_STATE", value_enum, value_name = "S")]
     pub off_cpu_state: Option<OffCpuState>,
-    /// Most switch-outs recorded per second on each CPU [default: 50000].
+    /// Switch-outs recorded per second on each CPU before sampling (weighted) starts
+    /// [default: 2000].
     #[arg(long, env = "PROFILER_OFF_CPU_MAX_RATE", value_name = "N")]
     pub off_cpu_max_rate: Option<u64>,
 }

@@ -84,8 +84,10 @@ pub struct RecordArgs {
     /// sleeps), uninterruptible (D state) [default: any].
     #[arg(long, value_enum, value_name = "S")]
     off_cpu_state: Option<OffCpuState>,
-    /// Most switch-outs recorded per second on each CPU; more are dropped and counted
-    /// (offcpu_rate_limited) [default: 50000].
+    /// Switch-outs recorded per second on each CPU before sampling starts: a CPU that switches
+    /// faster records one in 2, 4, ... at random, each weighted to stand for the others
+    /// (offcpu_sampled_out); a burst past it before the rate adapts is dropped and counted
+    /// (offcpu_rate_limited) [default: 2000].
     #[arg(long, value_name = "N")]
     off_cpu_max_rate: Option<u64>,
     /// Command to start and record, with its arguments, after `--`.
@@ -394,8 +396,12 @@ fn headline(
         true => {
             let index = export::shown_value(profile);
             let ns: i64 = profile.sample.iter().map(|s| s.value[index]).sum();
+            let sampled_out = match counters.get(Counter::OffCpuSampledOut) {
+                0 => String::new(),
+                n => format!(" ({n} more switch-outs sampled out, their time estimated)"),
+            };
             format!(
-                " and {:.2}s off CPU in {} blocks",
+                " and {:.2}s off CPU in {} blocks{sampled_out}",
                 ns as f64 / 1e9,
                 counters.get(Counter::OffCpuBlocks)
             )

@@ -91,7 +91,7 @@ pub struct OffCpuConfig {
 pub const DEFAULT_OFF_CPU_MIN_BLOCK: Duration = Duration::from_micros(1);
 
 /// Default `--off-cpu-max-rate`: switch-outs recorded per second per CPU.
-pub const DEFAULT_OFF_CPU_MAX_RATE: u64 = 50_000;
+pub const DEFAULT_OFF_CPU_MAX_RATE: u64 = 2_000;
 
 impl Default for OffCpuConfig {
     fn default() -> Self {
@@ -748,7 +748,8 @@ impl OffCpu {
             }
             let from = offcpu::accounted_until(start, self.last_flip_ns, self.min_block_ns);
             let reader = &mut readers[(block.generation & 1) as usize];
-            match reader.sample(&block.key, flip_ns.saturating_sub(from), true) {
+            let blocked = flip_ns.saturating_sub(from) * u64::from(block.weight.max(1));
+            match reader.sample(&block.key, blocked, true) {
                 Some(sample) => split.push(sample),
                 None => *lost += 1,
             }

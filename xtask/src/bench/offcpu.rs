@@ -21,7 +21,8 @@ use crate::profiler_bin;
 #[derive(Clone, Copy)]
 enum Watcher {
     Nothing,
-    Profiler(&'static str),
+    /// `--unwinder`, and `--off-cpu-max-rate` when not the default (which samples a storm).
+    Profiler(&'static str, Option<&'static str>),
     Offcputime,
 }
 
@@ -29,8 +30,11 @@ impl Watcher {
     fn label(self) -> String {
         match self {
             Watcher::Nothing => "nothing".into(),
-            Watcher::Profiler(unwinder) => {
+            Watcher::Profiler(unwinder, None) => {
                 format!("profiler record --off-cpu --unwinder {unwinder}")
+            }
+            Watcher::Profiler(unwinder, Some(rate)) => {
+                format!("profiler record --off-cpu --unwinder {unwinder} --off-cpu-max-rate {rate}")
             }
             Watcher::Offcputime => "libbpf-tools offcputime".into(),
         }
@@ -40,11 +44,14 @@ impl Watcher {
     fn start(self, pid: u32, dir: &Path) -> Result<Option<Child>> {
         let mut command = match self {
             Watcher::Nothing => return Ok(None),
-            Watcher::Profiler(unwinder) => {
+            Watcher::Profiler(unwinder, rate) => {
                 let mut c = Command::new(profiler_bin());
                 c.args(["record", "--off-cpu", "--unwinder", unwinder, "-o"])
                     .arg(dir.join("offcpu.pb.gz"))
                     .args(["--pid", &pid.to_string()]);
+                if let Some(rate) = rate {
+                    c.args(["--off-cpu-max-rate", rate]);
+                }
                 c
             }
             Watcher::Offcputime => {
@@ -79,6 +86,9 @@ fn switch_stats(pid: u32) -> (u64, u64) {
         .fold((0, 0), |(t, n), (_, (time, runs))| (t + time, n + runs))
 }
 
+/// A `--off-cpu-max-rate` no storm reaches: no sampling.
+const EVERY_SWITCH: &str = "100000000";
+
 /// Compiles the workload with frame pointers (offcputime's stacks need them).
 fn compile(dir: &Path) -> Result<PathBuf> {
     compile_c(
@@ -94,8 +104,10 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     let workload = compile(&setup.dir)?;
     let mut watchers = vec![
         Watcher::Nothing,
-        Watcher::Profiler("fp"),
-        Watcher::Profiler("auto"),
+        Watcher::Profiler("fp", None),
+        Watcher::Profiler("auto", None),
+        // Every switch-out recorded, as offcputime does: the cost per recorded event.
+        Watcher::Profiler("fp", Some(EVERY_SWITCH)),
     ];
     if works("offcputime") {
         watchers.push(Watcher::Offcputime);
@@ -134,7 +146,7 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
                 if n1 > n0 {
                     per_run[i].push(t1.saturating_sub(t0) as f64 / (n1 - n0) as f64);
                 }
-                let ours = matches!(watcher, Watcher::Profiler(_));
+                let ours = matches!(watcher, Watcher::Profiler(..));
                 let err = interrupt(&mut child, &watcher.label(), ours)?;
                 if ours {
                     eprintln!("bench: {}", err.lines().last().unwrap_or(""));
