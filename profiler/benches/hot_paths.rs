@@ -29,7 +29,11 @@ fn stack_decode(c: &mut Criterion) {
 fn symbol_cache(c: &mut Criterion) {
     let (key, offsets) = common::own_code_offsets(256);
     let mut symbols = Symbols::new(&[]);
-    symbols.add_object(key, File::open("/proc/self/exe").unwrap());
+    symbols.add_object(
+        key,
+        File::open("/proc/self/exe").unwrap(),
+        std::path::Path::new("/proc/self/exe"),
+    );
     symbols.load_file_offsets(&key, &offsets);
     let mut i = 0;
     c.bench_function("symbol cache hit", |b| {

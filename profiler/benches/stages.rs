@@ -59,6 +59,7 @@ fn main() {
     symbols.add_object(
         key,
         File::open("/proc/self/exe").expect("opening our own binary"),
+        std::path::Path::new("/proc/self/exe"),
     );
     let config = format!("{addresses} addresses, own release binary");
     let started = Instant::now();

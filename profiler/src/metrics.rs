@@ -51,6 +51,7 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     gopclntab_errors: Counter,
+    binaries_skipped: Family<Labels, Counter>,
     pushes: Family<Labels, Counter>,
     push_duration: Family<Labels, Histogram, fn() -> Histogram>,
     queue_bytes: Family<Labels, Gauge>,
@@ -86,6 +87,7 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             gopclntab_errors: Counter::default(),
+            binaries_skipped: Family::default(),
             pushes: Family::default(),
             push_duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.005, 2.0, 12))
@@ -148,6 +150,13 @@ impl Metrics {
             "symbolizer_gopclntab_errors",
             "Corrupt Go function tables (.gopclntab), and look-ups they left unnamed",
             metrics.gopclntab_errors.clone(),
+        );
+        registry.register(
+            "binaries_skipped",
+            "Binaries left unparsed, by stage (symbols, unwind_table) and reason (too_large, \
+             parse_error, panic): their frames show as file+0xADDR, or their code is walked \
+             with frame pointers",
+            metrics.binaries_skipped.clone(),
         );
         registry.register(
             "pushes",
@@ -252,6 +261,31 @@ impl Metrics {
             .inc_by(delta(stats.cache_misses, last.1.cache_misses));
         self.gopclntab_errors
             .inc_by(delta(stats.gopclntab_errors, last.1.gopclntab_errors));
+        let (now, before) = (&stats.skipped_binaries, &last.1.skipped_binaries);
+        let (unwind, unwind_before) = (&counters.unwind, &last.0.unwind);
+        for (stage, reason, now, before) in [
+            ("symbols", "too_large", now.too_large, before.too_large),
+            ("symbols", "panic", now.panics, before.panics),
+            (
+                "unwind_table",
+                "parse_error",
+                unwind.build_errors,
+                unwind_before.build_errors,
+            ),
+            (
+                "unwind_table",
+                "panic",
+                unwind.build_panics,
+                unwind_before.build_panics,
+            ),
+        ] {
+            self.binaries_skipped
+                .get_or_create(&vec![
+                    ("stage", stage.to_owned()),
+                    ("reason", reason.to_owned()),
+                ])
+                .inc_by(delta(now, before));
+        }
         let (now, before) = (&stats.perf_maps, &last.1.perf_maps);
         for (event, now, before) in [
             ("files", now.files, before.files),

@@ -12,7 +12,7 @@ mod targets;
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,7 +20,7 @@ use std::{
 pub use demangle::demangle;
 pub use perfmap::{parse_line as parse_perf_map_line, PerfMap, PerfMapStats};
 pub use process::{is_alive, is_running, FileKey, Mapping};
-pub use symbols::{basename, Line, Lines, Symbols};
+pub use symbols::{basename, Line, Lines, SkippedBinaries, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
@@ -73,6 +73,8 @@ pub struct ResolveStats {
     pub processes_seen: u64,
     /// Corrupt Go function tables (`.gopclntab`), and look-ups they left unnamed.
     pub gopclntab_errors: u64,
+    /// Binaries the symbolizer skipped, by reason.
+    pub skipped_binaries: SkippedBinaries,
     /// JIT code named from perf-map files.
     pub perf_maps: PerfMapStats,
 }
@@ -338,6 +340,7 @@ impl Resolver {
             maps_reads: self.maps_reads,
             processes_seen: self.processes_seen,
             gopclntab_errors: self.symbols.go_errors,
+            skipped_binaries: self.symbols.skipped,
             perf_maps: PerfMapStats {
                 entries: self.perf_map_entries(),
                 ..self.perf_maps
@@ -359,7 +362,8 @@ impl Resolver {
                 return Some(key);
             }
             if let Ok(file) = File::open(&by_map_files) {
-                self.symbols.add_object(key, file);
+                let name = raw.path.as_deref().unwrap_or(Path::new("[anonymous]"));
+                self.symbols.add_object(key, file, name);
                 return Some(key);
             }
         }
@@ -371,7 +375,7 @@ impl Resolver {
             .ok()?;
         let key = FileKey::of_metadata(&file.metadata().ok()?);
         if !self.symbols.has_object(&key) {
-            self.symbols.add_object(key, file);
+            self.symbols.add_object(key, file, path);
         }
         Some(key)
     }

@@ -24,6 +24,20 @@ use super::{
 /// The soonest /proc/kallsyms is copied again for kernel addresses it did not name.
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
 
+/// Largest file (a binary or its separate debug file) the symbolizer parses: blazesym builds
+/// its DWARF indices in memory, so one huge file could take the agent's whole memory limit.
+const MAX_SYMBOLIZED_BYTES: u64 = 1 << 30;
+
+/// Binaries left unnamed on purpose, by reason: their frames show as `file+0xADDR`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SkippedBinaries {
+    /// Over [`MAX_SYMBOLIZED_BYTES`] (the binary or its debug file).
+    pub too_large: u64,
+    /// A parser (blazesym, gimli, or our Go table reader) panicked on it: caught, and the
+    /// binary is not parsed again.
+    pub panics: u64,
+}
+
 /// One function in a frame: where an address is, or where an inlined call was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Line {
@@ -52,6 +66,10 @@ struct Object {
     /// Go's function table, when the binary has one (names stripped Go binaries).
     go: Option<GoTable>,
     addrs: HashMap<u64, Lines>,
+    /// Not parsed (too large, or a parser panicked on it): its addresses stay unnamed.
+    skipped: bool,
+    /// Its path, for messages.
+    name: Box<str>,
 }
 
 impl Object {
@@ -89,6 +107,8 @@ pub struct Symbols {
     pub hits: u64,
     /// Look-ups that went to blazesym.
     pub misses: u64,
+    /// Binaries not symbolized, by reason.
+    pub skipped: SkippedBinaries,
 }
 
 impl Symbols {
@@ -118,6 +138,7 @@ impl Symbols {
             go_errors: 0,
             hits: 0,
             misses: 0,
+            skipped: SkippedBinaries::default(),
         }
     }
 
@@ -126,10 +147,13 @@ impl Symbols {
         self.objects.contains_key(key)
     }
 
-    /// Keeps `file` (the binary with this key) open for later symbolization.
-    pub fn add_object(&mut self, key: FileKey, file: File) {
+    /// Keeps `file` (the binary with this key, `name` in messages) open for later
+    /// symbolization. A file over [`MAX_SYMBOLIZED_BYTES`], or one a parser panics on, is kept
+    /// as skipped: counted, named in one line, and never parsed again.
+    pub fn add_object(&mut self, key: FileKey, file: File, name: &Path) {
         // SAFETY: read-only; blazesym and the unwinder map the same binaries alike.
         let map = unsafe { memmap2::Mmap::map(&file) }.ok();
+        let size = file.metadata().map_or(0, |m| m.len());
         let mut object = Object {
             file,
             build_id: String::new(),
@@ -138,35 +162,41 @@ impl Symbols {
             map,
             go: None,
             addrs: HashMap::new(),
+            skipped: false,
+            name: name.display().to_string().into(),
         };
-        match object.map.as_deref().map(GoTable::parse) {
-            Some(Ok(table)) => object.go = table,
-            Some(Err(Corrupt)) => self.go_errors += 1,
-            None => {}
-        }
-        object.build_id = blazesym::helper::read_elf_build_id(&object.path())
-            .ok()
-            .flatten()
-            .map(|id| hex(&id))
-            .unwrap_or_default();
-        if object.build_id.len() > 2 {
-            let (head, rest) = object.build_id.split_at(2);
-            object.debug_file = self
-                .debug_dirs
-                .iter()
-                .map(|dir| {
-                    dir.join(".build-id")
-                        .join(head)
-                        .join(format!("{rest}.debug"))
-                })
-                .find(|path| path.exists());
-            if object.debug_file.is_some() {
-                // No debug dirs: only the program headers are wanted, not the debug info.
-                object.translator = blazesym::helper::ElfResolver::open_with_debug_dirs(
-                    object.path(),
-                    Vec::<PathBuf>::new(),
-                )
-                .ok();
+        if size > MAX_SYMBOLIZED_BYTES {
+            skip(
+                &mut self.skipped,
+                &mut object,
+                "it is larger than 1 GiB",
+                |s| &mut s.too_large,
+            );
+        } else {
+            let debug_dirs = &self.debug_dirs;
+            let parsed = guarded(|| open_object(&mut object, debug_dirs));
+            match parsed {
+                Some(Ok(())) => {}
+                Some(Err(Corrupt)) => self.go_errors += 1,
+                None => skip(
+                    &mut self.skipped,
+                    &mut object,
+                    "a parser panicked on it",
+                    |s| &mut s.panics,
+                ),
+            }
+            let debug_size = object
+                .debug_file
+                .as_ref()
+                .and_then(|path| std::fs::metadata(path).ok())
+                .map_or(0, |m| m.len());
+            if debug_size > MAX_SYMBOLIZED_BYTES {
+                skip(
+                    &mut self.skipped,
+                    &mut object,
+                    "its debug file is larger than 1 GiB",
+                    |s| &mut s.too_large,
+                );
             }
         }
         self.objects.insert(key, object);
@@ -218,55 +248,32 @@ impl Symbols {
         cached
     }
 
-    /// Symbolizes file offsets of binary `key` into the cache.
+    /// Symbolizes file offsets of binary `key` into the cache. A skipped binary's offsets are
+    /// cached unnamed; a parser panic here skips the binary from now on.
     pub fn load_file_offsets(&mut self, key: &FileKey, offsets: &[u64]) {
-        let Some(object) = self.objects.get(key) else {
+        let Some(object) = self.objects.get_mut(key) else {
             return;
         };
-        let results = match &object.debug_file {
-            Some(debug_file) => {
-                // The debug file has the binary's addresses but not its file layout: translate
-                // file offsets to virtual ones through the binary's program headers.
-                let virt = to_virtual_offsets(object.translator.as_ref(), offsets);
-                let source = Source::Elf(Elf::new(debug_file));
-                let mut results = self
-                    .symbolizer
-                    .symbolize(&source, Input::VirtOffset(&virt))
-                    .unwrap_or_default();
-                for (result, addr) in results.iter_mut().zip(&virt) {
-                    if *addr == 0 {
-                        *result =
-                            Symbolized::Unknown(blazesym::symbolize::Reason::InvalidFileOffset);
-                    }
-                }
-                results
-            }
-            None => {
-                let source = Source::Elf(Elf::new(object.path()));
-                self.symbolizer
-                    .symbolize(&source, Input::FileOffset(offsets))
-                    .unwrap_or_default()
+        let named = match object.skipped {
+            true => None,
+            false => {
+                let (symbolizer, strings, empty, go_errors) = (
+                    &self.symbolizer,
+                    &mut self.strings,
+                    &self.empty,
+                    &mut self.go_errors,
+                );
+                let object = &*object;
+                guarded(|| symbolize_object(symbolizer, object, offsets, strings, empty, go_errors))
             }
         };
-        let mut lines: Vec<Lines> = results
-            .iter()
-            .map(|result| to_lines(result, &mut self.strings, &self.empty))
-            .collect();
+        let mut lines = named.unwrap_or_else(|| {
+            skip(&mut self.skipped, object, "a parser panicked on it", |s| {
+                &mut s.panics
+            });
+            Vec::new()
+        });
         lines.resize(offsets.len(), self.empty.clone());
-        if let (Some(go), Some(map)) = (&object.go, object.map.as_deref()) {
-            // Go's own table names what the symbol table and DWARF (stripped) did not.
-            for (lines, offset) in lines.iter_mut().zip(offsets) {
-                if !lines.is_empty() {
-                    continue;
-                }
-                match go.lookup(map, go.virtual_address(*offset)) {
-                    Ok(Some(found)) => *lines = go_lines(&found, &mut self.strings),
-                    Ok(None) => {}
-                    Err(Corrupt) => self.go_errors += 1,
-                }
-            }
-        }
-        let object = self.objects.get_mut(key).expect("looked up above");
         for (offset, lines) in offsets.iter().zip(lines) {
             object.addrs.insert(*offset, lines);
         }
@@ -320,6 +327,121 @@ impl Symbols {
         self.kallsyms_reads += 1;
         self.kernel.retain(|_, lines| !lines.is_empty());
     }
+}
+
+/// Marks `object` skipped, counts it under `reason` and says so in one line, once.
+fn skip(
+    skipped: &mut SkippedBinaries,
+    object: &mut Object,
+    why: &str,
+    reason: impl FnOnce(&mut SkippedBinaries) -> &mut u64,
+) {
+    if !object.skipped {
+        object.skipped = true;
+        *reason(skipped) += 1;
+        eprintln!(
+            "warning: not symbolizing {}: {why}; its frames show as file+0xADDR",
+            object.name
+        );
+    }
+}
+
+/// The functions at each of `offsets` in `object`, from its symbols and DWARF (or its debug
+/// file's), then from Go's table for what those left unnamed.
+fn symbolize_object(
+    symbolizer: &Symbolizer,
+    object: &Object,
+    offsets: &[u64],
+    strings: &mut HashMap<Box<str>, Arc<str>>,
+    empty: &Lines,
+    go_errors: &mut u64,
+) -> Vec<Lines> {
+    let results = match &object.debug_file {
+        Some(debug_file) => {
+            // The debug file has the binary's addresses but not its file layout: translate
+            // file offsets to virtual ones through the binary's program headers.
+            let virt = to_virtual_offsets(object.translator.as_ref(), offsets);
+            let source = Source::Elf(Elf::new(debug_file));
+            let mut results = symbolizer
+                .symbolize(&source, Input::VirtOffset(&virt))
+                .unwrap_or_default();
+            for (result, addr) in results.iter_mut().zip(&virt) {
+                if *addr == 0 {
+                    *result = Symbolized::Unknown(blazesym::symbolize::Reason::InvalidFileOffset);
+                }
+            }
+            results
+        }
+        None => {
+            let source = Source::Elf(Elf::new(object.path()));
+            symbolizer
+                .symbolize(&source, Input::FileOffset(offsets))
+                .unwrap_or_default()
+        }
+    };
+    let mut lines: Vec<Lines> = results
+        .iter()
+        .map(|result| to_lines(result, strings, empty))
+        .collect();
+    lines.resize(offsets.len(), empty.clone());
+    if let (Some(go), Some(map)) = (&object.go, object.map.as_deref()) {
+        // Go's own table names what the symbol table and DWARF (stripped) did not.
+        for (lines, offset) in lines.iter_mut().zip(offsets) {
+            if !lines.is_empty() {
+                continue;
+            }
+            match go.lookup(map, go.virtual_address(*offset)) {
+                Ok(Some(found)) => *lines = go_lines(&found, strings),
+                Ok(None) => {}
+                Err(Corrupt) => *go_errors += 1,
+            }
+        }
+    }
+    lines
+}
+
+/// Reads what symbolizing `object` needs up front: its Go function table, build ID and, by
+/// that, separate debug info. `Err` for a corrupt Go table (the rest is still read).
+fn open_object(object: &mut Object, debug_dirs: &[PathBuf]) -> Result<(), Corrupt> {
+    let go = object.map.as_deref().map(GoTable::parse);
+    object.build_id = blazesym::helper::read_elf_build_id(&object.path())
+        .ok()
+        .flatten()
+        .map(|id| hex(&id))
+        .unwrap_or_default();
+    if object.build_id.len() > 2 {
+        let (head, rest) = object.build_id.split_at(2);
+        object.debug_file = debug_dirs
+            .iter()
+            .map(|dir| {
+                dir.join(".build-id")
+                    .join(head)
+                    .join(format!("{rest}.debug"))
+            })
+            .find(|path| path.exists());
+        if object.debug_file.is_some() {
+            // No debug dirs: only the program headers are wanted, not the debug info.
+            object.translator = blazesym::helper::ElfResolver::open_with_debug_dirs(
+                object.path(),
+                Vec::<PathBuf>::new(),
+            )
+            .ok();
+        }
+    }
+    match go {
+        Some(Ok(table)) => {
+            object.go = table;
+            Ok(())
+        }
+        Some(Err(Corrupt)) => Err(Corrupt),
+        None => Ok(()),
+    }
+}
+
+/// Runs one binary's parsing; `None` when it panicked. A parser's panic (ours or a
+/// dependency's) costs that binary its names, never the profiler.
+fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
 }
 
 /// Kernel addresses symbolized by `symbolizer` from the kallsyms copy `kallsyms`.
@@ -519,9 +641,9 @@ pub fn basename(path: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::File;
+    use std::{fs::File, path::Path};
 
-    use super::Symbols;
+    use super::{guarded, skip, Symbols};
 
     #[inline(never)]
     #[unsafe(no_mangle)]
@@ -549,12 +671,40 @@ mod tests {
     }
 
     #[test]
+    fn a_parser_panic_skips_that_binary_once_and_counts_it() {
+        assert_eq!(guarded(|| 7), Some(7));
+        // The panic hook still prints its line; the boundary turns the panic into None.
+        assert_eq!(guarded(|| -> u32 { panic!("a parser bug") }), None);
+
+        let addr = symbol_cache_target as *const () as u64;
+        let (key, offset) = self_file_offset(addr);
+        let mut symbols = Symbols::new(&[]);
+        symbols.add_object(
+            key,
+            File::open("/proc/self/exe").unwrap(),
+            Path::new("/proc/self/exe"),
+        );
+        let object = symbols.objects.get_mut(&key).unwrap();
+        skip(&mut symbols.skipped, object, "a test", |s| &mut s.panics);
+        skip(&mut symbols.skipped, object, "a test", |s| &mut s.panics);
+        assert_eq!(symbols.skipped.panics, 1, "counted once per binary");
+        // A skipped binary's addresses are cached unnamed, without parsing it.
+        symbols.load_file_offsets(&key, &[offset]);
+        assert!(symbols.is_cached(&key, offset));
+        assert!(symbols.file_lines(&key, offset).is_empty());
+    }
+
+    #[test]
     fn symbolizes_once_then_answers_from_the_cache() {
         let addr = symbol_cache_target as *const () as u64;
         std::hint::black_box(symbol_cache_target(3));
         let (key, offset) = self_file_offset(addr);
         let mut symbols = Symbols::new(&[]);
-        symbols.add_object(key, File::open("/proc/self/exe").unwrap());
+        symbols.add_object(
+            key,
+            File::open("/proc/self/exe").unwrap(),
+            Path::new("/proc/self/exe"),
+        );
         assert!(
             !symbols.build_id(&key).is_empty(),
             "the test binary has a build ID"
