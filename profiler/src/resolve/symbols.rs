@@ -166,24 +166,14 @@ impl Symbols {
             name: name.display().to_string().into(),
         };
         if size > MAX_SYMBOLIZED_BYTES {
-            skip(
-                &mut self.skipped,
-                &mut object,
-                "it is larger than 1 GiB",
-                |s| &mut s.too_large,
-            );
+            skip(&mut self.skipped, &mut object, Skip::TooLarge("it"));
         } else {
             let debug_dirs = &self.debug_dirs;
             let parsed = guarded(|| open_object(&mut object, debug_dirs));
             match parsed {
                 Some(Ok(())) => {}
                 Some(Err(Corrupt)) => self.go_errors += 1,
-                None => skip(
-                    &mut self.skipped,
-                    &mut object,
-                    "a parser panicked on it",
-                    |s| &mut s.panics,
-                ),
+                None => skip(&mut self.skipped, &mut object, Skip::Panic),
             }
             let debug_size = object
                 .debug_file
@@ -194,8 +184,7 @@ impl Symbols {
                 skip(
                     &mut self.skipped,
                     &mut object,
-                    "its debug file is larger than 1 GiB",
-                    |s| &mut s.too_large,
+                    Skip::TooLarge("its debug file"),
                 );
             }
         }
@@ -268,9 +257,7 @@ impl Symbols {
             }
         };
         let mut lines = named.unwrap_or_else(|| {
-            skip(&mut self.skipped, object, "a parser panicked on it", |s| {
-                &mut s.panics
-            });
+            skip(&mut self.skipped, object, Skip::Panic);
             Vec::new()
         });
         lines.resize(offsets.len(), self.empty.clone());
@@ -329,21 +316,35 @@ impl Symbols {
     }
 }
 
-/// Marks `object` skipped, counts it under `reason` and says so in one line, once.
-fn skip(
-    skipped: &mut SkippedBinaries,
-    object: &mut Object,
-    why: &str,
-    reason: impl FnOnce(&mut SkippedBinaries) -> &mut u64,
-) {
-    if !object.skipped {
-        object.skipped = true;
-        *reason(skipped) += 1;
-        eprintln!(
-            "warning: not symbolizing {}: {why}; its frames show as file+0xADDR",
-            object.name
-        );
+/// Why a binary is not symbolized.
+#[derive(Clone, Copy)]
+enum Skip {
+    /// This file (the binary, or its debug file) is over [`MAX_SYMBOLIZED_BYTES`].
+    TooLarge(&'static str),
+    /// A parser panicked on it.
+    Panic,
+}
+
+/// Marks `object` skipped, counts it by reason and says so in one line, once.
+fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
+    if object.skipped {
+        return;
     }
+    object.skipped = true;
+    let why = match reason {
+        Skip::TooLarge(what) => {
+            skipped.too_large += 1;
+            format!("{what} is larger than 1 GiB")
+        }
+        Skip::Panic => {
+            skipped.panics += 1;
+            "a parser panicked on it".to_owned()
+        }
+    };
+    eprintln!(
+        "warning: not symbolizing {}: {why}; its frames show as file+0xADDR",
+        object.name
+    );
 }
 
 /// The functions at each of `offsets` in `object`, from its symbols and DWARF (or its debug
@@ -643,7 +644,7 @@ pub fn basename(path: &str) -> &str {
 mod tests {
     use std::{fs::File, path::Path};
 
-    use super::{guarded, skip, Symbols};
+    use super::{guarded, skip, Skip, Symbols};
 
     #[inline(never)]
     #[unsafe(no_mangle)]
@@ -670,23 +671,29 @@ mod tests {
         panic!("address not mapped");
     }
 
-    #[test]
-    fn a_parser_panic_skips_that_binary_once_and_counts_it() {
-        assert_eq!(guarded(|| 7), Some(7));
-        // The panic hook still prints its line; the boundary turns the panic into None.
-        assert_eq!(guarded(|| -> u32 { panic!("a parser bug") }), None);
-
-        let addr = symbol_cache_target as *const () as u64;
-        let (key, offset) = self_file_offset(addr);
+    /// Symbols holding this test binary, its key and the file offset of
+    /// `symbol_cache_target`.
+    fn symbols_with_self() -> (Symbols, super::FileKey, u64) {
+        let (key, offset) = self_file_offset(symbol_cache_target as *const () as u64);
         let mut symbols = Symbols::new(&[]);
         symbols.add_object(
             key,
             File::open("/proc/self/exe").unwrap(),
             Path::new("/proc/self/exe"),
         );
+        (symbols, key, offset)
+    }
+
+    #[test]
+    fn a_parser_panic_skips_that_binary_once_and_counts_it() {
+        assert_eq!(guarded(|| 7), Some(7));
+        // The panic hook still prints its line; the boundary turns the panic into None.
+        assert_eq!(guarded(|| -> u32 { panic!("a parser bug") }), None);
+
+        let (mut symbols, key, offset) = symbols_with_self();
         let object = symbols.objects.get_mut(&key).unwrap();
-        skip(&mut symbols.skipped, object, "a test", |s| &mut s.panics);
-        skip(&mut symbols.skipped, object, "a test", |s| &mut s.panics);
+        skip(&mut symbols.skipped, object, Skip::Panic);
+        skip(&mut symbols.skipped, object, Skip::Panic);
         assert_eq!(symbols.skipped.panics, 1, "counted once per binary");
         // A skipped binary's addresses are cached unnamed, without parsing it.
         symbols.load_file_offsets(&key, &[offset]);
@@ -696,15 +703,8 @@ mod tests {
 
     #[test]
     fn symbolizes_once_then_answers_from_the_cache() {
-        let addr = symbol_cache_target as *const () as u64;
         std::hint::black_box(symbol_cache_target(3));
-        let (key, offset) = self_file_offset(addr);
-        let mut symbols = Symbols::new(&[]);
-        symbols.add_object(
-            key,
-            File::open("/proc/self/exe").unwrap(),
-            Path::new("/proc/self/exe"),
-        );
+        let (mut symbols, key, offset) = symbols_with_self();
         assert!(
             !symbols.build_id(&key).is_empty(),
             "the test binary has a build ID"
