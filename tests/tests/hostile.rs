@@ -70,3 +70,74 @@ fn a_gzip_bomb_is_refused_in_bounded_memory() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("lots"), "{stderr}");
 }
+
+/// A "container" (a chroot) whose /tmp is a symlink to an absolute path: the profiler must
+/// resolve it inside the container's root, never on the host, where a perf map of the same
+/// path names the code otherwise. (A perf map that is itself a symlink is refused: the unit
+/// tests of `in_root` cover that.)
+#[test]
+fn a_perf_map_behind_a_symlink_in_a_chroot_is_read_inside_it_not_on_the_host() {
+    let Some(t) = bpf_test() else { return };
+    let program = compile_source("anonexec.c", "anonexec-static", &["-O1", "-static"]);
+    let root = t.dir.path().join("root");
+    // The same absolute path on the host and in the container.
+    let target = format!("/profiler-test-{}", std::process::id());
+    let host_dir = std::path::PathBuf::from(&target);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let _cleanup = RemoveOnDrop(host_dir.clone());
+    let container_dir = root.join(&target[1..]);
+    std::fs::create_dir_all(&container_dir).unwrap();
+    std::os::unix::fs::symlink(&target, root.join("tmp")).unwrap();
+    std::fs::copy(&program, root.join("anonexec")).unwrap();
+
+    let mut child = Command::new("chroot")
+        .arg(&root)
+        .args(["/anonexec", "60"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (pid, start, size) = (fields[0], fields[1], fields[2]);
+    let map = format!("perf-{pid}.map");
+    let map_line = |name: &str| format!("{start} {size} {name}\n");
+    std::fs::write(host_dir.join(&map), map_line("host_file_was_read")).unwrap();
+    std::fs::write(container_dir.join(&map), map_line("container_jit_code")).unwrap();
+
+    let (out, stderr) = t.record(
+        "chroot.pb.gz",
+        &["--no-kernel", "-d", "2s", "--pid", pid],
+        &[],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let samples = read_samples(&out);
+    let all: i64 = samples.iter().map(|s| s.count).sum();
+    let named = |name: &str| -> i64 {
+        samples
+            .iter()
+            .filter(|s| s.has_function(name))
+            .map(|s| s.count)
+            .sum()
+    };
+    assert_eq!(named("host_file_was_read"), 0, "{stderr}\n{samples:?}");
+    assert!(
+        all > 0 && named("container_jit_code") as f64 >= 0.8 * all as f64,
+        "{} of {all} samples named from the container's map; {stderr}\n{samples:?}",
+        named("container_jit_code")
+    );
+}
+
+/// Removes a directory tree when dropped, test failed or not.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
