@@ -207,6 +207,7 @@ const HELPERS: &[(i32, &str, (u32, u32))] = &[
     (4, "probe_read", (4, 1)),
     (5, "ktime_get_ns", (4, 1)),
     (6, "trace_printk", (4, 1)),
+    (7, "get_prandom_u32", (4, 1)),
     (8, "get_smp_processor_id", (4, 1)),
     (12, "tail_call", (4, 2)),
     (14, "get_current_pid_tgid", (4, 2)),
