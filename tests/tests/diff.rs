@@ -132,11 +132,13 @@ fn a_function_made_twice_as_expensive_is_flagged() {
 fn recordings_of_the_same_binary_do_not_fail() {
     let Some(t) = bpf_test() else { return };
     let mut failures = Vec::new();
-    // 999 Hz: about 1000 samples a side, so that leaf_c's 10 % moves by 1 point (one standard
-    // deviation), not 1.4; at 499 Hz one pair in ten crossed the 5-point line by chance.
-    for pair in 0..10 {
-        let base = record_shares(&t, &format!("a{pair}.pb.gz"), "999", &workload(), "1");
-        let head = record_shares(&t, &format!("b{pair}.pb.gz"), "999", &workload(), "1");
+    // 999 Hz for 3 s: about 3000 samples a side. Then a 5-point rise of light (30 %) or heavy
+    // (60 %) is 4 standard deviations of the difference (1.2 and 1.3 points), which chance
+    // reaches about once in 30,000 pairs. With 1 s (1000 samples) it was 2.4 deviations: 5.5
+    // points at |z| 2.69 failed one CI run in ten pairs.
+    for pair in 0..5 {
+        let base = record_shares(&t, &format!("a{pair}.pb.gz"), "999", &workload(), "3");
+        let head = record_shares(&t, &format!("b{pair}.pb.gz"), "999", &workload(), "3");
         let (code, report) = diff_json(&[path_str(&base), path_str(&head), "--fail-above", "5"]);
         let largest = report["functions"]
             .as_array()
@@ -145,6 +147,11 @@ fn recordings_of_the_same_binary_do_not_fail() {
             .map(|f| number(&f["z"]).abs())
             .fold(0.0, f64::max);
         eprintln!("pair {pair}: exit {code}, largest |z| {largest:.2}");
+        // The bound above holds only with that many samples.
+        for side in ["base", "head"] {
+            let samples = number(&report[side]["samples"]);
+            assert!(samples >= 2000.0, "{side}: {samples} samples");
+        }
         if code != 0 {
             failures.push(report["verdict"]["summary"].to_string());
         }
