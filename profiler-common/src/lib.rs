@@ -83,6 +83,17 @@ pub mod offcpu {
     /// `prev_state` bit of a task that is exiting: its last switch is no block.
     pub const TASK_DEAD: u32 = 0x80;
 
+    /// The blocked time a recorded block stands for: `from..to` times the switch-outs it
+    /// represents (`weight`, at least 1). The kernel, when the thread comes back, and user
+    /// space, when it splits a block at a flip, must weigh alike.
+    #[inline(always)]
+    pub fn weighted(from: u64, to: u64, weight: u32) -> u64 {
+        // Both factors are clamped so that the product fits: a checked or saturating multiply
+        // lowers to a 128-bit one, which BPF lacks. 2^48 ns is 78 hours in one block.
+        let blocked = to.saturating_sub(from).min((1 << 48) - 1);
+        blocked * u64::from(weight.clamp(1, MAX_PERIOD))
+    }
+
     /// Where the part of a block that started at `start` and is still going at `flip` ends up
     /// accounted: user space splits a block at a flip once it has lasted `min_block`, so the
     /// time before `flip` is counted there and only the rest remains. The kernel and user
@@ -460,7 +471,18 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::offcpu::{next_period, MAX_PERIOD};
+    use super::offcpu::{next_period, weighted, MAX_PERIOD};
+
+    #[test]
+    fn a_weighted_block_stands_for_its_weight_in_switch_outs() {
+        assert_eq!(weighted(100, 350, 1), 250);
+        // Weight 0 (a block recorded before weights existed) counts once, not never.
+        assert_eq!(weighted(100, 350, 0), 250);
+        assert_eq!(weighted(100, 350, 4), 1_000);
+        // A clock that went backwards is no block; a huge product is clamped, never wraps.
+        assert_eq!(weighted(350, 100, 4), 0);
+        assert_eq!(weighted(0, u64::MAX, u32::MAX), ((1 << 48) - 1) << 16);
+    }
 
     #[test]
     fn the_sampling_period_halves_under_a_quarter_and_resets_after_idle_windows() {

@@ -270,7 +270,6 @@ fn a_switch_storm_is_sampled_and_weighted_to_the_same_blocked_time() {
     });
     let _ = workload.kill();
     let _ = workload.wait();
-    eprintln!("sampled {sampled:.3} every {every:.3}\n{sampled_err}\n{every_err}");
     // Each of the two threads waits for the other most of the time.
     assert!(every >= 0.5, "{every:.2} s off CPU per second; {every_err}");
     assert!(

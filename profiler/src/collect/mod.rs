@@ -748,7 +748,7 @@ impl OffCpu {
             }
             let from = offcpu::accounted_until(start, self.last_flip_ns, self.min_block_ns);
             let reader = &mut readers[(block.generation & 1) as usize];
-            let blocked = flip_ns.saturating_sub(from) * u64::from(block.weight.max(1));
+            let blocked = offcpu::weighted(from, flip_ns, block.weight);
             match reader.sample(&block.key, blocked, true) {
                 Some(sample) => split.push(sample),
                 None => *lost += 1,
