@@ -373,11 +373,18 @@ fn interrupted_recording(out: &Path, signal: i32, before_signal: impl FnOnce(u32
     before_signal(recorder.id());
     unsafe { libc::kill(recorder.id() as i32, signal) };
     let output = recorder.wait_with_output().unwrap();
+    // A signal during start-up once made the kernel's verifier give up and aya verify again
+    // with logs, twice, for 25 s: the target (10 s) was gone before the recorder stopped.
+    let target_outlived_recorder = burner.try_wait().unwrap().is_none();
     let _ = burner.kill();
     let _ = burner.wait();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(
+        target_outlived_recorder,
+        "the interrupted recorder outlived its 10 s target: {stderr}"
+    );
 }
 
 #[test]

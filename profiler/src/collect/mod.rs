@@ -286,12 +286,48 @@ pub struct Collector {
     off_cpu: Option<OffCpu>,
 }
 
+/// Blocks the stop signals (SIGINT, SIGTERM, SIGHUP, SIGQUIT) in this thread until dropped.
+/// Another thread, or this one once they are unblocked, takes them: none is lost.
+struct StopSignalsHeld {
+    previous: libc::sigset_t,
+}
+
+impl StopSignalsHeld {
+    fn new() -> Self {
+        // SAFETY: sigset_t is plain data that sigemptyset initializes; pthread_sigmask only
+        // changes this thread's mask and writes the old one into `previous`.
+        unsafe {
+            let mut stop: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut stop);
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                libc::sigaddset(&mut stop, signal);
+            }
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &stop, &mut previous);
+            StopSignalsHeld { previous }
+        }
+    }
+}
+
+impl Drop for StopSignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on this same thread.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut());
+        }
+    }
+}
+
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
 
 impl Collector {
     /// Loads the programs, fills the filter and attaches to the cpu-clock event on every online
     /// CPU. Samples flow from the moment this returns.
     pub fn start(config: &CollectConfig) -> Result<Self> {
+        // A stop signal during verification makes the kernel abandon it (EAGAIN), and aya then
+        // verifies again with the verifier's log on, 8 s a time for the walker: a Ctrl-C in
+        // start-up cost 25 s. Held here, the signal reaches the program once it can act on it.
+        let _held = StopSignalsHeld::new();
         let btf_bytes = btf::read(&require_btf()?)?;
         let offsets = btf::member_offsets(
             &btf_bytes,
