@@ -539,13 +539,25 @@ fn a_table_beyond_max_rows_stops_building_with_too_large() {
     assert_eq!(again.rows, full.rows);
 }
 
-/// lld (rustc's default linker) puts the code segment a page higher in memory than in the
-/// file, in the same file page where the read-only segment ends: every segment's mapping must
-/// still give the bias it was loaded with.
+/// lld (rustc's default linker for x86_64-unknown-linux-gnu) puts the code segment a page
+/// higher in memory than in the file, in the same file page where the read-only segment ends:
+/// every segment's mapping must still give the bias it was loaded with. The binary is built
+/// here, since this test binary may be linked otherwise (the suite builds for musl, through
+/// gcc's ld).
 #[test]
 fn load_bias_is_right_for_every_segment_of_an_lld_binary() {
     use object::ObjectSegment as _;
-    let path = std::env::current_exe().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("main.rs");
+    std::fs::write(&source, "fn main() { println!(\"hi\"); }\n").unwrap();
+    let path = dir.path().join("lld-binary");
+    let status = std::process::Command::new("rustc")
+        .args(["-O", "--target", "x86_64-unknown-linux-gnu", "-o"])
+        .arg(&path)
+        .arg(&source)
+        .status()
+        .unwrap();
+    assert!(status.success(), "rustc failed: {status}");
     let data = std::fs::read(&path).unwrap();
     let file = object::File::parse(&data[..]).unwrap();
     let bias = 0x5555_0000_0000u64;

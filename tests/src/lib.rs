@@ -21,11 +21,12 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The profiler binary under test: `$PROFILER_BIN`, else the release build.
+/// The profiler binary under test: `$PROFILER_BIN`, else the release build of
+/// `cargo xtask build` (static musl, the one we ship).
 pub fn profiler_bin() -> PathBuf {
     let path = std::env::var_os("PROFILER_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/release/profiler"));
+        .unwrap_or_else(|| root().join("target/x86_64-unknown-linux-musl/release/profiler"));
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo xtask test`, which builds it",

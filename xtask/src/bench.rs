@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{build_suite, cargo, profiler_bin, run, workspace_root, SUITE};
+use super::{build_suite, profiler_bin, release_dir, run, suite_cargo, workspace_root};
 
 mod churn;
 mod offcpu;
@@ -695,7 +695,7 @@ fn stages(mode: Mode, rows: &mut Vec<Row>) -> Result<()> {
 fn unwind_tables(rows: &mut Vec<Row>) -> Result<()> {
     // Built by `build_suite` with the rest: `cargo run -p profiler-unwind` would resolve
     // features for that crate alone and rebuild its dependencies.
-    let example = workspace_root().join("target/release/examples/table_stats");
+    let example = release_dir().join("examples/table_stats");
     let libc = "/usr/lib/x86_64-linux-gnu/libc.so.6";
     let mut command = Command::new(example);
     command.arg("--json").arg(libc).arg(profiler_bin());
@@ -707,12 +707,8 @@ fn unwind_tables(rows: &mut Vec<Row>) -> Result<()> {
 /// `cargo bench --quiet SUITE --bench NAME --` at the workspace root, ready for the bench's own
 /// arguments: with the suite's package selection, so it reuses what `build_suite` built.
 fn cargo_bench(name: &str) -> Command {
-    let mut command = cargo();
-    command
-        .current_dir(workspace_root())
-        .args(["bench", "--quiet"])
-        .args(SUITE)
-        .args(["--bench", name, "--"]);
+    let mut command = suite_cargo(&["bench", "--quiet"]);
+    command.args(["--bench", name, "--"]);
     command
 }
 

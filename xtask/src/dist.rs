@@ -168,24 +168,22 @@ pub fn build_dist() -> Result<Dist> {
     })
 }
 
-/// `cargo build --release -p profiler --target x86_64-unknown-linux-musl`, checked static.
-fn build_static_binary() -> Result<PathBuf> {
-    let mut cmd = crate::cargo();
-    cmd.current_dir(workspace_root())
-        .args(["build", "--release", "-p", "profiler", "--target", TARGET])
-        // ring's C and assembly parts; musl-gcc (musl-tools) compiles against musl's headers.
-        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+/// What building for [`TARGET`] needs in the environment.
+pub fn target_env(cmd: &mut Command) {
+    // ring's C and assembly parts; musl-gcc (musl-tools) compiles against musl's headers.
+    cmd.env("CC_x86_64_unknown_linux_musl", "musl-gcc")
         // The build ID names the debug file and the profiles' mappings. Debian's gcc asks ld for
         // one anyway; asking explicitly keeps that true with any linker driver.
         .env(
             "CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS",
             "-C link-arg=-Wl,--build-id=sha1",
         );
-    run(&mut cmd)?;
-    let binary = workspace_root()
-        .join("target")
-        .join(TARGET)
-        .join("release/profiler");
+}
+
+/// The suite's release profiler (static musl, see `SUITE`), checked static.
+fn build_static_binary() -> Result<PathBuf> {
+    crate::build_profiler()?;
+    let binary = crate::profiler_bin();
     let headers = run_capture(
         Command::new("readelf")
             .args(["--program-headers", "--dynamic"])

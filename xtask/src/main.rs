@@ -183,11 +183,8 @@ fn test(args: &[OsString]) -> Result<()> {
     let dist = dist::build_dist()?;
     println!("xtask: dist built at {:.0?}", started.elapsed());
     let xtask = env::current_exe().context("finding the xtask binary")?;
-    let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["test", "--release"])
-        .args(SUITE)
-        .args(args)
+    let mut cmd = suite_cargo(&["test", "--release"]);
+    cmd.args(args)
         .env("PROFILER_BIN", profiler_bin())
         .env("PROFILER_DIST", &dist.tarball)
         .env("PROFILER_DIST_DEBUG", &dist.debug_tarball)
@@ -240,32 +237,44 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-/// What the suite builds, tests and benches, always with these arguments: cargo resolves
-/// features once per package selection, and `-p profiler` alone resolves them without the test
-/// crates' and dev-dependencies' features, so the two would rebuild the profiler and most of
-/// its dependencies (about five minutes here) each time one follows the other. The eBPF crate
-/// is left out: it is `no_std`/`no_main` for bpfel only (profiler/build.rs builds it), and its
-/// binary is also named `profiler`, which would collide with the real one.
-const SUITE: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
+/// What every build, test, bench and release selects, always with these arguments, so that
+/// each reuses what the others built:
+/// - cargo resolves features once per package selection, and `-p profiler` alone resolves them
+///   without the test crates' and dev-dependencies' features, so the two would rebuild the
+///   profiler and most of its dependencies (about five minutes here) each time one follows the
+///   other;
+/// - one target, the static musl one we ship ([`dist::TARGET`]): the tests run the very binary
+///   the tarball holds, and a fresh CI compiles the dependencies once instead of once per
+///   target (ten minutes here).
+///
+/// The eBPF crate is left out: it is `no_std`/`no_main` for bpfel only (profiler/build.rs
+/// builds it), and its binary is also named `profiler`, which would collide with the real one.
+const SUITE: [&str; 5] = [
+    "--workspace",
+    "--exclude",
+    "profiler-ebpf",
+    "--target",
+    dist::TARGET,
+];
+
+/// `cargo ARGS SUITE` at the workspace root, with the target's build environment.
+fn suite_cargo(args: &[&str]) -> Command {
+    let mut cmd = cargo();
+    cmd.current_dir(workspace_root()).args(args).args(SUITE);
+    dist::target_env(&mut cmd);
+    cmd
+}
 
 /// Setup, then the release profiler with every test, bench and example target of the suite,
 /// in one feature resolution (see [`SUITE`]).
 fn build_suite() -> Result<()> {
     setup()?;
-    let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["build", "--release"])
-        .args(SUITE)
-        .arg("--all-targets");
-    run(&mut cmd)
+    run(suite_cargo(&["build", "--release"]).arg("--all-targets"))
 }
 
-/// `cargo build --release -p profiler` at the workspace root: the binary alone, for `record`.
+/// The suite's release binaries without its tests: the profiler for `record` and `dist`.
 fn build_profiler() -> Result<()> {
-    let mut cmd = cargo();
-    cmd.current_dir(workspace_root())
-        .args(["build", "--release", "-p", "profiler"]);
-    run(&mut cmd)
+    run(&mut suite_cargo(&["build", "--release"]))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,9 +618,17 @@ fn workspace_root() -> &'static Path {
         .expect("xtask's manifest dir has a parent")
 }
 
+/// Where the suite's release binaries and examples land.
+fn release_dir() -> PathBuf {
+    workspace_root()
+        .join("target")
+        .join(dist::TARGET)
+        .join("release")
+}
+
 /// The release profiler binary that `build` produces.
 fn profiler_bin() -> PathBuf {
-    workspace_root().join("target/release/profiler")
+    release_dir().join("profiler")
 }
 
 /// The cargo that runs us (`cargo run` sets `CARGO`), so children use the same toolchain.
