@@ -217,7 +217,7 @@ fn add_to(counts: &HashMap<SampleKey, u64>, key: &SampleKey, amount: u64, counte
         // The key holds the thread id and a thread is on one CPU at a time: no racing writer.
         unsafe { *value += amount };
     } else {
-        match counts.insert(key, amount, BPF_NOEXIST as u64) {
+        match counts.insert(key, &amount, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {
                 if let Some(value) = counts.get_ptr_mut(key) {
@@ -260,7 +260,7 @@ fn generation_maps(
 
 #[inline(always)]
 fn wanted(tgid: u32) -> bool {
-    let mark = unsafe { PID_FILTER.get(tgid) }.copied().unwrap_or(0);
+    let mark = unsafe { PID_FILTER.get(&tgid) }.copied().unwrap_or(0);
     if FILTER_MODE.load() == filter::MODE_INCLUDED {
         mark == filter::INCLUDE
     } else {
@@ -295,7 +295,7 @@ fn track(tgid: u32) -> ProcessKey {
         exec_seq: 0,
         start_ns,
     };
-    let state = match PROCESSES.get_ptr_mut(tgid) {
+    let state = match PROCESSES.get_ptr_mut(&tgid) {
         Some(state) if unsafe { (*state).start_ns } == start_ns => state,
         // First sample, or a reused tgid: a new incarnation.
         _ => {
@@ -305,10 +305,10 @@ fn track(tgid: u32) -> ProcessKey {
                 announced: 0,
                 miss_reported_ns: 0,
             };
-            if PROCESSES.insert(tgid, fresh, 0).is_err() {
+            if PROCESSES.insert(&tgid, &fresh, 0).is_err() {
                 return process;
             }
-            match PROCESSES.get_ptr_mut(tgid) {
+            match PROCESSES.get_ptr_mut(&tgid) {
                 Some(state) => state,
                 None => return process,
             }
@@ -337,7 +337,7 @@ fn track(tgid: u32) -> ProcessKey {
 /// it was told less than [`UNWIND_MISS_INTERVAL_NS`] ago.
 #[inline(always)]
 fn report_unwind_miss(process: ProcessKey) {
-    let Some(state) = PROCESSES.get_ptr_mut(process.tgid) else {
+    let Some(state) = PROCESSES.get_ptr_mut(&process.tgid) else {
         return;
     };
     let state = unsafe { &mut *state };
@@ -420,7 +420,7 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
     if hash == NO_STACK {
         hash = 1;
     }
-    match stacks.get_ptr(hash) {
+    match stacks.get_ptr(&hash) {
         // Already stored: check the cheap parts (length, leaf, root) to catch a hash collision
         // rather than count this sample against another stack.
         Some(existing) => {
@@ -434,7 +434,7 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
                 return Err(Counter::LostStackHashCollision);
             }
         }
-        None => match stacks.insert(hash, buf, BPF_NOEXIST as u64) {
+        None => match stacks.insert(&hash, buf, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {}
             Err(_) => return Err(Counter::LostStacksMapFull),
@@ -465,10 +465,10 @@ fn switch_in(next: *const u8, now: u64) {
         return;
     };
     let tid = tid as u32;
-    let Some(block) = (unsafe { OFFCPU_BLOCKED.get(tid) }).copied() else {
+    let Some(block) = (unsafe { OFFCPU_BLOCKED.get(&tid) }).copied() else {
         return;
     };
-    let _ = OFFCPU_BLOCKED.remove(tid);
+    let _ = OFFCPU_BLOCKED.remove(&tid);
     let min_block = OFFCPU_MIN_BLOCK_NS.load();
     if now.saturating_sub(block.start_ns) < min_block {
         count(Counter::OffCpuShortBlocks);
@@ -512,13 +512,13 @@ fn copy_stack(
     from: &HashMap<u64, Stack>,
     to: &HashMap<u64, Stack>,
 ) -> Result<(), Counter> {
-    if id == NO_STACK || unsafe { to.get(id) }.is_some() {
+    if id == NO_STACK || unsafe { to.get(&id) }.is_some() {
         return Ok(());
     }
-    let Some(stack) = from.get_ptr(id) else {
+    let Some(stack) = from.get_ptr(&id) else {
         return Err(Counter::LostStackReadError);
     };
-    match to.insert(id, unsafe { *stack }, BPF_NOEXIST as u64) {
+    match to.insert(&id, unsafe { &*stack }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(()),
         Err(err) if err == -EEXIST => Ok(()),
         Err(_) => Err(Counter::LostStacksMapFull),
@@ -584,7 +584,7 @@ fn record_block(key: &SampleKey, generation: u32, weight: u32) {
         generation,
         weight,
     };
-    if OFFCPU_BLOCKED.insert(key.tid, block, 0).is_err() {
+    if OFFCPU_BLOCKED.insert(&key.tid, &block, 0).is_err() {
         count(Counter::OffCpuBlockedMapFull);
     }
 }
@@ -640,7 +640,7 @@ fn sampled(now: u64) -> Option<u32> {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let mark = unsafe { PID_FILTER.get(parent) }.copied().unwrap_or(0);
+    let mark = unsafe { PID_FILTER.get(&parent) }.copied().unwrap_or(0);
     if mark != filter::INCLUDE && mark != filter::FOLLOW_ONLY {
         return 0;
     }
@@ -654,7 +654,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if child_tgid == parent {
         return 0;
     }
-    match PID_FILTER.insert(child_tgid, filter::INCLUDE, 0) {
+    match PID_FILTER.insert(&child_tgid, &filter::INCLUDE, 0) {
         Ok(()) => count(Counter::ForksFollowed),
         Err(_) => count(Counter::ForksNotFollowed),
     }
@@ -667,12 +667,12 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(state) = PROCESSES.get_ptr_mut(tgid) {
+    if let Some(state) = PROCESSES.get_ptr_mut(&tgid) {
         let state = unsafe { &mut *state };
         state.exec_seq = state.exec_seq.wrapping_add(1);
         state.announced = 0;
     }
-    let _ = UNWIND_MAPPINGS.remove(tgid);
+    let _ = UNWIND_MAPPINGS.remove(&tgid);
     0
 }
 
@@ -686,13 +686,13 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let _ = PID_FILTER.remove(tgid);
-    let _ = UNWIND_MAPPINGS.remove(tgid);
+    let _ = PID_FILTER.remove(&tgid);
+    let _ = UNWIND_MAPPINGS.remove(&tgid);
     count(Counter::ProcessesExited);
-    let Some(state) = (unsafe { PROCESSES.get(tgid) }).copied() else {
+    let Some(state) = (unsafe { PROCESSES.get(&tgid) }).copied() else {
         return 0;
     };
-    let _ = PROCESSES.remove(tgid);
+    let _ = PROCESSES.remove(&tgid);
     if state.announced == 0 {
         return 0;
     }

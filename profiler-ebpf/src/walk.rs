@@ -135,7 +135,7 @@ fn step_frames<C: EbpfContext>(
     off_cpu: bool,
 ) {
     let tgid = state.key.process.tgid;
-    let mappings = unsafe { UNWIND_MAPPINGS.get(tgid) }.filter(|m| m.process == state.key.process);
+    let mappings = unsafe { UNWIND_MAPPINGS.get(&tgid) }.filter(|m| m.process == state.key.process);
     for _ in 0..FRAMES_PER_PROGRAM {
         let n = state.stack.len as usize;
         if n >= MAX_STACK_DEPTH {
