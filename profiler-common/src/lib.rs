@@ -4,6 +4,7 @@
 //! map key, value and event without a second definition to keep in sync.
 #![no_std]
 
+pub mod proc_maps;
 pub mod unwind;
 
 /// Deepest stack the kernel side records. Matches the kernel's `PERF_MAX_STACK_DEPTH` default.

@@ -221,19 +221,13 @@ pub fn read_maps(pid: i32) -> io::Result<Vec<MapEntry>> {
 }
 
 fn parse_map_line(line: &str) -> Option<MapEntry> {
-    let mut fields = line.splitn(6, ' ');
-    let (start, end) = fields.next()?.split_once('-')?;
-    let perms = fields.next()?;
-    let offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
-    let path = fields.next().unwrap_or("").trim_start();
+    let line = profiler_common::proc_maps::parse_line(line.as_bytes())?;
     Some(MapEntry {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        executable: perms.as_bytes().get(2) == Some(&b'x'),
-        path: path.to_string(),
+        start: line.start,
+        end: line.end,
+        offset: line.offset,
+        executable: line.executable,
+        path: String::from_utf8_lossy(line.path).into_owned(),
     })
 }
 

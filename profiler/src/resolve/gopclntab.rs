@@ -86,7 +86,7 @@ impl GoTable {
         };
         let (offset, size) = section.file_range().ok_or(Corrupt)?;
         let tab = usize::try_from(offset).map_err(|_| Corrupt)?
-            ..usize::try_from(offset + size).map_err(|_| Corrupt)?;
+            ..usize::try_from(offset.checked_add(size).ok_or(Corrupt)?).map_err(|_| Corrupt)?;
         let bytes = data.get(tab.clone()).ok_or(Corrupt)?;
         let version = match read_u32(bytes, 0)? {
             0xffff_fff0 => Version::Go118,
@@ -122,7 +122,7 @@ impl GoTable {
             .find_map(|segment| {
                 let (offset, size) = segment.file_range();
                 let start = segment.address();
-                (start <= text_start && text_start < start + size)
+                (start <= text_start && text_start - start < size)
                     .then(|| start.wrapping_sub(offset))
             })
             .ok_or(Corrupt)?;
@@ -374,13 +374,16 @@ impl GoTable {
             Version::Go118 => 38,
             Version::Go120 => 40,
         };
-        let funcnames_addr = tab_addr + self.funcnames as u64;
+        let funcnames_addr = tab_addr.checked_add(self.funcnames as u64)?;
         for name in [".noptrdata", ".data"] {
             let Some((offset, size)) = file.section_by_name(name).and_then(|s| s.file_range())
             else {
                 continue;
             };
-            let (start, end) = (offset as usize, (offset + size) as usize);
+            let Some(end) = offset.checked_add(size) else {
+                continue;
+            };
+            let (start, end) = (offset as usize, end as usize);
             let mut at = start;
             while at + (gofunc_word + 1) * ps <= end.min(data.len()) {
                 if word(at) == Some(tab_addr)

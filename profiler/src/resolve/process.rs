@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use procfs::process::{MMapPath, Process as ProcProcess};
+use procfs::process::Process as ProcProcess;
 
 /// A file on disk as every process that maps it sees it: device and inode, plus size and
 /// modification time, so that a rebuilt binary given a recycled inode is not taken for the old
@@ -141,41 +141,47 @@ pub fn read_process(pid: u32, start_ns: u64) -> Option<(String, Vec<RawMapping>)
         return None;
     }
     let comm = stat.comm;
-    let maps = process.maps().ok()?;
+    let maps = std::fs::read(format!("/proc/{pid}/maps")).ok()?;
     let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
+    Some((comm, executable_mappings(&maps, exe.as_ref())))
+}
+
+/// The executable mappings in `/proc/PID/maps` text; `exe` is the metadata of the process's
+/// main executable, which names its mappings as the main ones.
+pub fn executable_mappings(maps: &[u8], exe: Option<&std::fs::Metadata>) -> Vec<RawMapping> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
     let mut mappings = Vec::new();
-    for map in maps {
-        if !map.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+    for line in maps.split(|b| *b == b'\n') {
+        let Some(map) = profiler_common::proc_maps::parse_line(line) else {
+            continue;
+        };
+        if !map.executable {
             continue;
         }
-        let (path, is_vdso, deleted) = match &map.pathname {
-            MMapPath::Path(path) => {
-                let text = path.to_string_lossy();
-                match text.strip_suffix(" (deleted)") {
-                    Some(stripped) => (Some(PathBuf::from(stripped)), false, true),
-                    None => (Some(path.clone()), false, false),
-                }
+        let is_vdso = map.path == b"[vdso]";
+        let (path, deleted) = if map.path.is_empty() || map.is_special() {
+            (None, false)
+        } else {
+            match map.path.strip_suffix(b" (deleted)") {
+                Some(stripped) => (Some(stripped), true),
+                None => (Some(map.path), false),
             }
-            MMapPath::Vdso => (None, true, false),
-            _ => (None, false, false),
         };
-        let has_file = map.inode != 0;
-        let is_main = exe.as_ref().is_some_and(|exe| {
-            use std::os::unix::fs::MetadataExt as _;
-            exe.ino() == map.inode && path.is_some()
-        });
+        let path = path.map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)));
+        let is_main = path.is_some() && exe.is_some_and(|exe| exe.ino() == map.inode);
         mappings.push(RawMapping {
-            start: map.address.0,
-            end: map.address.1,
+            start: map.start,
+            end: map.end,
             offset: map.offset,
             path,
             is_vdso,
-            has_file,
+            has_file: map.inode != 0,
             deleted,
             is_main,
         });
     }
-    Some((comm, mappings))
+    mappings
 }
 
 /// The pid of process `pid` in its own (innermost) pid namespace, if it is still the process
