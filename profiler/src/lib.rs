@@ -2,11 +2,13 @@
 //! stacks (`profiler-ebpf`), [`collect`] drains them, [`resolve`] names processes and functions,
 //! [`aggregate`] folds them into pprof, [`export`] writes files; [`compare`] reads profiles back
 //! and tells what changed between two sets of them; [`cli`] wires the stages into commands.
+//! [`fuzz`] gives each parser of untrusted input one entry point for the fuzzers and their corpus.
 
 pub mod aggregate;
 pub mod cli;
 pub mod collect;
 pub mod compare;
 pub mod export;
+pub mod fuzz;
 pub mod metrics;
 pub mod resolve;

@@ -23,6 +23,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod dist;
+mod fuzz;
 
 /// Debian packages the tests rely on; `setup` installs whichever are missing.
 const APT_PACKAGES: &[&str] = &[
@@ -67,7 +68,7 @@ const PIP_PACKAGES: &[(&str, &str, &str)] = &[
 ];
 
 /// The nightly toolchain the eBPF crate is built with (aya-build calls it by this name).
-const NIGHTLY: &str = "nightly";
+pub const NIGHTLY: &str = "nightly";
 
 /// Prefix of the LLVM shared library shipped in a nightly's `lib` directory,
 /// e.g. `libLLVM.so.22.1-rust-1.97.0-nightly`.
@@ -79,12 +80,14 @@ const USAGE: &str = "usage: cargo xtask <command> [args...]
 commands:
   setup                    install the nightly toolchain, bpf-linker and test packages (idempotent)
   build                    setup, then build the release profiler
-  record [ARGS...]         build, then run `target/release/profiler record ARGS...`
+  record [ARGS...]         build, then run the release profiler's `record ARGS...`
   test [ARGS...]           setup, build, dist, then `cargo test --release` (ARGS go to cargo test)
   dist                     static musl release tarball, debug tarball and SHA256SUMS -> target/dist/
   image [--dist TARBALL] [-o ARCHIVE]
                            FROM scratch image profiler:<version> with buildah -> OCI archive
-  bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/";
+  bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/
+  fuzz [--seconds N] [TARGET...]
+                           every cargo-fuzz target in fuzz/ (or those named), N s each (60)";
 
 fn main() -> ExitCode {
     match try_main() {
@@ -113,6 +116,7 @@ fn try_main() -> Result<ExitCode> {
         Some("bench") => bench::bench(&rest),
         Some("dist") => dist::dist(&rest),
         Some("image") => dist::image(&rest),
+        Some("fuzz") => fuzz::fuzz(&rest),
         Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             Ok(())

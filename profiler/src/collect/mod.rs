@@ -328,6 +328,9 @@ impl Collector {
         // verifies again with the verifier's log on, 8 s a time for the walker: a Ctrl-C in
         // start-up cost 25 s. Held here, the signal reaches the program once it can act on it.
         let _held = StopSignalsHeld::new();
+        if EBPF_OBJECT.is_empty() {
+            anyhow::bail!("this profiler was built without its eBPF programs (AYA_BUILD_SKIP); rebuild it without that variable");
+        }
         let btf_bytes = btf::read(&require_btf()?)?;
         let offsets = btf::member_offsets(
             &btf_bytes,

@@ -18,8 +18,10 @@ use std::{
 };
 
 pub use demangle::demangle;
-pub use perfmap::{parse_line as parse_perf_map_line, PerfMap, PerfMapStats};
-pub use process::{is_alive, is_running, FileKey, Mapping};
+pub use perfmap::{
+    parse_line as parse_perf_map_line, PerfMap, PerfMapStats, MAX_LINE as PERF_MAP_MAX_LINE,
+};
+pub use process::{executable_mappings, is_alive, is_running, FileKey, Mapping};
 pub use symbols::{basename, Line, Lines, SkippedBinaries, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
