@@ -89,16 +89,21 @@ fn binary_from_an_empty_directory_records_a_workload() {
     let dir = t.path("unpacked");
     std::fs::create_dir(&dir).unwrap();
     let binary = unpack(&tarball, &dir);
-    let out = t.path("shares.pb.gz");
-    let result = output(
-        Command::new(&binary)
-            .current_dir(&dir)
-            .args(["record", "-F", "999", "-o", path_str(&out), "--"])
-            .args([path_str(&workload()), "shares", "2"]),
-    );
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "record failed: {stderr}");
-    let samples = read_samples(&out);
+    // The unpacked binary, run from its own directory, records `workload ARGS` at 999 Hz.
+    let record = |name: &str, args: &[&str]| {
+        let out = t.path(name);
+        let result = output(
+            Command::new(&binary)
+                .current_dir(&dir)
+                .args(["record", "-F", "999", "-o", path_str(&out), "--"])
+                .arg(workload())
+                .args(args),
+        );
+        let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+        assert!(result.status.success(), "record failed: {stderr}");
+        (read_samples(&out), stderr)
+    };
+    let (samples, stderr) = record("shares.pb.gz", &["shares", "2"]);
     let is_workload = |s: &DecodedSample| s.labels.get("comm").is_some_and(|c| c == "workload");
     let shares = inclusive_shares(&samples, is_workload);
     let total = sample_count(&samples, is_workload);
@@ -114,16 +119,7 @@ fn binary_from_an_empty_directory_records_a_workload() {
     // Kernel frames are symbolized too (kallsyms read by the static binary). A workload that
     // lives in write(2): a pure spinner reaches the kernel only by chance (one CI run had no
     // kernel frame in 2,000 samples).
-    let out = t.path("syscalls.pb.gz");
-    let result = output(
-        Command::new(&binary)
-            .current_dir(&dir)
-            .args(["record", "-F", "999", "-o", path_str(&out), "--"])
-            .args([path_str(&workload()), "syscalls", "1"]),
-    );
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(result.status.success(), "record failed: {stderr}");
-    let samples = read_samples(&out);
+    let (samples, stderr) = record("syscalls.pb.gz", &["syscalls", "1"]);
     assert!(
         samples
             .iter()
