@@ -230,13 +230,15 @@ fn pipe_and_mutex_waits_keep_their_callers() {
 }
 
 #[test]
-fn a_switch_storm_is_sampled_and_weighted_to_the_same_blocked_time() {
+fn switches_past_the_rate_bound_are_sampled_and_weighted_to_the_same_blocked_time() {
     let Some(t) = bpf_test() else { return };
-    // A pipe ping-pong with nothing between messages: tens of thousands of switch-outs per
-    // second on each CPU. Two recordings watch it at once: one records every switch-out, the
-    // other at most 300 per second per CPU, so it samples and weights what it records.
+    // A pipe ping-pong, 50 us of work a message: about 8,000 switch-outs a second on each CPU.
+    // Two recordings watch it at once: one records every switch-out, the other at most 300 per
+    // second per CPU, so it samples and weights what it records. Not the bench's `storm`: its
+    // blocks last about 6 us, and two profilers on one tracepoint shift each other's marks by
+    // their own program's cost, up to 10 % of such a block, whichever is attached second.
     let mut workload = Command::new(offcpu_workload())
-        .args(["storm", "120"])
+        .args(["pipe", "120"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -273,7 +275,7 @@ fn a_switch_storm_is_sampled_and_weighted_to_the_same_blocked_time() {
     // Each of the two threads waits for the other most of the time.
     assert!(every >= 0.5, "{every:.2} s off CPU per second; {every_err}");
     assert!(
-        (0.75..=1.25).contains(&(sampled / every)),
+        (0.8..=1.2).contains(&(sampled / every)),
         "sampled {sampled:.2} against every {every:.2} s off CPU per second\n{sampled_err}\n{every_err}"
     );
     let sampled_out = |stderr: &str| -> u64 {
