@@ -14,7 +14,8 @@ use profiler_tests::*;
 use prost::Message as _;
 use serde_json::Value;
 
-/// `profiler record -F HZ -o DIR/NAME -- BINARY shares SECONDS`.
+/// `profiler record -F HZ -o DIR/NAME -- BINARY shares-cpu SECONDS`: the shares workload until
+/// it has used SECONDS of CPU, so that a busy machine does not cut the number of samples.
 fn record_shares(t: &BpfTest, name: &str, hz: &str, binary: &Path, seconds: &str) -> PathBuf {
     let out = t.path(name);
     profiler_ok(&[
@@ -25,7 +26,7 @@ fn record_shares(t: &BpfTest, name: &str, hz: &str, binary: &Path, seconds: &str
         path_str(&out),
         "--",
         path_str(binary),
-        "shares",
+        "shares-cpu",
         seconds,
     ]);
     out
@@ -143,10 +144,11 @@ fn a_function_made_twice_as_expensive_is_flagged() {
 fn recordings_of_the_same_binary_do_not_fail() {
     let Some(t) = bpf_test() else { return };
     let mut failures = Vec::new();
-    // 999 Hz for 3 s: about 3000 samples a side. Then a 5-point rise of light (30 %) or heavy
-    // (60 %) is 4 standard deviations of the difference (1.2 and 1.3 points), which chance
-    // reaches about once in 30,000 pairs. With 1 s (1000 samples) it was 2.4 deviations: 5.5
-    // points at |z| 2.69 failed one CI run in ten pairs.
+    // 999 Hz for 3 s of CPU: about 3000 samples a side. Then a 5-point rise of light (30 %) or
+    // heavy (60 %) is 4 standard deviations of the difference (1.2 and 1.3 points), which
+    // chance reaches about once in 30,000 pairs. With 1 s (1000 samples) it was 2.4 deviations:
+    // 5.5 points at |z| 2.69 failed one CI run in ten pairs. CPU seconds, not wall seconds: a
+    // busy machine gave 3 wall seconds only 1,900 samples.
     for pair in 0..5 {
         let base = record_shares(&t, &format!("a{pair}.pb.gz"), "999", &workload(), "3");
         let head = record_shares(&t, &format!("b{pair}.pb.gz"), "999", &workload(), "3");

@@ -3,6 +3,8 @@
  * -fno-omit-frame-pointer, and a leaf without a frame hides its caller from the unwinder.
  *
  *   workload shares SECONDS   main -> heavy (60%), main -> light (30%), main -> middle -> leaf_c (10%)
+ *   workload shares-cpu SECONDS  the same until it has used SECONDS of CPU time, however busy the
+ *                             machine: a known number of samples
  *   workload syscalls SECONDS main -> syscall_loop -> write(2) to /dev/null, over and over
  *   workload fork SECONDS     main forks; the child runs child_burn, the parent waits
  *   workload burn SECONDS     main -> burn_outer -> burn_inner
@@ -25,6 +27,13 @@ static volatile unsigned long sink;
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* CPU time this process has used. */
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
@@ -127,6 +136,10 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "shares")) {
         unsigned long rng = 0x9e3779b97f4a7c15UL ^ (unsigned long)getpid();
         while (now() < end)
+            SHARES_ROUND(rng);
+    } else if (!strcmp(argv[1], "shares-cpu")) {
+        unsigned long rng = 0x9e3779b97f4a7c15UL ^ (unsigned long)getpid();
+        while (cpu_now() < seconds)
             SHARES_ROUND(rng);
     } else if (!strcmp(argv[1], "syscalls")) {
         syscall_loop(seconds);
