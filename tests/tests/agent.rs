@@ -194,6 +194,12 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     let recorder = Recorder::default();
     let server = rt.block_on(start_server(recorder.clone()));
     let mut workload = spawn_workload(&["shares", "30"]);
+    // A second busy executable, so that every interval has two targets whatever else the
+    // machine runs (alone on an idle machine, nothing else was sampled in half the runs).
+    let mut other = Command::new("sh")
+        .args(["-c", "while :; do :; done"])
+        .spawn()
+        .unwrap();
     let agent = Agent::start(
         &format!("http://{}", server.addr),
         "2s",
@@ -214,8 +220,10 @@ fn profiles_arrive_per_target_with_labels_headers_and_metrics() {
     assert!(agent.get("/healthz").starts_with("HTTP/1.1 200"));
     let metrics = agent.metrics();
     let status = agent.terminate();
-    let _ = workload.kill();
-    let _ = workload.wait();
+    for child in [&mut workload, &mut other] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     assert!(status.success(), "{status:?}");
 
     let received = recorder.snapshot();
