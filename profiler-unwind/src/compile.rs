@@ -1,6 +1,7 @@
 //! Compiling CFI (gimli's per-FDE rows) into one sorted, deduplicated [`UnwindTable`].
 
 use std::borrow::Cow;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use gimli::{
 use object::{Architecture, Object, ObjectSection};
 use profiler_common::unwind::{kind, rbp, UnwindRow, MAX_TABLE_ROWS, SIGCONTEXT_OFFSET};
 
+use crate::debug_file::{self, DebugSearch};
 use crate::elf::{self, CodeSegment, SIGRETURN_CODE};
 use crate::{Error, TableStats, UnwindTable};
 
@@ -35,8 +37,8 @@ const MIN_EH_FRAME_COVERAGE: f64 = 0.5;
 /// How tables are built.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Directories searched for separate debug files (by build ID and debug link):
-    /// `--debug-dir`, by default `/usr/lib/debug`.
+    /// The user's own directories of separate debug files (`--debug-dir`), searched before
+    /// the process root's own ([`ROOT_DEBUG_DIRS`](crate::debug_file::ROOT_DEBUG_DIRS)).
     pub debug_dirs: Vec<PathBuf>,
     /// Rows (before merging equal neighbours) beyond which building stops with
     /// [`Error::TooLarge`]: a table that cannot fit the kernel's budget is not worth the
@@ -47,7 +49,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            debug_dirs: vec![PathBuf::from("/usr/lib/debug")],
+            debug_dirs: Vec::new(),
             max_rows: usize::MAX,
         }
     }
@@ -62,18 +64,37 @@ struct Function {
 }
 
 /// Compiles the table of the ELF file at `path`, reading `.debug_frame` from it or from its
-/// separate debug file when `.eh_frame` covers less than half of its code.
+/// separate debug file when `.eh_frame` covers less than half of its code. The file is taken as
+/// the host's own: its debug file is looked for on the host.
 pub fn build_from_path(path: &Path, options: &Options) -> Result<UnwindTable, Error> {
     let io = |e| Error::Io(path.to_path_buf(), e);
-    let file = std::fs::File::open(path).map_err(io)?;
+    let file = debug_file::open_regular(path).map_err(io)?;
     // SAFETY: read-only map, dropped before returning.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-    build(&map, Some(path), options)
+    build(&map, Some(&on_host(path, &file, options)), options)
+}
+
+/// The search for the debug file of `file`, the host's own file at `path`.
+pub(crate) fn on_host<'a>(
+    path: &'a Path,
+    file: &std::fs::File,
+    options: &'a Options,
+) -> DebugSearch<'a> {
+    DebugSearch {
+        path,
+        open_in_root: &debug_file::open_regular,
+        own_dirs: &options.debug_dirs,
+        binary: file.metadata().ok().map(|meta| (meta.dev(), meta.ino())),
+    }
 }
 
 /// Compiles the table of an ELF image in memory (a file's bytes, or the vDSO read out of a
-/// process). With `path`, a separate debug file may be looked up next to it.
-pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<UnwindTable, Error> {
+/// process). With `debug`, a separate debug file may be looked up for it.
+pub fn build(
+    data: &[u8],
+    debug: Option<&DebugSearch<'_>>,
+    options: &Options,
+) -> Result<UnwindTable, Error> {
     let started = Instant::now();
     let file = object::File::parse(data).map_err(|e| Error::Malformed(e.to_string()))?;
     if file.architecture() != Architecture::X86_64 {
@@ -102,7 +123,7 @@ pub fn build(data: &[u8], path: Option<&Path>, options: &Options) -> Result<Unwi
 
     let covered = |functions: &[Function]| functions.iter().map(|f| f.end - f.start).sum::<u64>();
     if (covered(&functions) as f64) < MIN_EH_FRAME_COVERAGE * code_bytes as f64 {
-        if let Some(DebugFrame { data, debug_file }) = debug_frame(&file, path, options)? {
+        if let Some(DebugFrame { data, debug_file }) = debug_frame(&file, debug)? {
             stats.debug_frame_bytes = data.len() as u64;
             stats.debug_file = debug_file;
             let mut section = gimli::DebugFrame::new(&data, LittleEndian);
@@ -131,8 +152,7 @@ struct DebugFrame<'data> {
 /// has one.
 fn debug_frame<'data>(
     file: &object::File<'data>,
-    path: Option<&Path>,
-    options: &Options,
+    debug: Option<&DebugSearch<'_>>,
 ) -> Result<Option<DebugFrame<'data>>, Error> {
     if let Some(data) = elf::debug_frame(file)? {
         return Ok(Some(DebugFrame {
@@ -140,27 +160,17 @@ fn debug_frame<'data>(
             debug_file: None,
         }));
     }
-    let Some(debug_path) = path.and_then(|p| elf::find_debug_file(p, file, &options.debug_dirs))
-    else {
+    let Some(found) = debug.and_then(|search| debug_file::find(file, search)) else {
         return Ok(None);
     };
-    let io = |e| Error::Io(debug_path.clone(), e);
-    let debug_file = std::fs::File::open(&debug_path).map_err(io)?;
     // SAFETY: read-only map, dropped before returning (the section is copied out).
-    let debug_map = unsafe { memmap2::Mmap::map(&debug_file) }.map_err(io)?;
+    let debug_map =
+        unsafe { memmap2::Mmap::map(&found.file) }.map_err(|e| Error::Io(found.path.clone(), e))?;
     let debug_elf = object::File::parse(&debug_map[..])
-        .map_err(|e| Error::Malformed(format!("{}: {e}", debug_path.display())))?;
-    // A debug file of another build (a stale debug link) would give wrong rows.
-    let (ours, theirs) = (
-        file.build_id().ok().flatten(),
-        debug_elf.build_id().ok().flatten(),
-    );
-    if ours.is_some() && theirs.is_some() && ours != theirs {
-        return Ok(None);
-    }
+        .map_err(|e| Error::Malformed(format!("{}: {e}", found.path.display())))?;
     Ok(elf::debug_frame(&debug_elf)?.map(|data| DebugFrame {
         data: Cow::Owned(data.into_owned()),
-        debug_file: Some(debug_path),
+        debug_file: Some(found.path),
     }))
 }
 

@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::io::Read;
-use std::path::{Path, PathBuf};
 
 use object::elf::PT_GNU_EH_FRAME;
 use object::read::elf::ProgramHeader;
@@ -128,38 +127,6 @@ fn section_data<'data>(section: &object::Section<'data, '_>) -> Result<Cow<'data
     }
 }
 
-/// The separate debug file of `path`: by build ID under each of `debug_dirs`
-/// (`.build-id/ab/cdef….debug`), then by `.gnu_debuglink` next to the file, in its `.debug/`
-/// directory and under each debug dir. `None` when none exists.
-pub(crate) fn find_debug_file(
-    path: &Path,
-    file: &object::File<'_>,
-    debug_dirs: &[PathBuf],
-) -> Option<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Ok(Some(id)) = file.build_id() {
-        if id.len() > 1 {
-            let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-            for dir in debug_dirs {
-                candidates.push(dir.join(format!(".build-id/{}/{}.debug", &hex[..2], &hex[2..])));
-            }
-        }
-    }
-    if let Ok(Some((name, _crc))) = file.gnu_debuglink() {
-        let name = Path::new(std::str::from_utf8(name).ok()?);
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        candidates.push(dir.join(name));
-        candidates.push(dir.join(".debug").join(name));
-        for debug_dir in debug_dirs {
-            let relative = dir.strip_prefix("/").unwrap_or(dir);
-            candidates.push(debug_dir.join(relative).join(name));
-        }
-    }
-    candidates
-        .into_iter()
-        .find(|candidate| candidate.as_path() != path && candidate.is_file())
-}
-
 /// `mov $15, %rax; syscall`: the body of every x86-64 `rt_sigreturn` restorer (glibc's and
 /// musl's `__restore_rt`). Used to find restorers that come without an `S` FDE (musl).
 pub(crate) const SIGRETURN_CODE: [u8; 9] = [0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05];
@@ -175,6 +142,18 @@ pub(crate) fn sigreturn_addresses(segments: &[CodeSegment<'_>]) -> Vec<u64> {
                 .map(|at| segment.address + at as u64)
         })
         .collect()
+}
+
+/// The ELF virtual address at file offset `offset` of the ELF image `data`: what a separate
+/// debug file, which has the addresses but not the file layout, is looked up by. `None` when no
+/// `PT_LOAD` segment holds that offset.
+pub fn virtual_address(data: &[u8], offset: u64) -> Option<u64> {
+    let file = object::File::parse(data).ok()?;
+    file.segments().find_map(|segment| {
+        let (start, size) = segment.file_range();
+        let within = offset.checked_sub(start).filter(|&d| d < size)?;
+        segment.address().checked_add(within)
+    })
 }
 
 /// The load bias of a mapping: what to subtract from a runtime address in the mapping to get the

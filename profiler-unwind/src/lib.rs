@@ -10,6 +10,7 @@
 
 mod cache;
 mod compile;
+pub mod debug_file;
 mod elf;
 mod id;
 pub mod simulate;
@@ -21,7 +22,8 @@ use std::time::Duration;
 
 pub use cache::DiskCache;
 pub use compile::{build, build_from_path, Options};
-pub use elf::load_bias;
+pub use debug_file::{DebugFile, DebugSearch};
+pub use elf::{load_bias, virtual_address};
 pub use id::BinaryId;
 use profiler_common::unwind::{find_row_in, kind, UnwindRow};
 
@@ -134,7 +136,8 @@ impl Tables {
         let table = match cached {
             Some(table) => table,
             None => {
-                let table = build(&map, Some(path), &self.options)?;
+                let search = compile::on_host(path, &file, &self.options);
+                let table = build(&map, Some(&search), &self.options)?;
                 if let Some(disk) = &self.disk {
                     // A cache that cannot be written costs a rebuild next time, nothing more.
                     if disk.store(&id, &table).is_err() {

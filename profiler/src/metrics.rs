@@ -154,7 +154,7 @@ impl Metrics {
         registry.register(
             "binaries_skipped",
             "Binaries left unparsed, by stage (symbols, unwind_table) and reason (too_large, \
-             parse_error, panic): their frames show as file+0xADDR, or their code is walked \
+             parse_error, panic, truncated): their frames show as file+0xADDR, or their code is walked \
              with frame pointers",
             metrics.binaries_skipped.clone(),
         );
@@ -266,6 +266,13 @@ impl Metrics {
         for (stage, reason, now, before) in [
             ("symbols", "too_large", now.too_large, before.too_large),
             ("symbols", "panic", now.panics, before.panics),
+            ("symbols", "truncated", now.truncated, before.truncated),
+            (
+                "unwind_table",
+                "truncated",
+                unwind.build_truncated,
+                unwind_before.build_truncated,
+            ),
             (
                 "unwind_table",
                 "parse_error",

@@ -133,6 +133,113 @@ fn a_perf_map_behind_a_symlink_in_a_chroot_is_read_inside_it_not_on_the_host() {
     );
 }
 
+/// Files offset to patch in a copy of an ELF file: `(file offset, size)` of section `name`.
+fn section_range(data: &[u8], name: &str) -> (usize, usize) {
+    use object::{Object as _, ObjectSection as _};
+    let elf = object::File::parse(data).unwrap();
+    let (offset, size) = elf.section_by_name(name).unwrap().file_range().unwrap();
+    (offset as usize, size as usize)
+}
+
+/// `data` with the last byte of its build ID changed to `last`: another binary to every cache
+/// keyed by build ID.
+fn with_build_id(mut data: Vec<u8>, last: u8) -> Vec<u8> {
+    let (offset, size) = section_range(&data, ".note.gnu.build-id");
+    data[offset + size - 1] = last;
+    data
+}
+
+/// A process that maps a truncated ELF, one whose first `.eh_frame` entry claims 4 GiB, and one
+/// whose debug link names itself (and has no CFI, so the unwinder looks for its debug file),
+/// next to one that maps none: both are profiled with full stacks, and the binaries that could
+/// not be used are counted.
+#[test]
+fn hostile_binaries_are_counted_and_every_process_is_still_profiled() {
+    let Some(t) = bpf_test() else { return };
+    let program = compile_source("hostile_maps.c", "hostile_maps", &["-O1", "-g"]);
+    let original = std::fs::read(&program).unwrap();
+    let (id_at, id_size) = section_range(&original, ".note.gnu.build-id");
+    let original_id_end = original[id_at + id_size - 1];
+    let dir = t.dir.path().join("hostile");
+    std::fs::create_dir_all(dir.join("other")).unwrap();
+
+    // Program headers and build ID intact, section headers past the end.
+    let truncated = dir.join("truncated.so");
+    let copy = with_build_id(original.clone(), original_id_end ^ 1);
+    std::fs::write(&truncated, &copy[..8192]).unwrap();
+
+    let huge = dir.join("huge-eh-frame.so");
+    let mut patched = with_build_id(original.clone(), original_id_end ^ 2);
+    let (eh_frame, _) = section_range(&patched, ".eh_frame");
+    patched[eh_frame..eh_frame + 4].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+    std::fs::write(&huge, &patched).unwrap();
+
+    // `--add-gnu-debuglink` takes the link's name from the file it is given: a copy of the
+    // same name elsewhere makes the result's link name itself (same build ID, wrong CRC).
+    let self_linked = dir.join("self-linked.so");
+    let stand_in = dir.join("other/self-linked.so");
+    std::fs::copy(&program, &stand_in).unwrap();
+    let status = Command::new("objcopy")
+        .args([
+            "--remove-section=.eh_frame",
+            "--remove-section=.eh_frame_hdr",
+        ])
+        .arg("--remove-section=.debug_frame")
+        .arg(format!("--add-gnu-debuglink={}", stand_in.display()))
+        .arg(&program)
+        .arg(&self_linked)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_file(&stand_in).unwrap();
+    let relinked = std::fs::read(&self_linked).unwrap();
+    std::fs::write(&self_linked, with_build_id(relinked, original_id_end ^ 3)).unwrap();
+
+    let (out, stderr) = t.record(
+        "hostile.pb.gz",
+        &["--no-kernel"],
+        &[
+            path_str(&program),
+            "3",
+            path_str(&truncated),
+            path_str(&huge),
+            path_str(&self_linked),
+        ],
+    );
+    let samples = read_samples(&out);
+    let all: i64 = samples.iter().map(|s| s.count).sum();
+    let share = |function: &str| -> f64 {
+        let under_main: i64 = samples
+            .iter()
+            .filter(|s| {
+                let at = s.functions.iter().position(|f| f == function);
+                let main = s.functions.iter().position(|f| f == "main");
+                matches!((at, main), (Some(a), Some(m)) if a < m)
+            })
+            .map(|s| s.count)
+            .sum();
+        100.0 * under_main as f64 / all.max(1) as f64
+    };
+    // Two busy processes on two CPUs: about half each, both walked to main.
+    for function in ["spin_with_maps", "spin_elsewhere"] {
+        assert!(
+            share(function) >= 30.0,
+            "{function}: {:.1}% under main; {stderr}\n{samples:?}",
+            share(function)
+        );
+    }
+    let errors: u64 = stderr
+        .split_once("unwind_table_build_errors=")
+        .and_then(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(errors >= 3, "{errors} build errors counted; {stderr}");
+}
+
 /// Removes a directory tree when dropped, test failed or not.
 struct RemoveOnDrop(std::path::PathBuf);
 

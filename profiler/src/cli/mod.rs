@@ -84,6 +84,8 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any binary is mapped: a file truncated under a map must not end us.
+    crate::truncation::install();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -206,6 +206,11 @@ impl Counters {
         all.push(("unwind_tables_evicted", self.unwind.evictions, false));
         all.push(("unwind_table_build_errors", self.unwind.build_errors, false));
         all.push(("unwind_table_build_panics", self.unwind.build_panics, false));
+        all.push((
+            "unwind_table_build_truncated",
+            self.unwind.build_truncated,
+            false,
+        ));
         all.push(("unwind_tables_not_loaded", self.unwind.not_loaded, false));
         all.push((
             "unwind_mappings_dropped",
@@ -228,6 +233,7 @@ impl Counters {
         warnings.push(("unwind_tables_evicted", self.unwind.evictions));
         warnings.push(("unwind_table_build_errors", self.unwind.build_errors));
         warnings.push(("unwind_table_build_panics", self.unwind.build_panics));
+        warnings.push(("unwind_table_build_truncated", self.unwind.build_truncated));
         warnings.push(("unwind_tables_not_loaded", self.unwind.not_loaded));
         warnings.push(("unwind_mappings_dropped", self.unwind.mappings_dropped));
         warnings

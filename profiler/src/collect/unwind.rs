@@ -11,7 +11,10 @@
 use std::{
     collections::HashMap as StdHashMap,
     fs::File,
-    os::{fd::AsFd as _, unix::fs::FileExt as _},
+    os::{
+        fd::AsFd as _,
+        unix::fs::{FileExt as _, MetadataExt as _},
+    },
     path::{Path, PathBuf},
     ptr::NonNull,
     time::{Duration, Instant},
@@ -23,7 +26,11 @@ use profiler_common::{
     unwind::{ExecMapping, ProcessMappings, TableInfo, UnwindRow, MAX_PROCESS_MAPPINGS, NO_TABLE},
     ProcessKey,
 };
-use profiler_unwind::{build, load_bias, simulate::read_maps, BinaryId, Options, UnwindTable};
+use profiler_unwind::{
+    build, load_bias, simulate::read_maps, BinaryId, DebugSearch, Options, UnwindTable,
+};
+
+use crate::{in_root, truncation};
 
 /// Kernel bytes per row: array map elements are rounded up to 8 bytes.
 pub const ROW_BYTES: u64 = 16;
@@ -47,6 +54,8 @@ pub struct UnwindCounters {
     pub build_errors: u64,
     /// Binaries whose table building panicked (caught; the binary is not tried again).
     pub build_panics: u64,
+    /// Binaries truncated while their table was built (see [`crate::truncation`]).
+    pub build_truncated: u64,
     /// Tables larger than the whole budget, or with no free slot: their code is walked with
     /// frame pointers only.
     pub not_loaded: u64,
@@ -74,8 +83,9 @@ struct Loaded {
 struct Mapped {
     start: u64,
     end: u64,
-    /// Runtime address minus ELF virtual address.
-    load_bias: u64,
+    /// Runtime address minus ELF virtual address; `None` when the file's segments could not
+    /// be read (then its table is never built, and that is counted once).
+    load_bias: Option<u64>,
     id: Option<BinaryId>,
     /// As /proc/PID/maps names it (`[vdso]` for the vDSO).
     path: String,
@@ -321,7 +331,7 @@ impl UnwindLoader {
             value.mappings[len] = ExecMapping {
                 start: m.start,
                 end: m.end,
-                bias: table.map_or(0, |t| m.load_bias.wrapping_add(t.base)),
+                bias: table.map_or(0, |t| m.load_bias.unwrap_or(0).wrapping_add(t.base)),
                 table: table.map_or(NO_TABLE, |t| t.slot),
                 table_seq: table.map_or(0, |t| t.seq),
             };
@@ -341,10 +351,26 @@ impl UnwindLoader {
         if self.failed.contains_key(id) {
             return;
         }
+        if mapping.load_bias.is_none() {
+            // Its segments cannot be read: not an ELF file we can use.
+            self.counters.build_errors += 1;
+            self.failed.insert(id.clone(), ());
+            return;
+        }
         // A parser panic (ours or gimli's) costs this binary its table, never the profiler.
+        let watch = truncation::Watch::start();
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             build_table(tgid, mapping, &self.options)
         }));
+        if watch.truncated() {
+            self.counters.build_truncated += 1;
+            self.failed.insert(id.clone(), ());
+            eprintln!(
+                "warning: {} was truncated while its unwind table was built: its code is walked with frame pointers",
+                mapping.path
+            );
+            return;
+        }
         let Ok(built) = built else {
             self.counters.build_panics += 1;
             self.failed.insert(id.clone(), ());
@@ -490,15 +516,15 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
             (id.zip(bias).map(|(id, _)| id), bias)
         } else if entry.path.starts_with('/') {
             let path = map_file(pid, entry.start, entry.end);
-            identify(&path, entry.start, entry.offset).unzip()
+            identify(&path, entry.start, entry.offset)
         } else {
             continue;
         };
         mapped.push(Mapped {
             start: entry.start,
             end: entry.end,
-            load_bias: bias.unwrap_or(0),
-            id: bias.and(id),
+            load_bias: bias,
+            id,
             path: entry.path.clone(),
         });
     }
@@ -514,13 +540,20 @@ fn map_file(pid: u32, start: u64, end: u64) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"))
 }
 
-/// The identity and load bias of the file behind a mapping, from one open of it.
-fn identify(path: &Path, start: u64, offset: u64) -> Option<(BinaryId, u64)> {
-    let file = File::open(path).ok()?;
+/// The identity and load bias of the file behind a mapping, from one open of it. A file that
+/// is not a usable ELF still has an identity, so that its failure is counted once.
+fn identify(path: &Path, start: u64, offset: u64) -> (Option<BinaryId>, Option<u64>) {
+    let Ok(file) = File::open(path) else {
+        return (None, None);
+    };
     // SAFETY: read-only map, dropped before returning.
-    let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    let id = BinaryId::of_file(&file, &map).ok()?;
-    Some((id, load_bias(&map, start, offset)?))
+    let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return (None, None);
+    };
+    (
+        BinaryId::of_file(&file, &map).ok(),
+        load_bias(&map, start, offset),
+    )
 }
 
 fn read_vdso(pid: u32, start: u64, end: u64) -> Option<Vec<u8>> {
@@ -541,8 +574,16 @@ fn build_table(
         return Some(build(&image, None, options));
     }
     let file = File::open(map_file(pid, entry.start, entry.end)).ok()?;
+    let meta = file.metadata().ok()?;
     // SAFETY: read-only map, dropped before returning.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-    // The path as the process names it locates debug links and separate debug files.
-    Some(build(&map, Some(Path::new(&entry.path)), options))
+    // Its debug file is looked for beside the path the process names, inside its own root.
+    let open_in_root = in_root::opener(pid);
+    let search = DebugSearch {
+        path: Path::new(&entry.path),
+        open_in_root: &open_in_root,
+        own_dirs: &options.debug_dirs,
+        binary: Some((meta.dev(), meta.ino())),
+    };
+    Some(build(&map, Some(&search), options))
 }

@@ -3,7 +3,6 @@
 
 mod demangle;
 pub mod gopclntab;
-pub mod in_root;
 mod perfmap;
 mod process;
 mod symbols;
@@ -26,6 +25,7 @@ pub use symbols::{basename, Line, Lines, SkippedBinaries, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
+use crate::in_root;
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use profiler_common::is_exact_pc;
 use symbols::kernel_build_id;
@@ -355,6 +355,8 @@ impl Resolver {
     /// inside the process's root, resolved there (`openat2(RESOLVE_IN_ROOT)`), so that a
     /// container's symlinks never lead to a host file. `None` when neither can be read.
     fn open_binary(&mut self, pid: u32, raw: &RawMapping) -> Option<FileKey> {
+        let open_in_root = in_root::opener(pid);
+        let name = raw.path.as_deref().unwrap_or(Path::new("[anonymous]"));
         let by_map_files = PathBuf::from(format!(
             "/proc/{pid}/map_files/{:x}-{:x}",
             raw.start, raw.end
@@ -364,20 +366,17 @@ impl Resolver {
                 return Some(key);
             }
             if let Ok(file) = File::open(&by_map_files) {
-                let name = raw.path.as_deref().unwrap_or(Path::new("[anonymous]"));
-                self.symbols.add_object(key, file, name);
+                self.symbols.add_object(key, file, name, &open_in_root);
                 return Some(key);
             }
         }
         let (Some(path), false) = (&raw.path, raw.deleted) else {
             return None;
         };
-        let file = in_root::ProcessRoot::open(pid)
-            .and_then(|root| root.open_regular(path))
-            .ok()?;
+        let file = open_in_root(path).ok()?;
         let key = FileKey::of_metadata(&file.metadata().ok()?);
         if !self.symbols.has_object(&key) {
-            self.symbols.add_object(key, file, path);
+            self.symbols.add_object(key, file, path, &open_in_root);
         }
         Some(key)
     }

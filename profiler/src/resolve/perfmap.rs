@@ -13,10 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
-    in_root::ProcessRoot,
-    process::{is_running, namespace_pid},
-};
+use super::process::{is_running, namespace_pid};
+use crate::in_root::ProcessRoot;
 
 /// Lines longer than this are not perf-map lines (names are at most a few hundred bytes).
 pub const MAX_LINE: usize = 4096;

@@ -15,27 +15,32 @@ use blazesym::symbolize::{
     Input, Symbolized, Symbolizer,
 };
 
+use profiler_unwind::{debug_file, DebugSearch};
+
 use super::{
     demangle::demangle,
     gopclntab::{Corrupt, GoLine, GoTable},
     process::FileKey,
 };
+use crate::truncation;
 
 /// The soonest /proc/kallsyms is copied again for kernel addresses it did not name.
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
 
-/// Largest file (a binary or its separate debug file) the symbolizer parses: blazesym builds
-/// its DWARF indices in memory, so one huge file could take the agent's whole memory limit.
-const MAX_SYMBOLIZED_BYTES: u64 = 1 << 30;
+/// Largest binary the symbolizer parses: blazesym builds its DWARF indices in memory, so one
+/// huge file could take the agent's whole memory limit. A larger debug file is not used.
+const MAX_SYMBOLIZED_BYTES: u64 = profiler_unwind::debug_file::MAX_DEBUG_FILE_BYTES;
 
 /// Binaries left unnamed on purpose, by reason: their frames show as `file+0xADDR`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SkippedBinaries {
-    /// Over [`MAX_SYMBOLIZED_BYTES`] (the binary or its debug file).
+    /// Over [`MAX_SYMBOLIZED_BYTES`].
     pub too_large: u64,
     /// A parser (blazesym, gimli, or our Go table reader) panicked on it: caught, and the
     /// binary is not parsed again.
     pub panics: u64,
+    /// The file was truncated while mapped (see [`crate::truncation`]).
+    pub truncated: u64,
 }
 
 /// One function in a frame: where an address is, or where an inlined call was made.
@@ -56,11 +61,12 @@ pub type Lines = Arc<[Line]>;
 struct Object {
     file: File,
     build_id: String,
-    /// Separate debug info found by build ID (`DIR/.build-id/xx/rest.debug`), which blazesym
-    /// only follows by itself when the binary carries a debug link.
-    debug_file: Option<PathBuf>,
-    /// The binary itself, opened once, to translate file offsets for `debug_file`.
-    translator: Option<blazesym::helper::ElfResolver>,
+    /// Whether blazesym may read the binary's DWARF: not when the binary names other files
+    /// (a debug link, a dwz file), which blazesym would open on the host's paths.
+    dwarf: bool,
+    /// Its separate debug file, found by us inside the process's root (blazesym is never
+    /// left to follow a link), and whether blazesym may read its DWARF.
+    debug: Option<(File, bool)>,
     /// The binary mapped read-only, for its program headers and Go's `.gopclntab`.
     map: Option<memmap2::Mmap>,
     /// Go's function table, when the binary has one (names stripped Go binaries).
@@ -82,6 +88,7 @@ impl Object {
 /// Symbol look-ups and their caches.
 pub struct Symbols {
     symbolizer: Symbolizer,
+    /// The user's own directories of debug files (`--debug-dir`).
     debug_dirs: Vec<PathBuf>,
     objects: HashMap<FileKey, Object>,
     kernel: HashMap<u64, Lines>,
@@ -112,20 +119,22 @@ pub struct Symbols {
 }
 
 impl Symbols {
-    /// `debug_dirs` are searched for separate debug info (by build ID and debug link), in
-    /// addition to blazesym's defaults (/usr/lib/debug, /lib/debug).
+    /// `debug_dirs` are searched for separate debug info (by build ID and debug link) before
+    /// the process root's own /usr/lib/debug and /lib/debug.
     pub fn new(debug_dirs: &[PathBuf]) -> Self {
-        let mut dirs: Vec<PathBuf> = debug_dirs.to_vec();
-        dirs.extend([PathBuf::from("/usr/lib/debug"), PathBuf::from("/lib/debug")]);
         let symbolizer = Symbolizer::builder()
             .enable_demangling(false)
             .enable_code_info(true)
             .enable_inlined_fns(true)
-            .set_debug_dirs(Some(&dirs))
+            // A binary is keyed by its identity and read through our own descriptor: it never
+            // changes under a key, so checking it on every look-up would only cost a stat.
+            .enable_auto_reload(false)
+            // Links are never followed by blazesym (see `Object::dwarf`).
+            .set_debug_dirs(Some(Vec::<PathBuf>::new()))
             .build();
         Self {
             symbolizer,
-            debug_dirs: dirs,
+            debug_dirs: debug_dirs.to_vec(),
             objects: HashMap::new(),
             kernel: HashMap::new(),
             strings: HashMap::new(),
@@ -147,18 +156,25 @@ impl Symbols {
         self.objects.contains_key(key)
     }
 
-    /// Keeps `file` (the binary with this key, `name` in messages) open for later
-    /// symbolization. A file over [`MAX_SYMBOLIZED_BYTES`], or one a parser panics on, is kept
-    /// as skipped: counted, named in one line, and never parsed again.
-    pub fn add_object(&mut self, key: FileKey, file: File, name: &Path) {
+    /// Keeps `file` (the binary with this key, at `name` in its process's root) open for later
+    /// symbolization; its debug file is opened now, through `open_in_root`. A file over
+    /// [`MAX_SYMBOLIZED_BYTES`], or one a parser panics on, is kept as skipped: counted, named
+    /// in one line, and never parsed again.
+    pub fn add_object(
+        &mut self,
+        key: FileKey,
+        file: File,
+        name: &Path,
+        open_in_root: &dyn Fn(&Path) -> std::io::Result<File>,
+    ) {
         // SAFETY: read-only; blazesym and the unwinder map the same binaries alike.
         let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         let size = file.metadata().map_or(0, |m| m.len());
         let mut object = Object {
             file,
             build_id: String::new(),
-            debug_file: None,
-            translator: None,
+            dwarf: false,
+            debug: None,
             map,
             go: None,
             addrs: HashMap::new(),
@@ -166,26 +182,21 @@ impl Symbols {
             name: name.display().to_string().into(),
         };
         if size > MAX_SYMBOLIZED_BYTES {
-            skip(&mut self.skipped, &mut object, Skip::TooLarge("it"));
+            skip(&mut self.skipped, &mut object, Skip::TooLarge);
         } else {
-            let debug_dirs = &self.debug_dirs;
-            let parsed = guarded(|| open_object(&mut object, debug_dirs));
+            let search = DebugSearch {
+                path: name,
+                open_in_root,
+                own_dirs: &self.debug_dirs,
+                binary: Some((key.dev, key.ino)),
+            };
+            let watch = truncation::Watch::start();
+            let parsed = guarded(|| open_object(&mut object, &search));
             match parsed {
+                _ if watch.truncated() => skip(&mut self.skipped, &mut object, Skip::Truncated),
                 Some(Ok(())) => {}
                 Some(Err(Corrupt)) => self.go_errors += 1,
                 None => skip(&mut self.skipped, &mut object, Skip::Panic),
-            }
-            let debug_size = object
-                .debug_file
-                .as_ref()
-                .and_then(|path| std::fs::metadata(path).ok())
-                .map_or(0, |m| m.len());
-            if debug_size > MAX_SYMBOLIZED_BYTES {
-                skip(
-                    &mut self.skipped,
-                    &mut object,
-                    Skip::TooLarge("its debug file"),
-                );
             }
         }
         self.objects.insert(key, object);
@@ -244,7 +255,7 @@ impl Symbols {
             return;
         };
         let named = match object.skipped {
-            true => None,
+            true => Ok(Vec::new()),
             false => {
                 let (symbolizer, strings, empty, go_errors) = (
                     &self.symbolizer,
@@ -253,11 +264,19 @@ impl Symbols {
                     &mut self.go_errors,
                 );
                 let object = &*object;
-                guarded(|| symbolize_object(symbolizer, object, offsets, strings, empty, go_errors))
+                let watch = truncation::Watch::start();
+                let named = guarded(|| {
+                    symbolize_object(symbolizer, object, offsets, strings, empty, go_errors)
+                });
+                match (watch.truncated(), named) {
+                    (true, _) => Err(Skip::Truncated),
+                    (false, Some(lines)) => Ok(lines),
+                    (false, None) => Err(Skip::Panic),
+                }
             }
         };
-        let mut lines = named.unwrap_or_else(|| {
-            skip(&mut self.skipped, object, Skip::Panic);
+        let mut lines = named.unwrap_or_else(|reason| {
+            skip(&mut self.skipped, object, reason);
             Vec::new()
         });
         lines.resize(offsets.len(), self.empty.clone());
@@ -319,10 +338,12 @@ impl Symbols {
 /// Why a binary is not symbolized.
 #[derive(Clone, Copy)]
 enum Skip {
-    /// This file (the binary, or its debug file) is over [`MAX_SYMBOLIZED_BYTES`].
-    TooLarge(&'static str),
+    /// The binary is over [`MAX_SYMBOLIZED_BYTES`].
+    TooLarge,
     /// A parser panicked on it.
     Panic,
+    /// It was truncated while mapped.
+    Truncated,
 }
 
 /// Marks `object` skipped, counts it by reason and says so in one line, once.
@@ -332,13 +353,17 @@ fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
     }
     object.skipped = true;
     let why = match reason {
-        Skip::TooLarge(what) => {
+        Skip::TooLarge => {
             skipped.too_large += 1;
-            format!("{what} is larger than 1 GiB")
+            "it is larger than 1 GiB".to_owned()
         }
         Skip::Panic => {
             skipped.panics += 1;
             "a parser panicked on it".to_owned()
+        }
+        Skip::Truncated => {
+            skipped.truncated += 1;
+            "it was truncated while being read".to_owned()
         }
     };
     eprintln!(
@@ -357,14 +382,18 @@ fn symbolize_object(
     empty: &Lines,
     go_errors: &mut u64,
 ) -> Vec<Lines> {
-    let results = match &object.debug_file {
-        Some(debug_file) => {
+    let results = match (&object.debug, object.map.as_deref()) {
+        (Some((debug, dwarf)), Some(map)) => {
             // The debug file has the binary's addresses but not its file layout: translate
             // file offsets to virtual ones through the binary's program headers.
-            let virt = to_virtual_offsets(object.translator.as_ref(), offsets);
-            let source = Source::Elf(Elf::new(debug_file));
+            let virt: Vec<u64> = offsets
+                .iter()
+                .map(|off| profiler_unwind::virtual_address(map, *off).unwrap_or(0))
+                .collect();
+            let mut source = Elf::new(fd_path(debug));
+            source.debug_syms = *dwarf;
             let mut results = symbolizer
-                .symbolize(&source, Input::VirtOffset(&virt))
+                .symbolize(&Source::Elf(source), Input::VirtOffset(&virt))
                 .unwrap_or_default();
             for (result, addr) in results.iter_mut().zip(&virt) {
                 if *addr == 0 {
@@ -373,10 +402,11 @@ fn symbolize_object(
             }
             results
         }
-        None => {
-            let source = Source::Elf(Elf::new(object.path()));
+        _ => {
+            let mut source = Elf::new(object.path());
+            source.debug_syms = object.dwarf;
             symbolizer
-                .symbolize(&source, Input::FileOffset(offsets))
+                .symbolize(&Source::Elf(source), Input::FileOffset(offsets))
                 .unwrap_or_default()
         }
     };
@@ -401,41 +431,31 @@ fn symbolize_object(
     lines
 }
 
-/// Reads what symbolizing `object` needs up front: its Go function table, build ID and, by
-/// that, separate debug info. `Err` for a corrupt Go table (the rest is still read).
-fn open_object(object: &mut Object, debug_dirs: &[PathBuf]) -> Result<(), Corrupt> {
-    let go = object.map.as_deref().map(GoTable::parse);
-    object.build_id = blazesym::helper::read_elf_build_id(&object.path())
-        .ok()
-        .flatten()
-        .map(|id| hex(&id))
-        .unwrap_or_default();
-    if object.build_id.len() > 2 {
-        let (head, rest) = object.build_id.split_at(2);
-        object.debug_file = debug_dirs
-            .iter()
-            .map(|dir| {
-                dir.join(".build-id")
-                    .join(head)
-                    .join(format!("{rest}.debug"))
-            })
-            .find(|path| path.exists());
-        if object.debug_file.is_some() {
-            // No debug dirs: only the program headers are wanted, not the debug info.
-            object.translator = blazesym::helper::ElfResolver::open_with_debug_dirs(
-                object.path(),
-                Vec::<PathBuf>::new(),
-            )
-            .ok();
-        }
+/// Reads what symbolizing `object` needs up front: its Go function table, build ID, whether
+/// blazesym may read its DWARF, and its separate debug file. `Err` for a corrupt Go table (the
+/// rest is still read).
+fn open_object(object: &mut Object, search: &DebugSearch<'_>) -> Result<(), Corrupt> {
+    let Some(map) = object.map.as_deref() else {
+        return Ok(());
+    };
+    let go = GoTable::parse(map);
+    object.dwarf = !debug_file::links_elsewhere(map);
+    if let Ok(elf) = object::File::parse(map) {
+        use object::Object as _;
+        object.build_id = elf.build_id().ok().flatten().map(hex).unwrap_or_default();
+        object.debug = debug_file::find(&elf, search).map(|found| {
+            // SAFETY: read-only, dropped before returning.
+            let dwarf = unsafe { memmap2::Mmap::map(&found.file) }
+                .is_ok_and(|debug| !debug_file::links_elsewhere(&debug));
+            (found.file, dwarf)
+        });
     }
     match go {
-        Some(Ok(table)) => {
+        Ok(table) => {
             object.go = table;
             Ok(())
         }
-        Some(Err(Corrupt)) => Err(Corrupt),
-        None => Ok(()),
+        Err(Corrupt) => Err(Corrupt),
     }
 }
 
@@ -505,7 +525,8 @@ impl Symbols {
                 continue;
             };
             // Evict while the descriptor is still open: its number will be reused.
-            for path in std::iter::once(object.path()).chain(object.debug_file.clone()) {
+            let debug = object.debug.as_ref().map(|(file, _)| fd_path(file));
+            for path in std::iter::once(object.path()).chain(debug) {
                 let _ = self.symbolizer.evict(&Evict::Elf(EvictElf::new(path)));
             }
         }
@@ -535,24 +556,6 @@ fn kallsyms_snapshot() -> Option<File> {
     })?;
     std::io::copy(&mut source, &mut copy).ok()?;
     Some(copy)
-}
-
-/// Virtual offsets of `offsets` in `binary`; 0 where an offset maps to no segment.
-fn to_virtual_offsets(binary: Option<&blazesym::helper::ElfResolver>, offsets: &[u64]) -> Vec<u64> {
-    use blazesym::symbolize::TranslateFileOffset as _;
-    let Some(binary) = binary else {
-        return vec![0; offsets.len()];
-    };
-    offsets
-        .iter()
-        .map(|off| {
-            binary
-                .file_offset_to_virt_offset(*off)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        })
-        .collect()
 }
 
 fn intern(strings: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {
@@ -680,6 +683,7 @@ mod tests {
             key,
             File::open("/proc/self/exe").unwrap(),
             Path::new("/proc/self/exe"),
+            &profiler_unwind::debug_file::open_regular,
         );
         (symbols, key, offset)
     }
@@ -727,6 +731,183 @@ mod tests {
         // An unknown binary is reported as cached (nothing to look up) and yields no lines.
         let unknown = super::FileKey { ino: 1, ..key };
         assert!(symbols.file_lines(&unknown, offset).is_empty());
+    }
+
+    /// A C binary with DWARF (`dir/app`, function `target_fn`) and its debug file split off
+    /// (`dir/app.debug`), the binary stripped of debug info and given a debug link named
+    /// `link` (with the right CRC); returns the binary and `target_fn`'s file offset.
+    fn split_binary(dir: &Path, link: &str) -> (std::path::PathBuf, u64) {
+        use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+        let run = |cmd: &mut std::process::Command| {
+            let status = cmd.status().unwrap();
+            assert!(status.success(), "{cmd:?}");
+        };
+        let source = dir.join("app.c");
+        std::fs::write(
+            &source,
+            "int target_fn(int x) { return x * 3 + 1; }\nint main(int c, char **v) { return target_fn(c); }\n",
+        )
+        .unwrap();
+        let full = dir.join("app.full");
+        run(std::process::Command::new("gcc")
+            .args(["-g", "-O0", "-o"])
+            .arg(&full)
+            .arg(&source));
+        let debug = dir.join("app.debug");
+        run(std::process::Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(&full)
+            .arg(&debug));
+        let crc = crc32fast::hash(&std::fs::read(&debug).unwrap());
+        let mut section = link.as_bytes().to_vec();
+        section.push(0);
+        section.resize(section.len().div_ceil(4) * 4, 0);
+        section.extend(crc.to_le_bytes());
+        let section_file = dir.join("link.bin");
+        std::fs::write(&section_file, section).unwrap();
+        let app = dir.join("app");
+        run(std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(format!(
+                "--add-section=.gnu_debuglink={}",
+                section_file.display()
+            ))
+            .arg(&full)
+            .arg(&app));
+        let data = std::fs::read(&app).unwrap();
+        let elf = object::File::parse(&data[..]).unwrap();
+        let addr = elf
+            .symbols()
+            .find(|s| s.name() == Ok("target_fn"))
+            .unwrap()
+            .address();
+        let offset = elf
+            .segments()
+            .find_map(|seg| {
+                let (start, size) = seg.file_range();
+                (addr >= seg.address() && addr < seg.address() + size)
+                    .then(|| start + addr - seg.address())
+            })
+            .unwrap();
+        (app, offset)
+    }
+
+    /// `target_fn`'s lines in `app`, opened as a process whose root is `root` would have it
+    /// at `/usr/bin/app`.
+    fn lines_in_root(app: &Path, offset: u64, root: &Path) -> super::Lines {
+        let open = crate::in_root::ProcessRoot::at(root).unwrap();
+        let open_in_root = |path: &Path| open.open_regular(path);
+        let file = File::open(app).unwrap();
+        let key = super::FileKey::of_metadata(&file.metadata().unwrap());
+        let mut symbols = Symbols::new(&[]);
+        symbols.add_object(key, file, Path::new("/usr/bin/app"), &open_in_root);
+        symbols.load_file_offsets(&key, &[offset]);
+        symbols.file_lines(&key, offset)
+    }
+
+    #[test]
+    fn a_debug_link_is_followed_inside_the_process_root_only() {
+        let host = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let bin_dir = root.path().join("usr/bin");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+
+        // A plain link, its debug file beside the binary in the process's root: lines.
+        let (app, offset) = split_binary(host.path(), "app.debug");
+        std::fs::copy(host.path().join("app.debug"), bin_dir.join("app.debug")).unwrap();
+        let lines = lines_in_root(&app, offset, root.path());
+        assert_eq!(lines.last().unwrap().function.as_ref(), "target_fn");
+        assert!(lines.last().unwrap().line > 0, "{lines:?}");
+
+        // The same debug file only on the host, named by an absolute link: blazesym would
+        // open it there by itself; we never let it, so only the symbol table names it.
+        std::fs::remove_file(bin_dir.join("app.debug")).unwrap();
+        let host_debug = host.path().join("app.debug");
+        let (app, offset) = split_binary(host.path(), host_debug.to_str().unwrap());
+        let lines = lines_in_root(&app, offset, root.path());
+        assert_eq!(lines.last().unwrap().function.as_ref(), "target_fn");
+        assert_eq!(
+            lines.last().unwrap().line,
+            0,
+            "a host file was read: {lines:?}"
+        );
+
+        // A plain link whose `.debug/` is a symlink to the host's directory: resolved in the
+        // root, it leads nowhere.
+        let (app, offset) = split_binary(host.path(), "app.debug");
+        std::os::unix::fs::symlink(host.path(), bin_dir.join(".debug")).unwrap();
+        let lines = lines_in_root(&app, offset, root.path());
+        assert_eq!(
+            lines.last().unwrap().line,
+            0,
+            "a host file was read: {lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_debug_link_to_the_binary_itself_is_not_taken_for_its_debug_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, offset) = split_binary(dir.path(), "app");
+        let bin_dir = dir.path().join("usr/bin");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        std::fs::hard_link(&app, bin_dir.join("app")).unwrap();
+        let file = File::open(&app).unwrap();
+        let elf_data = std::fs::read(&app).unwrap();
+        let elf = object::File::parse(&elf_data[..]).unwrap();
+        let open = crate::in_root::ProcessRoot::at(dir.path()).unwrap();
+        let meta = std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap());
+        let search = profiler_unwind::DebugSearch {
+            path: Path::new("/usr/bin/app"),
+            open_in_root: &|path: &Path| open.open_regular(path),
+            own_dirs: &[],
+            binary: Some((
+                std::os::unix::fs::MetadataExt::dev(&file.metadata().unwrap()),
+                meta,
+            )),
+        };
+        // Same build ID, so only the identity check keeps it out.
+        assert!(profiler_unwind::debug_file::find(&elf, &search).is_none());
+        let lines = lines_in_root(&app, offset, dir.path());
+        assert_eq!(lines.last().unwrap().function.as_ref(), "target_fn");
+    }
+
+    #[test]
+    fn a_binary_truncated_while_mapped_is_skipped_and_counted() {
+        crate::truncation::install();
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy");
+        std::fs::copy("/proc/self/exe", &copy).unwrap();
+        std::hint::black_box(symbol_cache_target(3));
+        let (_, offset) = self_file_offset(symbol_cache_target as *const () as u64);
+        let file = File::open(&copy).unwrap();
+        let key = super::FileKey::of_metadata(&file.metadata().unwrap());
+        let mut symbols = Symbols::new(&[]);
+        symbols.add_object(key, file, &copy, &profiler_unwind::debug_file::open_regular);
+        symbols.load_file_offsets(&key, &[offset]);
+        assert_eq!(
+            symbols
+                .file_lines(&key, offset)
+                .last()
+                .unwrap()
+                .function
+                .as_ref(),
+            "symbol_cache_target"
+        );
+        // Cut to its first page while we (and blazesym) have it mapped.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // Another function's DWARF is read from pages that are gone.
+        let (_, other) = self_file_offset(crate::truncation::faults as *const () as u64);
+        symbols.load_file_offsets(&key, &[other]);
+        assert_eq!(symbols.skipped.truncated, 1, "{:?}", symbols.skipped);
+        assert!(symbols.file_lines(&key, other).is_empty());
+        // Skipped from now on: no parse, no count.
+        symbols.load_file_offsets(&key, &[other + 1]);
+        assert_eq!(symbols.skipped.truncated, 1);
     }
 
     #[test]

@@ -51,6 +51,19 @@ impl ProcessRoot {
     }
 }
 
+/// Opens regular files inside the root of process `pid` (see [`ProcessRoot::open_regular`]).
+/// The root is opened at the first call; if it cannot be, every call fails.
+pub fn opener(pid: u32) -> impl Fn(&Path) -> io::Result<File> {
+    let root = std::cell::OnceCell::new();
+    move |path| match root.get_or_init(|| ProcessRoot::open(pid)) {
+        Ok(root) => root.open_regular(path),
+        Err(err) => Err(io::Error::new(
+            err.kind(),
+            format!("the root of process {pid}: {err}"),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{os::unix::fs::symlink, path::Path};
