@@ -33,7 +33,7 @@ fn symbol_cache(c: &mut Criterion) {
         key,
         File::open("/proc/self/exe").unwrap(),
         std::path::Path::new("/proc/self/exe"),
-        &profiler_unwind::debug_file::open_regular,
+        profiler::in_root::ProcessRoot::open(std::process::id()).ok(),
     );
     symbols.load_file_offsets(&key, &offsets);
     let mut i = 0;

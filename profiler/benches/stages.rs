@@ -60,7 +60,7 @@ fn main() {
         key,
         File::open("/proc/self/exe").expect("opening our own binary"),
         std::path::Path::new("/proc/self/exe"),
-        &profiler_unwind::debug_file::open_regular,
+        profiler::in_root::ProcessRoot::open(std::process::id()).ok(),
     );
     let config = format!("{addresses} addresses, own release binary");
     let started = Instant::now();

@@ -154,7 +154,7 @@ impl Metrics {
         registry.register(
             "binaries_skipped",
             "Binaries left unparsed, by stage (symbols, unwind_table) and reason (too_large, \
-             parse_error, panic, truncated): their frames show as file+0xADDR, or their code is walked \
+             parse_error, panic, truncated, timeout): their frames show as file+0xADDR, or their code is walked \
              with frame pointers",
             metrics.binaries_skipped.clone(),
         );
@@ -267,6 +267,13 @@ impl Metrics {
             ("symbols", "too_large", now.too_large, before.too_large),
             ("symbols", "panic", now.panics, before.panics),
             ("symbols", "truncated", now.truncated, before.truncated),
+            ("symbols", "timeout", now.timeouts, before.timeouts),
+            (
+                "unwind_table",
+                "timeout",
+                unwind.build_timeouts,
+                unwind_before.build_timeouts,
+            ),
             (
                 "unwind_table",
                 "truncated",

@@ -133,7 +133,20 @@ fn a_perf_map_behind_a_symlink_in_a_chroot_is_read_inside_it_not_on_the_host() {
     );
 }
 
-/// Files offset to patch in a copy of an ELF file: `(file offset, size)` of section `name`.
+/// Counter `name` from a summary line (`name=N` among its warnings), 0 when it is not there.
+fn summary_counter(stderr: &str, name: &str) -> u64 {
+    stderr
+        .split_once(&format!("{name}="))
+        .and_then(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Where to patch a copy of an ELF file: `(file offset, size)` of section `name`.
 fn section_range(data: &[u8], name: &str) -> (usize, usize) {
     use object::{Object as _, ObjectSection as _};
     let elf = object::File::parse(data).unwrap();
@@ -228,16 +241,36 @@ fn hostile_binaries_are_counted_and_every_process_is_still_profiled() {
             share(function)
         );
     }
-    let errors: u64 = stderr
-        .split_once("unwind_table_build_errors=")
-        .and_then(|(_, rest)| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
+    let errors = summary_counter(&stderr, "unwind_table_build_errors");
     assert!(errors >= 3, "{errors} build errors counted; {stderr}");
+}
+
+/// With a deadline no parse can meet, every binary is skipped, named in one line and counted,
+/// and the recording goes on: its samples are kept, as file+0xADDR frames.
+#[test]
+fn binaries_that_take_too_long_to_parse_are_skipped_and_counted() {
+    let Some(t) = bpf_test() else { return };
+    let program = compile_source("workload.c", "workload-deadline", &["-O0", "-g"]);
+    let (out, stderr) = t.record(
+        "deadline.folded",
+        &["--no-kernel", "--parse-timeout", "1us"],
+        &[path_str(&program), "shares", "2"],
+    );
+    let folded = std::fs::read_to_string(&out).unwrap();
+    let all: u64 = folded
+        .lines()
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum();
+    assert!(all >= 300, "{all} samples; {stderr}");
+    assert!(
+        stderr.contains("took longer than --parse-timeout"),
+        "{stderr}"
+    );
+    let timeouts = summary_counter(&stderr, "unwind_table_build_timeouts");
+    assert!(timeouts >= 2, "{timeouts} table builds timed out; {stderr}");
+    // The workload's own frames are unnamed now (its symbols were never read), but kept.
+    assert!(!folded.contains("heavy"), "{folded}");
+    assert!(folded.contains("workload-deadline+0x"), "{folded}");
 }
 
 /// Removes a directory tree when dropped, test failed or not.

@@ -43,6 +43,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
         kernel_stacks: true,
         unwinder: config.unwinder,
         unwind_table_memory: config.unwind_table_memory,
+        parse_timeout: config.parse_timeout,
         off_cpu: config.off_cpu.clone(),
         ..Default::default()
     })?;
@@ -66,6 +67,7 @@ pub async fn run(args: AgentArgs) -> Result<u8> {
     let mut targets = Targets::new(config.node_name, config.labels, config.relabel, pods)
         .with_pod_grace(config.pod_wait);
     let mut resolver = Resolver::new(&[]);
+    resolver.set_parse_timeout(config.parse_timeout);
     let sample_labels = match config.thread_names {
         true => SampleLabels::ThreadNames,
         false => SampleLabels::None,

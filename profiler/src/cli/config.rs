@@ -125,6 +125,10 @@ pub struct AgentArgs {
     /// Kernel memory for unwind tables: 16MiB, 512KiB, or bytes [default: 16MiB].
     #[arg(long, env = "PROFILER_UNWIND_TABLE_MEMORY", value_name = "SIZE", value_parser = super::diff::parse_size)]
     pub unwind_table_memory: Option<u64>,
+    /// Longest one binary's symbols or unwind table may take to read; a binary past it is
+    /// skipped and counted [default: 5s].
+    #[arg(long, env = "PROFILER_PARSE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub parse_timeout: Option<Duration>,
     /// Also push off-CPU time: one `offcpu` series per target, beside `process_cpu`.
     #[arg(long, env = "PROFILER_OFF_CPU", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub off_cpu: Option<bool>,
@@ -174,6 +178,7 @@ struct FileConfig {
     thread_names: Option<bool>,
     unwinder: Option<Unwinder>,
     unwind_table_memory: Option<u64>,
+    parse_timeout: Option<String>,
     off_cpu: Option<bool>,
     off_cpu_min_block: Option<String>,
     off_cpu_state: Option<OffCpuState>,
@@ -190,6 +195,8 @@ pub struct AgentConfig {
     pub metrics_addr: SocketAddr,
     pub node_name: String,
     pub shutdown_timeout: Duration,
+    /// Longest one binary's parse may take.
+    pub parse_timeout: Duration,
     pub kubeconfig: Option<PathBuf>,
     pub relabel: Relabeler,
     /// Pyroscope, when a URL is configured.
@@ -237,6 +244,13 @@ impl AgentConfig {
             (Some(d), _) => d,
             (None, Some(text)) => parse_duration(text).map_err(|e| anyhow!("pod_wait: {e}"))?,
             (None, None) => crate::resolve::POD_GRACE,
+        };
+        let parse_timeout = match (args.parse_timeout, &file.parse_timeout) {
+            (Some(d), _) => d,
+            (None, Some(text)) => {
+                parse_duration(text).map_err(|e| anyhow!("parse_timeout: {e}"))?
+            }
+            (None, None) => crate::deadline::DEFAULT,
         };
         let shutdown_timeout = match (args.shutdown_timeout, &file.shutdown_timeout) {
             (Some(d), _) => d,
@@ -371,6 +385,7 @@ impl AgentConfig {
             metrics_addr,
             node_name,
             shutdown_timeout,
+            parse_timeout,
             kubeconfig: args.kubeconfig.or(file.kubeconfig),
             relabel,
             push,

@@ -71,6 +71,10 @@ pub struct RecordArgs {
     /// Kernel memory for unwind tables (`--unwinder auto`): 16MiB, 512KiB, or bytes.
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = super::diff::parse_size)]
     unwind_table_memory: u64,
+    /// Longest one binary's symbols or unwind table may take to read; a binary past it is
+    /// skipped (its frames show as file+0xADDR) and counted.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = super::parse_duration)]
+    parse_timeout: std::time::Duration,
     /// Record off-CPU time too (where threads wait), as sample type `offcpu` (nanoseconds),
     /// the file's default; folded and SVG output show it. On-CPU samples stay in the file
     /// (`go tool pprof -sample_index=cpu`).
@@ -166,6 +170,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
         kernel_stacks: !args.no_kernel,
         unwinder: args.unwinder,
         unwind_table_memory: args.unwind_table_memory,
+        parse_timeout: args.parse_timeout,
         debug_dirs: args.debug_dirs.clone(),
         off_cpu: off_cpu_config(
             args.off_cpu,
@@ -182,6 +187,7 @@ async fn record(args: &RecordArgs, output: File) -> Result<u8> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut collector = Collector::start(&config)?;
     let mut resolver = Resolver::new(&args.debug_dirs);
+    resolver.set_parse_timeout(args.parse_timeout);
     let values = match args.off_cpu {
         true => Values::OnAndOffCpu,
         false => Values::OnCpu,

@@ -120,6 +120,8 @@ pub struct CollectConfig {
     pub unwind_table_memory: u64,
     /// Where separate debug files (with `.debug_frame`) are looked for.
     pub debug_dirs: Vec<PathBuf>,
+    /// Longest a binary's unwind table may take to build (`--parse-timeout`).
+    pub parse_timeout: std::time::Duration,
     /// Off-CPU time too, when set.
     pub off_cpu: Option<OffCpuConfig>,
 }
@@ -139,6 +141,7 @@ impl Default for CollectConfig {
             unwinder: Unwinder::default(),
             unwind_table_memory: DEFAULT_UNWIND_TABLE_MEMORY,
             debug_dirs: Vec::new(),
+            parse_timeout: crate::deadline::DEFAULT,
             off_cpu: None,
         }
     }
@@ -207,6 +210,11 @@ impl Counters {
         all.push(("unwind_table_build_errors", self.unwind.build_errors, false));
         all.push(("unwind_table_build_panics", self.unwind.build_panics, false));
         all.push((
+            "unwind_table_build_timeouts",
+            self.unwind.build_timeouts,
+            false,
+        ));
+        all.push((
             "unwind_table_build_truncated",
             self.unwind.build_truncated,
             false,
@@ -234,6 +242,7 @@ impl Counters {
         warnings.push(("unwind_table_build_errors", self.unwind.build_errors));
         warnings.push(("unwind_table_build_panics", self.unwind.build_panics));
         warnings.push(("unwind_table_build_truncated", self.unwind.build_truncated));
+        warnings.push(("unwind_table_build_timeouts", self.unwind.build_timeouts));
         warnings.push(("unwind_tables_not_loaded", self.unwind.not_loaded));
         warnings.push(("unwind_mappings_dropped", self.unwind.mappings_dropped));
         warnings
@@ -460,6 +469,7 @@ impl Collector {
                 take_map(&mut ebpf, maps::UNWIND_MAPPINGS)?,
                 row_capacity,
                 config.debug_dirs.clone(),
+                config.parse_timeout,
                 programs,
             )?)
         } else {

@@ -30,7 +30,10 @@ use profiler_unwind::{
     build, load_bias, simulate::read_maps, BinaryId, DebugSearch, Options, UnwindTable,
 };
 
-use crate::{in_root, truncation};
+use crate::{
+    deadline::{self, Outcome},
+    in_root, truncation,
+};
 
 /// Kernel bytes per row: array map elements are rounded up to 8 bytes.
 pub const ROW_BYTES: u64 = 16;
@@ -56,6 +59,8 @@ pub struct UnwindCounters {
     pub build_panics: u64,
     /// Binaries truncated while their table was built (see [`crate::truncation`]).
     pub build_truncated: u64,
+    /// Binaries whose table took longer than `--parse-timeout` to build (abandoned).
+    pub build_timeouts: u64,
     /// Tables larger than the whole budget, or with no free slot: their code is walked with
     /// frame pointers only.
     pub not_loaded: u64,
@@ -173,6 +178,8 @@ pub struct UnwindLoader {
     /// Kept open: the tail-call map must outlive the programs' use of it.
     _programs: ProgramArray<MapData>,
     options: Options,
+    /// Longest a table may take to build (`--parse-timeout`).
+    parse_timeout: Duration,
     loaded: StdHashMap<BinaryId, Loaded>,
     /// Binaries whose table cannot be built: not tried again.
     failed: StdHashMap<BinaryId, ()>,
@@ -191,6 +198,7 @@ impl UnwindLoader {
         mappings_map: HashMap<MapData, u32, ProcessMappings>,
         capacity: u32,
         debug_dirs: Vec<PathBuf>,
+        parse_timeout: Duration,
         programs: ProgramArray<MapData>,
     ) -> Result<Self> {
         // Fails here, not at the first table, if the array cannot be mapped.
@@ -206,6 +214,7 @@ impl UnwindLoader {
                 debug_dirs,
                 max_rows: capacity as usize,
             },
+            parse_timeout,
             loaded: StdHashMap::new(),
             failed: StdHashMap::new(),
             free_slots: (0..TABLE_SLOTS).rev().collect(),
@@ -357,27 +366,35 @@ impl UnwindLoader {
             self.failed.insert(id.clone(), ());
             return;
         }
-        // A parser panic (ours or gimli's) costs this binary its table, never the profiler.
+        // A parser panic (ours or gimli's) or a build past the deadline costs this binary its
+        // table, never the profiler.
         let watch = truncation::Watch::start();
-        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            build_table(tgid, mapping, &self.options)
-        }));
-        if watch.truncated() {
-            self.counters.build_truncated += 1;
+        let (pid, entry, options) = (tgid, mapping.clone(), self.options.clone());
+        let outcome = deadline::run(self.parse_timeout, move || {
+            build_table(pid, &entry, &options)
+        });
+        let failure = match &outcome {
+            _ if watch.truncated() => Some((
+                &mut self.counters.build_truncated,
+                "it was truncated while being read",
+            )),
+            Outcome::Panicked => Some((&mut self.counters.build_panics, "a parser panicked on it")),
+            Outcome::TimedOut => Some((
+                &mut self.counters.build_timeouts,
+                "it took longer than --parse-timeout",
+            )),
+            Outcome::Done(_) => None,
+        };
+        if let Some((counter, why)) = failure {
+            *counter += 1;
             self.failed.insert(id.clone(), ());
             eprintln!(
-                "warning: {} was truncated while its unwind table was built: its code is walked with frame pointers",
+                "warning: no unwind table for {}: {why}; its code is walked with frame pointers",
                 mapping.path
             );
             return;
         }
-        let Ok(built) = built else {
-            self.counters.build_panics += 1;
-            self.failed.insert(id.clone(), ());
-            eprintln!(
-                "warning: building the unwind table of {} panicked: its code is walked with frame pointers",
-                mapping.path
-            );
+        let Outcome::Done(built) = outcome else {
             return;
         };
         let table = match built {

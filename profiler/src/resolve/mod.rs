@@ -25,7 +25,7 @@ pub use symbols::{basename, Line, Lines, SkippedBinaries, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
-use crate::in_root;
+use crate::in_root::ProcessRoot;
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use profiler_common::is_exact_pc;
 use symbols::kernel_build_id;
@@ -355,7 +355,6 @@ impl Resolver {
     /// inside the process's root, resolved there (`openat2(RESOLVE_IN_ROOT)`), so that a
     /// container's symlinks never lead to a host file. `None` when neither can be read.
     fn open_binary(&mut self, pid: u32, raw: &RawMapping) -> Option<FileKey> {
-        let open_in_root = in_root::opener(pid);
         let name = raw.path.as_deref().unwrap_or(Path::new("[anonymous]"));
         let by_map_files = PathBuf::from(format!(
             "/proc/{pid}/map_files/{:x}-{:x}",
@@ -366,19 +365,26 @@ impl Resolver {
                 return Some(key);
             }
             if let Ok(file) = File::open(&by_map_files) {
-                self.symbols.add_object(key, file, name, &open_in_root);
+                let root = ProcessRoot::open(pid).ok();
+                self.symbols.add_object(key, file, name, root);
                 return Some(key);
             }
         }
         let (Some(path), false) = (&raw.path, raw.deleted) else {
             return None;
         };
-        let file = open_in_root(path).ok()?;
+        let root = ProcessRoot::open(pid).ok()?;
+        let file = root.open_regular(path).ok()?;
         let key = FileKey::of_metadata(&file.metadata().ok()?);
         if !self.symbols.has_object(&key) {
-            self.symbols.add_object(key, file, path, &open_in_root);
+            self.symbols.add_object(key, file, path, Some(root));
         }
         Some(key)
+    }
+
+    /// Parses of one binary taking longer than `timeout` are abandoned and the binary skipped.
+    pub fn set_parse_timeout(&mut self, timeout: Duration) {
+        self.symbols.set_parse_timeout(timeout);
     }
 
     /// Names every frame of every sample.

@@ -22,7 +22,11 @@ use super::{
     gopclntab::{Corrupt, GoLine, GoTable},
     process::FileKey,
 };
-use crate::truncation;
+use crate::{
+    deadline::{self, Outcome},
+    in_root::ProcessRoot,
+    truncation,
+};
 
 /// The soonest /proc/kallsyms is copied again for kernel addresses it did not name.
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
@@ -41,6 +45,8 @@ pub struct SkippedBinaries {
     pub panics: u64,
     /// The file was truncated while mapped (see [`crate::truncation`]).
     pub truncated: u64,
+    /// Parsing it took longer than `--parse-timeout` (see [`crate::deadline`]).
+    pub timeouts: u64,
 }
 
 /// One function in a frame: where an address is, or where an inlined call was made.
@@ -59,7 +65,8 @@ pub type Lines = Arc<[Line]>;
 /// A binary kept open for as long as its samples may need it, so that it symbolizes after
 /// the process exits or the file is deleted or replaced.
 struct Object {
-    file: File,
+    /// `None` only in the stand-in for a binary whose parse was lost (see `Symbols::settle`).
+    file: Option<File>,
     build_id: String,
     /// Whether blazesym may read the binary's DWARF: not when the binary names other files
     /// (a debug link, a dwz file), which blazesym would open on the host's paths.
@@ -76,20 +83,61 @@ struct Object {
     skipped: bool,
     /// Its path, for messages.
     name: Box<str>,
+    /// Its own symbolizer, which moves with it to the thread that parses it.
+    symbolizer: OwnSymbolizer,
 }
 
 impl Object {
-    /// The path blazesym opens: our own descriptor, valid as long as `file` is.
-    fn path(&self) -> PathBuf {
-        fd_path(&self.file)
+    fn new(file: Option<File>, map: Option<memmap2::Mmap>, name: &str) -> Object {
+        Object {
+            file,
+            build_id: String::new(),
+            dwarf: false,
+            debug: None,
+            map,
+            go: None,
+            addrs: HashMap::new(),
+            skipped: false,
+            name: name.into(),
+            symbolizer: OwnSymbolizer::new(),
+        }
+    }
+}
+
+/// A blazesym symbolizer for one binary. Parsing runs on a thread of its own, with a deadline
+/// (`crate::deadline`), and blazesym's `Symbolizer` is not `Send` only for the `Rc`s it keeps.
+struct OwnSymbolizer(Symbolizer);
+
+// SAFETY: every `Rc` inside a `Symbolizer` is created by it and stays inside it (what it returns
+// borrows from it and is turned into owned lines before the call that got it ends), and the
+// symbolizer moves only whole, with its `Object`, to one thread at a time: all clones of each
+// `Rc` move together and are never used from two threads.
+unsafe impl Send for OwnSymbolizer {}
+
+impl OwnSymbolizer {
+    fn new() -> OwnSymbolizer {
+        OwnSymbolizer(
+            Symbolizer::builder()
+                .enable_demangling(false)
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                // A binary is keyed by its identity and read through our own descriptor: it
+                // never changes under a key, so checking it on every look-up would only cost a
+                // stat.
+                .enable_auto_reload(false)
+                // Links are never followed by blazesym (see `Object::dwarf`).
+                .set_debug_dirs(Some(Vec::<PathBuf>::new()))
+                .build(),
+        )
     }
 }
 
 /// Symbol look-ups and their caches.
 pub struct Symbols {
-    symbolizer: Symbolizer,
     /// The user's own directories of debug files (`--debug-dir`).
     debug_dirs: Vec<PathBuf>,
+    /// Longest one binary's parse may take (`--parse-timeout`).
+    parse_timeout: Duration,
     objects: HashMap<FileKey, Object>,
     kernel: HashMap<u64, Lines>,
     strings: HashMap<Box<str>, Arc<str>>,
@@ -122,19 +170,9 @@ impl Symbols {
     /// `debug_dirs` are searched for separate debug info (by build ID and debug link) before
     /// the process root's own /usr/lib/debug and /lib/debug.
     pub fn new(debug_dirs: &[PathBuf]) -> Self {
-        let symbolizer = Symbolizer::builder()
-            .enable_demangling(false)
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            // A binary is keyed by its identity and read through our own descriptor: it never
-            // changes under a key, so checking it on every look-up would only cost a stat.
-            .enable_auto_reload(false)
-            // Links are never followed by blazesym (see `Object::dwarf`).
-            .set_debug_dirs(Some(Vec::<PathBuf>::new()))
-            .build();
         Self {
-            symbolizer,
             debug_dirs: debug_dirs.to_vec(),
+            parse_timeout: deadline::DEFAULT,
             objects: HashMap::new(),
             kernel: HashMap::new(),
             strings: HashMap::new(),
@@ -151,55 +189,81 @@ impl Symbols {
         }
     }
 
+    /// Parses of one binary taking longer than `timeout` are abandoned and the binary skipped.
+    pub fn set_parse_timeout(&mut self, timeout: Duration) {
+        self.parse_timeout = timeout;
+    }
+
     /// Whether the binary `key` is already open.
     pub fn has_object(&self, key: &FileKey) -> bool {
         self.objects.contains_key(key)
     }
 
-    /// Keeps `file` (the binary with this key, at `name` in its process's root) open for later
-    /// symbolization; its debug file is opened now, through `open_in_root`. A file over
-    /// [`MAX_SYMBOLIZED_BYTES`], or one a parser panics on, is kept as skipped: counted, named
-    /// in one line, and never parsed again.
-    pub fn add_object(
-        &mut self,
-        key: FileKey,
-        file: File,
-        name: &Path,
-        open_in_root: &dyn Fn(&Path) -> std::io::Result<File>,
-    ) {
-        // SAFETY: read-only; blazesym and the unwinder map the same binaries alike.
+    /// Keeps `file` (the binary with this key, at `name` in its process's `root`) open for
+    /// later symbolization; its debug file is looked for now, inside `root` (and in the
+    /// `--debug-dir`s). A file over [`MAX_SYMBOLIZED_BYTES`], or one whose parse panics, runs
+    /// past the deadline or meets a truncated file, is kept as skipped: counted, named in one
+    /// line, and never parsed again.
+    pub fn add_object(&mut self, key: FileKey, file: File, name: &Path, root: Option<ProcessRoot>) {
+        // SAFETY: read-only; a file truncated under it is the SIGBUS guard's to handle.
         let map = unsafe { memmap2::Mmap::map(&file) }.ok();
         let size = file.metadata().map_or(0, |m| m.len());
-        let mut object = Object {
-            file,
-            build_id: String::new(),
-            dwarf: false,
-            debug: None,
-            map,
-            go: None,
-            addrs: HashMap::new(),
-            skipped: false,
-            name: name.display().to_string().into(),
-        };
+        let name = name.display().to_string();
+        let mut object = Object::new(Some(file), map, &name);
         if size > MAX_SYMBOLIZED_BYTES {
             skip(&mut self.skipped, &mut object, Skip::TooLarge);
-        } else {
+            self.objects.insert(key, object);
+            return;
+        }
+        let own_dirs = self.debug_dirs.clone();
+        let watch = truncation::Watch::start();
+        let outcome = deadline::run(self.parse_timeout, move || {
+            let open_in_root = |path: &Path| match &root {
+                Some(root) => root.open_regular(path),
+                None => Err(std::io::ErrorKind::NotFound.into()),
+            };
+            let path = PathBuf::from(&*object.name);
             let search = DebugSearch {
-                path: name,
-                open_in_root,
-                own_dirs: &self.debug_dirs,
+                path: &path,
+                open_in_root: &open_in_root,
+                own_dirs: &own_dirs,
                 binary: Some((key.dev, key.ino)),
             };
-            let watch = truncation::Watch::start();
-            let parsed = guarded(|| open_object(&mut object, &search));
-            match parsed {
-                _ if watch.truncated() => skip(&mut self.skipped, &mut object, Skip::Truncated),
-                Some(Ok(())) => {}
-                Some(Err(Corrupt)) => self.go_errors += 1,
-                None => skip(&mut self.skipped, &mut object, Skip::Panic),
-            }
+            let opened = open_object(&mut object, &search);
+            (object, opened)
+        });
+        let (object, opened) = self.settle(outcome, &watch, &name);
+        if let Some(Err(Corrupt)) = opened {
+            self.go_errors += 1;
         }
         self.objects.insert(key, object);
+    }
+
+    /// The object back from a parse on another thread, with what the parse returned; or, when
+    /// the parse panicked or ran past the deadline, a stand-in marked skipped (the object itself
+    /// stays with the abandoned thread). A parse that met a truncated file skips the object.
+    fn settle<T>(
+        &mut self,
+        outcome: Outcome<(Object, T)>,
+        watch: &truncation::Watch,
+        name: &str,
+    ) -> (Object, Option<T>) {
+        let (mut object, result, reason) = match outcome {
+            Outcome::Done((object, result)) => (object, Some(result), None),
+            Outcome::Panicked => (Object::new(None, None, name), None, Some(Skip::Panic)),
+            Outcome::TimedOut => (Object::new(None, None, name), None, Some(Skip::Timeout)),
+        };
+        let reason = match watch.truncated() {
+            true => Some(Skip::Truncated),
+            false => reason,
+        };
+        match reason {
+            Some(reason) => {
+                skip(&mut self.skipped, &mut object, reason);
+                (object, None)
+            }
+            None => (object, result),
+        }
     }
 
     /// Runtime address minus ELF virtual address in a mapping of binary `key` that starts at
@@ -248,41 +312,44 @@ impl Symbols {
         cached
     }
 
-    /// Symbolizes file offsets of binary `key` into the cache. A skipped binary's offsets are
-    /// cached unnamed; a parser panic here skips the binary from now on.
+    /// Symbolizes file offsets of binary `key` into the cache, on a thread of its own with a
+    /// deadline. A skipped binary's offsets are cached unnamed; a parse that panics, runs late
+    /// or meets a truncated file skips the binary from now on.
     pub fn load_file_offsets(&mut self, key: &FileKey, offsets: &[u64]) {
-        let Some(object) = self.objects.get_mut(key) else {
+        let Some(object) = self.objects.remove(key) else {
             return;
         };
-        let named = match object.skipped {
-            true => Ok(Vec::new()),
+        let (mut object, lines) = match object.skipped {
+            true => (object, Vec::new()),
             false => {
-                let (symbolizer, strings, empty, go_errors) = (
-                    &self.symbolizer,
-                    &mut self.strings,
-                    &self.empty,
-                    &mut self.go_errors,
-                );
-                let object = &*object;
+                let strings = std::mem::take(&mut self.strings);
+                let (wanted, empty) = (offsets.to_vec(), self.empty.clone());
+                let name = object.name.to_string();
                 let watch = truncation::Watch::start();
-                let named = guarded(|| {
-                    symbolize_object(symbolizer, object, offsets, strings, empty, go_errors)
+                let outcome = deadline::run(self.parse_timeout, move || {
+                    let mut strings = strings;
+                    let mut go_errors = 0;
+                    let lines =
+                        symbolize_object(&object, &wanted, &mut strings, &empty, &mut go_errors);
+                    (object, (lines, strings, go_errors))
                 });
-                match (watch.truncated(), named) {
-                    (true, _) => Err(Skip::Truncated),
-                    (false, Some(lines)) => Ok(lines),
-                    (false, None) => Err(Skip::Panic),
+                match self.settle(outcome, &watch, &name) {
+                    (object, Some((lines, strings, go_errors))) => {
+                        self.strings = strings;
+                        self.go_errors += go_errors;
+                        (object, lines)
+                    }
+                    // The interned names went with the parse: the cache starts again.
+                    (object, None) => (object, Vec::new()),
                 }
             }
         };
-        let mut lines = named.unwrap_or_else(|reason| {
-            skip(&mut self.skipped, object, reason);
-            Vec::new()
-        });
+        let mut lines = lines;
         lines.resize(offsets.len(), self.empty.clone());
         for (offset, lines) in offsets.iter().zip(lines) {
             object.addrs.insert(*offset, lines);
         }
+        self.objects.insert(*key, object);
     }
 
     /// Symbolizes kernel addresses into the cache, from a copy of /proc/kallsyms, taken again
@@ -344,6 +411,8 @@ enum Skip {
     Panic,
     /// It was truncated while mapped.
     Truncated,
+    /// Its parse ran past `--parse-timeout`.
+    Timeout,
 }
 
 /// Marks `object` skipped, counts it by reason and says so in one line, once.
@@ -365,6 +434,10 @@ fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
             skipped.truncated += 1;
             "it was truncated while being read".to_owned()
         }
+        Skip::Timeout => {
+            skipped.timeouts += 1;
+            "parsing it took longer than --parse-timeout".to_owned()
+        }
     };
     eprintln!(
         "warning: not symbolizing {}: {why}; its frames show as file+0xADDR",
@@ -375,13 +448,13 @@ fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
 /// The functions at each of `offsets` in `object`, from its symbols and DWARF (or its debug
 /// file's), then from Go's table for what those left unnamed.
 fn symbolize_object(
-    symbolizer: &Symbolizer,
     object: &Object,
     offsets: &[u64],
     strings: &mut HashMap<Box<str>, Arc<str>>,
     empty: &Lines,
     go_errors: &mut u64,
 ) -> Vec<Lines> {
+    let symbolizer = &object.symbolizer.0;
     let results = match (&object.debug, object.map.as_deref()) {
         (Some((debug, dwarf)), Some(map)) => {
             // The debug file has the binary's addresses but not its file layout: translate
@@ -403,7 +476,10 @@ fn symbolize_object(
             results
         }
         _ => {
-            let mut source = Elf::new(object.path());
+            let Some(file) = &object.file else {
+                return vec![empty.clone(); offsets.len()];
+            };
+            let mut source = Elf::new(fd_path(file));
             source.debug_syms = object.dwarf;
             symbolizer
                 .symbolize(&Source::Elf(source), Input::FileOffset(offsets))
@@ -459,12 +535,6 @@ fn open_object(object: &mut Object, search: &DebugSearch<'_>) -> Result<(), Corr
     }
 }
 
-/// Runs one binary's parsing; `None` when it panicked. A parser's panic (ours or a
-/// dependency's) costs that binary its names, never the profiler.
-fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
-}
-
 /// Kernel addresses symbolized by `symbolizer` from the kallsyms copy `kallsyms`.
 fn symbolize_kernel<'a>(
     symbolizer: &'a Symbolizer,
@@ -509,27 +579,10 @@ impl Symbols {
             .unwrap_or_else(|| self.empty.clone())
     }
 
-    /// Closes every binary whose key is not in `keep`, with its cached symbols.
-    /// blazesym's own caches of those binaries are evicted too, so memory follows the binaries
-    /// in use, not every binary ever seen.
+    /// Closes every binary whose key is not in `keep`, with its cached symbols and its
+    /// symbolizer's, so memory follows the binaries in use, not every binary ever seen.
     pub fn retain_objects(&mut self, keep: &std::collections::HashSet<FileKey>) {
-        use blazesym::symbolize::evict::{Elf as EvictElf, Evict};
-        let gone: Vec<FileKey> = self
-            .objects
-            .keys()
-            .filter(|key| !keep.contains(key))
-            .copied()
-            .collect();
-        for key in gone {
-            let Some(object) = self.objects.remove(&key) else {
-                continue;
-            };
-            // Evict while the descriptor is still open: its number will be reused.
-            let debug = object.debug.as_ref().map(|(file, _)| fd_path(file));
-            for path in std::iter::once(object.path()).chain(debug) {
-                let _ = self.symbolizer.evict(&Evict::Elf(EvictElf::new(path)));
-            }
-        }
+        self.objects.retain(|key, _| keep.contains(key));
     }
 
     /// Number of binaries open.
@@ -647,7 +700,8 @@ pub fn basename(path: &str) -> &str {
 mod tests {
     use std::{fs::File, path::Path};
 
-    use super::{guarded, skip, Skip, Symbols};
+    use super::{skip, Skip, Symbols};
+    use crate::in_root::ProcessRoot;
 
     #[inline(never)]
     #[unsafe(no_mangle)]
@@ -683,17 +737,13 @@ mod tests {
             key,
             File::open("/proc/self/exe").unwrap(),
             Path::new("/proc/self/exe"),
-            &profiler_unwind::debug_file::open_regular,
+            ProcessRoot::open(std::process::id()).ok(),
         );
         (symbols, key, offset)
     }
 
     #[test]
     fn a_parser_panic_skips_that_binary_once_and_counts_it() {
-        assert_eq!(guarded(|| 7), Some(7));
-        // The panic hook still prints its line; the boundary turns the panic into None.
-        assert_eq!(guarded(|| -> u32 { panic!("a parser bug") }), None);
-
         let (mut symbols, key, offset) = symbols_with_self();
         let object = symbols.objects.get_mut(&key).unwrap();
         skip(&mut symbols.skipped, object, Skip::Panic);
@@ -795,12 +845,11 @@ mod tests {
     /// `target_fn`'s lines in `app`, opened as a process whose root is `root` would have it
     /// at `/usr/bin/app`.
     fn lines_in_root(app: &Path, offset: u64, root: &Path) -> super::Lines {
-        let open = crate::in_root::ProcessRoot::at(root).unwrap();
-        let open_in_root = |path: &Path| open.open_regular(path);
+        let root = ProcessRoot::at(root).ok();
         let file = File::open(app).unwrap();
         let key = super::FileKey::of_metadata(&file.metadata().unwrap());
         let mut symbols = Symbols::new(&[]);
-        symbols.add_object(key, file, Path::new("/usr/bin/app"), &open_in_root);
+        symbols.add_object(key, file, Path::new("/usr/bin/app"), root);
         symbols.load_file_offsets(&key, &[offset]);
         symbols.file_lines(&key, offset)
     }
@@ -854,7 +903,7 @@ mod tests {
         let file = File::open(&app).unwrap();
         let elf_data = std::fs::read(&app).unwrap();
         let elf = object::File::parse(&elf_data[..]).unwrap();
-        let open = crate::in_root::ProcessRoot::at(dir.path()).unwrap();
+        let open = ProcessRoot::at(dir.path()).unwrap();
         let meta = std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap());
         let search = profiler_unwind::DebugSearch {
             path: Path::new("/usr/bin/app"),
@@ -882,7 +931,7 @@ mod tests {
         let file = File::open(&copy).unwrap();
         let key = super::FileKey::of_metadata(&file.metadata().unwrap());
         let mut symbols = Symbols::new(&[]);
-        symbols.add_object(key, file, &copy, &profiler_unwind::debug_file::open_regular);
+        symbols.add_object(key, file, &copy, ProcessRoot::open(std::process::id()).ok());
         symbols.load_file_offsets(&key, &[offset]);
         assert_eq!(
             symbols

@@ -1,0 +1,88 @@
+//! Parsing one binary with a deadline. The parse runs on a thread of its own while the caller
+//! waits at most the deadline; a parse still running then is abandoned (its thread keeps going
+//! at the lowest priority until it ends, and its result is dropped) and the caller marks the
+//! binary bad. A panic in the parse is caught on that thread. A thread cannot be stopped from
+//! outside in Rust, so a parse that never ends costs one idle-priority thread, not the agent.
+
+use std::{sync::mpsc, time::Duration};
+
+/// The default deadline (`--parse-timeout`): the largest binaries here (a 140 MB Rust binary
+/// with DWARF) symbolize in well under a second.
+pub const DEFAULT: Duration = Duration::from_secs(5);
+
+/// How a parse ended.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    Done(T),
+    Panicked,
+    /// Still running at the deadline: abandoned.
+    TimedOut,
+}
+
+/// Runs `parse` on a thread of its own and waits for it at most `deadline`. When no thread can
+/// be started (a task limit), it runs here, without a deadline.
+pub fn run<T: Send + 'static>(
+    deadline: Duration,
+    parse: impl FnOnce() -> T + Send + 'static,
+) -> Outcome<T> {
+    let (tid_tx, tid_rx) = mpsc::sync_channel(1);
+    let (done_tx, done_rx) = mpsc::sync_channel(1);
+    // Shared, so that the parse can still run here if the thread does not start.
+    let work = std::sync::Arc::new(std::sync::Mutex::new(Some(parse)));
+    let theirs = work.clone();
+    let spawned = std::thread::Builder::new()
+        .name("parse".into())
+        .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let parse = theirs.lock().ok().and_then(|mut work| work.take());
+            if let Some(parse) = parse {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse));
+                let _ = done_tx.send(result);
+            }
+        });
+    if spawned.is_err() {
+        let parse = work.lock().ok().and_then(|mut work| work.take());
+        return match parse
+            .map(|parse| std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)))
+        {
+            Some(Ok(value)) => Outcome::Done(value),
+            _ => Outcome::Panicked,
+        };
+    }
+    match done_rx.recv_timeout(deadline) {
+        Ok(Ok(value)) => Outcome::Done(value),
+        Ok(Err(_)) | Err(mpsc::RecvTimeoutError::Disconnected) => Outcome::Panicked,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            if let Ok(tid) = tid_rx.try_recv() {
+                // SAFETY: setpriority on a thread of ours; failing leaves it as it was.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) };
+            }
+            Outcome::TimedOut
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{run, Outcome};
+
+    #[test]
+    fn a_parse_past_its_deadline_is_abandoned_and_a_panic_is_caught() {
+        assert!(matches!(
+            run(Duration::from_secs(5), || 7),
+            Outcome::Done(7)
+        ));
+        let started = Instant::now();
+        let late = run(Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_secs(2));
+            1
+        });
+        assert!(matches!(late, Outcome::TimedOut), "{late:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let panicked = run(Duration::from_secs(5), || -> u32 { panic!("a parser bug") });
+        assert!(matches!(panicked, Outcome::Panicked), "{panicked:?}");
+    }
+}
