@@ -269,6 +269,12 @@ impl Metrics {
             ("symbols", "truncated", now.truncated, before.truncated),
             ("symbols", "timeout", now.timeouts, before.timeouts),
             (
+                "symbols",
+                "parse_error",
+                now.parse_errors,
+                before.parse_errors,
+            ),
+            (
                 "unwind_table",
                 "timeout",
                 unwind.build_timeouts,

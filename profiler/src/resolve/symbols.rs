@@ -47,6 +47,8 @@ pub struct SkippedBinaries {
     pub truncated: u64,
     /// Parsing it took longer than `--parse-timeout` (see [`crate::deadline`]).
     pub timeouts: u64,
+    /// blazesym could not read it at all, and it has no Go table.
+    pub parse_errors: u64,
 }
 
 /// One function in a frame: where an address is, or where an inlined call was made.
@@ -334,10 +336,15 @@ impl Symbols {
                     (object, (lines, strings, go_errors))
                 });
                 match self.settle(outcome, &watch, &name) {
-                    (object, Some((lines, strings, go_errors))) => {
+                    (object, Some((Some(lines), strings, go_errors))) => {
                         self.strings = strings;
                         self.go_errors += go_errors;
                         (object, lines)
+                    }
+                    (mut object, Some((None, strings, _))) => {
+                        self.strings = strings;
+                        skip(&mut self.skipped, &mut object, Skip::ParseError);
+                        (object, Vec::new())
                     }
                     // The interned names went with the parse: the cache starts again.
                     (object, None) => (object, Vec::new()),
@@ -413,6 +420,8 @@ enum Skip {
     Truncated,
     /// Its parse ran past `--parse-timeout`.
     Timeout,
+    /// blazesym could not read it (and it has no Go table).
+    ParseError,
 }
 
 /// Marks `object` skipped, counts it by reason and says so in one line, once.
@@ -438,6 +447,10 @@ fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
             skipped.timeouts += 1;
             "parsing it took longer than --parse-timeout".to_owned()
         }
+        Skip::ParseError => {
+            skipped.parse_errors += 1;
+            "it is not an ELF file the symbolizer can read".to_owned()
+        }
     };
     eprintln!(
         "warning: not symbolizing {}: {why}; its frames show as file+0xADDR",
@@ -446,14 +459,15 @@ fn skip(skipped: &mut SkippedBinaries, object: &mut Object, reason: Skip) {
 }
 
 /// The functions at each of `offsets` in `object`, from its symbols and DWARF (or its debug
-/// file's), then from Go's table for what those left unnamed.
+/// file's), then from Go's table for what those left unnamed. `None` when blazesym cannot read
+/// the file at all and there is no Go table either: a parse error.
 fn symbolize_object(
     object: &Object,
     offsets: &[u64],
     strings: &mut HashMap<Box<str>, Arc<str>>,
     empty: &Lines,
     go_errors: &mut u64,
-) -> Vec<Lines> {
+) -> Option<Vec<Lines>> {
     let symbolizer = &object.symbolizer.0;
     let results = match (&object.debug, object.map.as_deref()) {
         (Some((debug, dwarf)), Some(map)) => {
@@ -465,10 +479,8 @@ fn symbolize_object(
                 .collect();
             let mut source = Elf::new(fd_path(debug));
             source.debug_syms = *dwarf;
-            let mut results = symbolizer
-                .symbolize(&Source::Elf(source), Input::VirtOffset(&virt))
-                .unwrap_or_default();
-            for (result, addr) in results.iter_mut().zip(&virt) {
+            let mut results = symbolizer.symbolize(&Source::Elf(source), Input::VirtOffset(&virt));
+            for (result, addr) in results.iter_mut().flatten().zip(&virt) {
                 if *addr == 0 {
                     *result = Symbolized::Unknown(blazesym::symbolize::Reason::InvalidFileOffset);
                 }
@@ -477,16 +489,18 @@ fn symbolize_object(
         }
         _ => {
             let Some(file) = &object.file else {
-                return vec![empty.clone(); offsets.len()];
+                return Some(vec![empty.clone(); offsets.len()]);
             };
             let mut source = Elf::new(fd_path(file));
             source.debug_syms = object.dwarf;
-            symbolizer
-                .symbolize(&Source::Elf(source), Input::FileOffset(offsets))
-                .unwrap_or_default()
+            symbolizer.symbolize(&Source::Elf(source), Input::FileOffset(offsets))
         }
     };
+    if results.is_err() && object.go.is_none() {
+        return None;
+    }
     let mut lines: Vec<Lines> = results
+        .unwrap_or_default()
         .iter()
         .map(|result| to_lines(result, strings, empty))
         .collect();
@@ -504,7 +518,7 @@ fn symbolize_object(
             }
         }
     }
-    lines
+    Some(lines)
 }
 
 /// Reads what symbolizing `object` needs up front: its Go function table, build ID, whether
@@ -918,6 +932,21 @@ mod tests {
         assert!(profiler_unwind::debug_file::find(&elf, &search).is_none());
         let lines = lines_in_root(&app, offset, dir.path());
         assert_eq!(lines.last().unwrap().function.as_ref(), "target_fn");
+    }
+
+    #[test]
+    fn a_file_the_symbolizer_cannot_read_is_skipped_as_a_parse_error_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("not-elf");
+        std::fs::write(&path, b"#!/bin/sh\necho this is not an ELF file\n").unwrap();
+        let file = File::open(&path).unwrap();
+        let key = super::FileKey::of_metadata(&file.metadata().unwrap());
+        let mut symbols = Symbols::new(&[]);
+        symbols.add_object(key, file, &path, None);
+        symbols.load_file_offsets(&key, &[4]);
+        symbols.load_file_offsets(&key, &[8]);
+        assert_eq!(symbols.skipped.parse_errors, 1, "{:?}", symbols.skipped);
+        assert!(symbols.file_lines(&key, 8).is_empty());
     }
 
     #[test]
