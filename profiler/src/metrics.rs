@@ -204,7 +204,8 @@ impl Metrics {
         registry.register(
             "perf_map_events",
             "JIT perf-map files (/tmp/perf-PID.map) read, by event: files found, lines taken in, \
-             malformed lines, lines dropped at the entry cap, files replaced, files unreadable",
+             malformed lines, lines dropped at the entry cap, files replaced, files unreadable, \
+             reads abandoned past --parse-timeout",
             metrics.perf_map.clone(),
         );
         registry.register(
@@ -314,6 +315,7 @@ impl Metrics {
             ("dropped", now.dropped, before.dropped),
             ("replaced", now.replaced, before.replaced),
             ("unreadable", now.unreadable, before.unreadable),
+            ("abandoned", now.abandoned, before.abandoned),
         ] {
             self.perf_map
                 .get_or_create(&vec![("event", event.to_owned())])

@@ -71,6 +71,21 @@ fn a_gzip_bomb_is_refused_in_bounded_memory() {
     assert!(stderr.contains("lots"), "{stderr}");
 }
 
+/// Starts `command`, a run of tests/workloads/anonexec.c, and returns it with what it prints
+/// first: its pid, and the start and size of its code in anonymous memory.
+fn spawn_anonexec(command: &mut Command) -> (std::process::Child, [String; 3]) {
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let fields: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let fields: [String; 3] = fields.try_into().unwrap();
+    (child, fields)
+}
+
 /// A "container" (a chroot) whose /tmp is a symlink to an absolute path: the profiler must
 /// resolve it inside the container's root, never on the host, where a perf map of the same
 /// path names the code otherwise. (A perf map that is itself a symlink is refused: the unit
@@ -90,20 +105,8 @@ fn a_perf_map_behind_a_symlink_in_a_chroot_is_read_inside_it_not_on_the_host() {
     std::os::unix::fs::symlink(&target, root.join("tmp")).unwrap();
     std::fs::copy(&program, root.join("anonexec")).unwrap();
 
-    let mut child = Command::new("chroot")
-        .arg(&root)
-        .args(["/anonexec", "60"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let (pid, start, size) = (fields[0], fields[1], fields[2]);
+    let (mut child, [pid, start, size]) =
+        spawn_anonexec(Command::new("chroot").arg(&root).args(["/anonexec", "60"]));
     let map = format!("perf-{pid}.map");
     let map_line = |name: &str| format!("{start} {size} {name}\n");
     std::fs::write(host_dir.join(&map), map_line("host_file_was_read")).unwrap();
@@ -111,7 +114,7 @@ fn a_perf_map_behind_a_symlink_in_a_chroot_is_read_inside_it_not_on_the_host() {
 
     let (out, stderr) = t.record(
         "chroot.pb.gz",
-        &["--no-kernel", "-d", "2s", "--pid", pid],
+        &["--no-kernel", "-d", "2s", "--pid", &pid],
         &[],
     );
     let _ = child.kill();
@@ -273,11 +276,47 @@ fn binaries_that_take_too_long_to_parse_are_skipped_and_counted() {
     assert!(folded.contains("workload-deadline+0x"), "{folded}");
 }
 
-/// Removes a directory tree when dropped, test failed or not.
+/// A perf-map read past the deadline is abandoned, counted and named; that process's map is
+/// not read again, and the recording goes on.
+#[test]
+fn a_perf_map_read_past_the_deadline_is_abandoned_and_counted() {
+    let Some(t) = bpf_test() else { return };
+    let program = compile_source("anonexec.c", "anonexec-deadline", &["-O1"]);
+    let (mut child, [pid, start, size]) = spawn_anonexec(Command::new(&program).arg("60"));
+    let map = std::path::PathBuf::from(format!("/tmp/perf-{pid}.map"));
+    let _cleanup = RemoveOnDrop(map.clone());
+    std::fs::write(&map, format!("{start} {size} jit_code\n")).unwrap();
+
+    let (out, stderr) = t.record(
+        "perfmap-deadline.folded",
+        &[
+            "--no-kernel",
+            "--parse-timeout",
+            "1us",
+            "-d",
+            "2s",
+            "--pid",
+            &pid,
+        ],
+        &[],
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let folded = std::fs::read_to_string(&out).unwrap();
+    assert!(!folded.is_empty(), "{stderr}");
+    assert!(!folded.contains("jit_code"), "{folded}");
+    assert!(stderr.contains("abandoned=1)"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("not reading the perf map of process {pid} again")),
+        "{stderr}"
+    );
+}
+
+/// Removes a directory tree or a file when dropped, test failed or not.
 struct RemoveOnDrop(std::path::PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0).or_else(|_| std::fs::remove_file(&self.0));
     }
 }

@@ -234,5 +234,5 @@ fn a_fifo_for_a_perf_map_is_refused_and_counted_without_hanging() {
         }
     }
     assert!(output.status.success(), "{stderr}");
-    assert!(stderr.contains("unreadable=1)"), "{stderr}");
+    assert!(stderr.contains("unreadable=1 "), "{stderr}");
 }

@@ -25,6 +25,7 @@ pub use symbols::{basename, Line, Lines, SkippedBinaries, Symbols};
 pub use targets::{Change, Decision, Labels, TargetKey, Targets, POD_GRACE, PROFILE_NAME};
 
 use crate::collect::{ProcessChange, ProcessKey, RawSample};
+use crate::deadline::{self, Outcome};
 use crate::in_root::ProcessRoot;
 use process::{read_process, thread_name, ProcessInfo, RawMapping};
 use profiler_common::is_exact_pc;
@@ -101,6 +102,8 @@ pub struct Resolver {
     maps_reads: u64,
     processes_seen: u64,
     perf_maps: PerfMapStats,
+    /// Longest one perf-map read may take (`--parse-timeout`).
+    parse_timeout: Duration,
     /// When `/proc` was last read for the ends the kernel failed to report.
     swept_at: Option<Instant>,
 }
@@ -139,6 +142,7 @@ impl Resolver {
             maps_reads: 0,
             processes_seen: 0,
             perf_maps: PerfMapStats::default(),
+            parse_timeout: crate::deadline::DEFAULT,
             swept_at: None,
         }
     }
@@ -384,6 +388,7 @@ impl Resolver {
 
     /// Parses of one binary taking longer than `timeout` are abandoned and the binary skipped.
     pub fn set_parse_timeout(&mut self, timeout: Duration) {
+        self.parse_timeout = timeout;
         self.symbols.set_parse_timeout(timeout);
     }
 
@@ -447,12 +452,35 @@ impl Resolver {
             let Some(info) = self.processes.get_mut(&process) else {
                 continue;
             };
+            if !info.perf_map.due() {
+                continue;
+            }
             let before = info.perf_map.len();
             let room = perfmap::MAX_ENTRIES_PER_PROCESS
                 .saturating_sub(before)
                 .min(perfmap::MAX_ENTRIES_TOTAL.saturating_sub(total));
-            info.perf_map
-                .refresh(process.tgid, process.start_ns, room, &mut self.perf_maps);
+            // On a thread of its own with the binaries' deadline, like their parses.
+            let mut map = std::mem::take(&mut info.perf_map);
+            let mut stats = self.perf_maps;
+            let outcome = deadline::run(self.parse_timeout, move || {
+                map.refresh(process.tgid, process.start_ns, room, &mut stats);
+                (map, stats)
+            });
+            match outcome {
+                Outcome::Done((map, stats)) => {
+                    info.perf_map = map;
+                    self.perf_maps = stats;
+                }
+                Outcome::Panicked | Outcome::TimedOut => {
+                    self.perf_maps.abandoned += 1;
+                    info.perf_map = PerfMap::given_up();
+                    eprintln!(
+                        "warning: not reading the perf map of process {} again: reading it \
+                         panicked or took longer than --parse-timeout",
+                        process.tgid
+                    );
+                }
+            }
             total = total.saturating_sub(before) + info.perf_map.len();
         }
     }

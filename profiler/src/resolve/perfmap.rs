@@ -47,15 +47,23 @@ pub struct PerfMapStats {
     /// Files that exist but were refused or failed to read (not a regular file, a symlink,
     /// an I/O error).
     pub unreadable: u64,
+    /// Reads that ran past `--parse-timeout` or panicked: that process's map is not read again.
+    pub abandoned: u64,
 }
 
 impl PerfMapStats {
     /// A clause for the record summary, when any perf map was read.
     pub fn describe(&self) -> Option<String> {
-        (self.files > 0 || self.unreadable > 0).then(|| {
+        (self.files > 0 || self.unreadable > 0 || self.abandoned > 0).then(|| {
             format!(
-                "perf maps: {} files, {} entries (malformed={} dropped={} replaced={} unreadable={})",
-                self.files, self.entries, self.malformed, self.dropped, self.replaced, self.unreadable
+                "perf maps: {} files, {} entries (malformed={} dropped={} replaced={} unreadable={} abandoned={})",
+                self.files,
+                self.entries,
+                self.malformed,
+                self.dropped,
+                self.replaced,
+                self.unreadable,
+                self.abandoned
             )
         })
     }
@@ -93,6 +101,22 @@ pub struct PerfMap {
 }
 
 impl PerfMap {
+    /// A map never read again: the stand-in for one whose read was abandoned.
+    pub fn given_up() -> PerfMap {
+        PerfMap {
+            absent_at: Some(Instant::now()),
+            absent_wait: Duration::MAX,
+            ..PerfMap::default()
+        }
+    }
+
+    /// Whether [`PerfMap::refresh`] would look at the file now: not while it was absent or
+    /// refused recently, nor ever again for a map given up.
+    pub fn due(&self) -> bool {
+        self.absent_at
+            .is_none_or(|at| at.elapsed() >= self.absent_wait)
+    }
+
     /// The name of the code at `addr`.
     pub fn lookup(&self, addr: u64) -> Option<&Arc<str>> {
         let (_, entry) = self.entries.range(..=addr).next_back()?;
@@ -113,10 +137,7 @@ impl PerfMap {
     /// `start_ns` since the last call, or all of it when the file is new or was replaced.
     /// `room` is how many entries this map may grow by.
     pub fn refresh(&mut self, pid: u32, start_ns: u64, room: usize, stats: &mut PerfMapStats) {
-        if self
-            .absent_at
-            .is_some_and(|at| at.elapsed() < self.absent_wait)
-        {
+        if !self.due() {
             return;
         }
         let Ok(root) = ProcessRoot::open(pid) else {
