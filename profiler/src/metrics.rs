@@ -48,6 +48,7 @@ pub struct Metrics {
     maps_reads: Counter,
     truncated: Counter,
     processes: Gauge,
+    parses_abandoned: Gauge,
     cache_hits: Counter,
     cache_misses: Counter,
     gopclntab_errors: Counter,
@@ -84,6 +85,7 @@ impl Metrics {
             maps_reads: Counter::default(),
             truncated: Counter::default(),
             processes: Gauge::default(),
+            parses_abandoned: Gauge::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             gopclntab_errors: Counter::default(),
@@ -135,6 +137,12 @@ impl Metrics {
             "processes_tracked",
             "Processes whose metadata is held",
             metrics.processes.clone(),
+        );
+        registry.register(
+            "parses_abandoned_running",
+            "Parses of a binary or perf map abandoned past --parse-timeout and still running \
+             (at 4, no new parse starts until one ends)",
+            metrics.parses_abandoned.clone(),
         );
         registry.register(
             "symbolizer_cache_hits",
@@ -256,6 +264,8 @@ impl Metrics {
         self.maps_reads
             .inc_by(delta(stats.maps_reads, last.1.maps_reads));
         self.processes.set(stats.processes as i64);
+        self.parses_abandoned
+            .set(crate::deadline::abandoned() as i64);
         self.cache_hits
             .inc_by(delta(stats.cache_hits, last.1.cache_hits));
         self.cache_misses

@@ -301,6 +301,7 @@ const METRICS: &[&str] = &[
     "profiler_samples_lost_total",
     "profiler_stacks_truncated_total",
     "profiler_processes_tracked",
+    "profiler_parses_abandoned_running",
     "profiler_symbolizer_cache_hits_total",
     "profiler_symbolizer_cache_misses_total",
     "profiler_symbolizer_gopclntab_errors_total",
