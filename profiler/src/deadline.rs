@@ -16,8 +16,9 @@ use std::{
 /// with DWARF) symbolize in well under a second.
 pub const DEFAULT: Duration = Duration::from_secs(5);
 
-/// Abandoned parses still running at most: past it, no new parse starts (each is reported as
-/// timed out at once), so that inputs that never finish cannot pile up threads.
+/// Abandoned parses still running at most: past it callers put parses off ([`saturated`]),
+/// and [`run`] refuses them (reported as timed out), so that inputs that never finish cannot
+/// pile up threads.
 pub const MAX_ABANDONED: usize = 4;
 
 /// Abandoned parses still running.
@@ -26,6 +27,12 @@ static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 /// Abandoned parses still running now.
 pub fn abandoned() -> usize {
     ABANDONED.load(Ordering::Relaxed)
+}
+
+/// Whether [`MAX_ABANDONED`] abandoned parses are still running: callers put parses off
+/// (and try again later) rather than have them refused.
+pub fn saturated() -> bool {
+    abandoned() >= MAX_ABANDONED
 }
 
 /// How a parse ended.

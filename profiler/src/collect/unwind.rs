@@ -360,6 +360,10 @@ impl UnwindLoader {
         if self.failed.contains_key(id) {
             return;
         }
+        if deadline::saturated() {
+            // Put off, not failed: tried again when its code is next sampled.
+            return;
+        }
         if mapping.load_bias.is_none() {
             // Its segments cannot be read: not an ELF file we can use.
             self.counters.build_errors += 1;

@@ -452,7 +452,7 @@ impl Resolver {
             let Some(info) = self.processes.get_mut(&process) else {
                 continue;
             };
-            if !info.perf_map.due() {
+            if !info.perf_map.due() || deadline::saturated() {
                 continue;
             }
             let before = info.perf_map.len();

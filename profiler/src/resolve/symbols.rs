@@ -87,6 +87,9 @@ struct Object {
     name: Box<str>,
     /// Its own symbolizer, which moves with it to the thread that parses it.
     symbolizer: OwnSymbolizer,
+    /// Not opened yet, because the parse threads were saturated when it came
+    /// (`deadline::saturated`): opened with its first look-up, inside this root.
+    pending: Option<Option<ProcessRoot>>,
 }
 
 impl Object {
@@ -102,6 +105,7 @@ impl Object {
             skipped: false,
             name: name.into(),
             symbolizer: OwnSymbolizer::new(),
+            pending: None,
         }
     }
 }
@@ -217,21 +221,24 @@ impl Symbols {
             self.objects.insert(key, object);
             return;
         }
+        // Cheap and needed at once (for the mappings of the process being read): on this thread.
+        if let Some(elf) = object
+            .map
+            .as_deref()
+            .and_then(|map| object::File::parse(map).ok())
+        {
+            use object::Object as _;
+            object.build_id = elf.build_id().ok().flatten().map(hex).unwrap_or_default();
+        }
+        if deadline::saturated() {
+            object.pending = Some(root);
+            self.objects.insert(key, object);
+            return;
+        }
         let own_dirs = self.debug_dirs.clone();
         let watch = truncation::Watch::start();
         let outcome = deadline::run(self.parse_timeout, move || {
-            let open_in_root = |path: &Path| match &root {
-                Some(root) => root.open_regular(path),
-                None => Err(std::io::ErrorKind::NotFound.into()),
-            };
-            let path = PathBuf::from(&*object.name);
-            let search = DebugSearch {
-                path: &path,
-                open_in_root: &open_in_root,
-                own_dirs: &own_dirs,
-                binary: Some((key.dev, key.ino)),
-            };
-            let opened = open_object(&mut object, &search);
+            let opened = open_object(&mut object, root, &own_dirs, key);
             (object, opened)
         });
         let (object, opened) = self.settle(outcome, &watch, &name);
@@ -321,16 +328,27 @@ impl Symbols {
         let Some(object) = self.objects.remove(key) else {
             return;
         };
+        if !object.skipped && deadline::saturated() {
+            // Nothing cached: looked up again at the next drain, when a thread may be free.
+            self.objects.insert(*key, object);
+            return;
+        }
         let (mut object, lines) = match object.skipped {
             true => (object, Vec::new()),
             false => {
                 let strings = std::mem::take(&mut self.strings);
                 let (wanted, empty) = (offsets.to_vec(), self.empty.clone());
-                let name = object.name.to_string();
+                let (own_dirs, name) = (self.debug_dirs.clone(), object.name.to_string());
+                let key = *key;
                 let watch = truncation::Watch::start();
                 let outcome = deadline::run(self.parse_timeout, move || {
-                    let mut strings = strings;
+                    let (mut object, mut strings) = (object, strings);
                     let mut go_errors = 0;
+                    if let Some(root) = object.pending.take() {
+                        if open_object(&mut object, root, &own_dirs, key).is_err() {
+                            go_errors += 1;
+                        }
+                    }
                     let lines =
                         symbolize_object(&object, &wanted, &mut strings, &empty, &mut go_errors);
                     (object, (lines, strings, go_errors))
@@ -521,19 +539,33 @@ fn symbolize_object(
     Some(lines)
 }
 
-/// Reads what symbolizing `object` needs up front: its Go function table, build ID, whether
-/// blazesym may read its DWARF, and its separate debug file. `Err` for a corrupt Go table (the
-/// rest is still read).
-fn open_object(object: &mut Object, search: &DebugSearch<'_>) -> Result<(), Corrupt> {
+/// Reads what symbolizing `object` (binary `key`) needs up front: its Go function table,
+/// whether blazesym may read its DWARF, and its separate debug file, looked for inside `root`
+/// and in `own_dirs`. `Err` for a corrupt Go table (the rest is still read).
+fn open_object(
+    object: &mut Object,
+    root: Option<ProcessRoot>,
+    own_dirs: &[PathBuf],
+    key: FileKey,
+) -> Result<(), Corrupt> {
+    let open_in_root = |path: &Path| match &root {
+        Some(root) => root.open_regular(path),
+        None => Err(std::io::ErrorKind::NotFound.into()),
+    };
+    let path = PathBuf::from(&*object.name);
+    let search = DebugSearch {
+        path: &path,
+        open_in_root: &open_in_root,
+        own_dirs,
+        binary: Some((key.dev, key.ino)),
+    };
     let Some(map) = object.map.as_deref() else {
         return Ok(());
     };
     let go = GoTable::parse(map);
     object.dwarf = !debug_file::links_elsewhere(map);
     if let Ok(elf) = object::File::parse(map) {
-        use object::Object as _;
-        object.build_id = elf.build_id().ok().flatten().map(hex).unwrap_or_default();
-        object.debug = debug_file::find(&elf, search).map(|found| {
+        object.debug = debug_file::find(&elf, &search).map(|found| {
             // SAFETY: read-only, dropped before returning.
             let dwarf = unsafe { memmap2::Mmap::map(&found.file) }
                 .is_ok_and(|debug| !debug_file::links_elsewhere(&debug));
