@@ -42,14 +42,12 @@ pub struct DebugFile {
     pub file: File,
 }
 
-/// Whether the ELF image `data` names other files to read (a debug link, a dwz alternate file
+/// Whether the ELF file `file` names other files to read (a debug link, a dwz alternate file
 /// or a supplementary file).
-pub fn links_elsewhere(data: &[u8]) -> bool {
-    object::File::parse(data).is_ok_and(|file| {
-        LINK_SECTIONS
-            .iter()
-            .any(|name| file.section_by_name(name).is_some())
-    })
+pub fn links_elsewhere(file: &object::File<'_>) -> bool {
+    LINK_SECTIONS
+        .iter()
+        .any(|name| file.section_by_name(name).is_some())
 }
 
 /// The debug link's file name and CRC, when it is a plain file name: a link such as

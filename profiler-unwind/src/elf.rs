@@ -144,16 +144,29 @@ pub(crate) fn sigreturn_addresses(segments: &[CodeSegment<'_>]) -> Vec<u64> {
         .collect()
 }
 
-/// The ELF virtual address at file offset `offset` of the ELF image `data`: what a separate
-/// debug file, which has the addresses but not the file layout, is looked up by. `None` when no
-/// `PT_LOAD` segment holds that offset.
-pub fn virtual_address(data: &[u8], offset: u64) -> Option<u64> {
-    let file = object::File::parse(data).ok()?;
-    file.segments().find_map(|segment| {
-        let (start, size) = segment.file_range();
-        let within = offset.checked_sub(start).filter(|&d| d < size)?;
-        segment.address().checked_add(within)
-    })
+/// The ELF virtual addresses at file offsets `offsets` of the ELF image `data`: what a
+/// separate debug file, which has the addresses but not the file layout, is looked up by.
+/// `None` where no `PT_LOAD` segment holds the offset (everywhere, if `data` is not ELF).
+pub fn virtual_addresses(data: &[u8], offsets: &[u64]) -> Vec<Option<u64>> {
+    let Ok(file) = object::File::parse(data) else {
+        return vec![None; offsets.len()];
+    };
+    let segments: Vec<(u64, u64, u64)> = file
+        .segments()
+        .map(|segment| {
+            let (start, size) = segment.file_range();
+            (start, size, segment.address())
+        })
+        .collect();
+    offsets
+        .iter()
+        .map(|&offset| {
+            segments.iter().find_map(|&(start, size, address)| {
+                let within = offset.checked_sub(start).filter(|&d| d < size)?;
+                address.checked_add(within)
+            })
+        })
+        .collect()
 }
 
 /// The load bias of a mapping: what to subtract from a runtime address in the mapping to get the

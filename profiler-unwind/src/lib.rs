@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use cache::DiskCache;
 pub use compile::{build, build_from_path, Options};
 pub use debug_file::{DebugFile, DebugSearch};
-pub use elf::{load_bias, virtual_address};
+pub use elf::{load_bias, virtual_addresses};
 pub use id::BinaryId;
 use profiler_common::unwind::{find_row_in, kind, UnwindRow};
 

@@ -51,16 +51,12 @@ impl ProcessRoot {
     }
 }
 
-/// Opens regular files inside the root of process `pid` (see [`ProcessRoot::open_regular`]).
-/// The root is opened at the first call; if it cannot be, every call fails.
-pub fn opener(pid: u32) -> impl Fn(&Path) -> io::Result<File> {
-    let root = std::cell::OnceCell::new();
-    move |path| match root.get_or_init(|| ProcessRoot::open(pid)) {
-        Ok(root) => root.open_regular(path),
-        Err(err) => Err(io::Error::new(
-            err.kind(),
-            format!("the root of process {pid}: {err}"),
-        )),
+/// Opens regular files inside `root` (see [`ProcessRoot::open_regular`]); with no root (it
+/// could not be opened: the process is gone), every open fails as not found.
+pub fn opener(root: Option<ProcessRoot>) -> impl Fn(&Path) -> io::Result<File> {
+    move |path| match &root {
+        Some(root) => root.open_regular(path),
+        None => Err(io::ErrorKind::NotFound.into()),
     }
 }
 

@@ -32,7 +32,8 @@ use profiler_unwind::{
 
 use crate::{
     deadline::{self, Outcome},
-    in_root, truncation,
+    in_root::{self, ProcessRoot},
+    truncation,
 };
 
 /// Kernel bytes per row: array map elements are rounded up to 8 bytes.
@@ -599,7 +600,7 @@ fn build_table(
     // SAFETY: read-only map, dropped before returning.
     let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
     // Its debug file is looked for beside the path the process names, inside its own root.
-    let open_in_root = in_root::opener(pid);
+    let open_in_root = in_root::opener(ProcessRoot::open(pid).ok());
     let search = DebugSearch {
         path: Path::new(&entry.path),
         open_in_root: &open_in_root,

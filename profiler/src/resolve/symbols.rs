@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     deadline::{self, Outcome},
-    in_root::ProcessRoot,
+    in_root::{self, ProcessRoot},
     truncation,
 };
 
@@ -333,7 +333,7 @@ impl Symbols {
             self.objects.insert(*key, object);
             return;
         }
-        let (mut object, lines) = match object.skipped {
+        let (mut object, mut lines) = match object.skipped {
             true => (object, Vec::new()),
             false => {
                 let strings = std::mem::take(&mut self.strings);
@@ -369,7 +369,6 @@ impl Symbols {
                 }
             }
         };
-        let mut lines = lines;
         lines.resize(offsets.len(), self.empty.clone());
         for (offset, lines) in offsets.iter().zip(lines) {
             object.addrs.insert(*offset, lines);
@@ -491,9 +490,9 @@ fn symbolize_object(
         (Some((debug, dwarf)), Some(map)) => {
             // The debug file has the binary's addresses but not its file layout: translate
             // file offsets to virtual ones through the binary's program headers.
-            let virt: Vec<u64> = offsets
-                .iter()
-                .map(|off| profiler_unwind::virtual_address(map, *off).unwrap_or(0))
+            let virt: Vec<u64> = profiler_unwind::virtual_addresses(map, offsets)
+                .into_iter()
+                .map(|addr| addr.unwrap_or(0))
                 .collect();
             let mut source = Elf::new(fd_path(debug));
             source.debug_syms = *dwarf;
@@ -548,10 +547,7 @@ fn open_object(
     own_dirs: &[PathBuf],
     key: FileKey,
 ) -> Result<(), Corrupt> {
-    let open_in_root = |path: &Path| match &root {
-        Some(root) => root.open_regular(path),
-        None => Err(std::io::ErrorKind::NotFound.into()),
-    };
+    let open_in_root = in_root::opener(root);
     let path = PathBuf::from(&*object.name);
     let search = DebugSearch {
         path: &path,
@@ -563,12 +559,16 @@ fn open_object(
         return Ok(());
     };
     let go = GoTable::parse(map);
-    object.dwarf = !debug_file::links_elsewhere(map);
-    if let Ok(elf) = object::File::parse(map) {
+    let elf = object::File::parse(map);
+    // What is not ELF to `object` names no other file either: blazesym may try its DWARF.
+    object.dwarf = !elf.as_ref().is_ok_and(debug_file::links_elsewhere);
+    if let Ok(elf) = elf {
         object.debug = debug_file::find(&elf, &search).map(|found| {
             // SAFETY: read-only, dropped before returning.
-            let dwarf = unsafe { memmap2::Mmap::map(&found.file) }
-                .is_ok_and(|debug| !debug_file::links_elsewhere(&debug));
+            let dwarf = unsafe { memmap2::Mmap::map(&found.file) }.is_ok_and(|debug| {
+                !object::File::parse(&debug[..])
+                    .is_ok_and(|debug| debug_file::links_elsewhere(&debug))
+            });
             (found.file, dwarf)
         });
     }
