@@ -52,6 +52,7 @@ pub struct Metrics {
     cache_hits: Counter,
     cache_misses: Counter,
     gopclntab_errors: Counter,
+    parses_released: Counter,
     binaries_skipped: Family<Labels, Counter>,
     pushes: Family<Labels, Counter>,
     push_duration: Family<Labels, Histogram, fn() -> Histogram>,
@@ -89,6 +90,7 @@ impl Metrics {
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
             gopclntab_errors: Counter::default(),
+            parses_released: Counter::default(),
             binaries_skipped: Family::default(),
             pushes: Family::default(),
             push_duration: Family::new_with_constructor(|| {
@@ -158,6 +160,12 @@ impl Metrics {
             "symbolizer_gopclntab_errors",
             "Corrupt Go function tables (.gopclntab), and look-ups they left unnamed",
             metrics.gopclntab_errors.clone(),
+        );
+        registry.register(
+            "symbolizer_parses_released",
+            "Binaries' parsed symbols dropped after a minute without a new address (their cached \
+             names stay; a new address parses the binary again)",
+            metrics.parses_released.clone(),
         );
         registry.register(
             "binaries_skipped",
@@ -272,6 +280,8 @@ impl Metrics {
             .inc_by(delta(stats.cache_misses, last.1.cache_misses));
         self.gopclntab_errors
             .inc_by(delta(stats.gopclntab_errors, last.1.gopclntab_errors));
+        self.parses_released
+            .inc_by(delta(stats.parses_released, last.1.parses_released));
         let (now, before) = (&stats.skipped_binaries, &last.1.skipped_binaries);
         let (unwind, unwind_before) = (&counters.unwind, &last.0.unwind);
         for (stage, reason, now, before) in [

@@ -546,6 +546,7 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
         let cpu = running.cpu_seconds() - cpu_before;
         let bpf_after = running.bpf_stats();
         let (rss, peak) = memory_kib(running.pid());
+        let (anon, file) = rss_kinds_kib(running.pid());
         let maps = map_memory_kib(running.pid());
         let samples = match config {
             Config::Agent(_) => metric(&running.metrics, "profiler_samples_collected_total"),
@@ -583,6 +584,18 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
             "RSS steady, mmapped maps apart",
             "MiB",
             rss as f64 / 1024.0,
+        ));
+        rows.push(single(
+            "own cost",
+            "RSS steady: anonymous (heap, stacks)",
+            "MiB",
+            anon as f64 / 1024.0,
+        ));
+        rows.push(single(
+            "own cost",
+            "RSS steady: files (own code, binaries read)",
+            "MiB",
+            file as f64 / 1024.0,
         ));
         rows.push(single(
             "own cost",
@@ -1077,13 +1090,7 @@ fn clock_ticks() -> f64 {
 /// (VmRSS, VmHWM) in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name: &str| status_kib(&status, name);
     // The unwind rows' array map is mmapped (16 MiB by default, all of it resident): those
     // pages are the map's kernel memory, already in `map_memory_kib`, and the cgroup is
     // charged for them once.
@@ -1091,6 +1098,27 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (
         field("VmRSS:").saturating_sub(mapped),
         field("VmHWM:").saturating_sub(mapped),
+    )
+}
+
+/// The value of field `name` (`VmRSS:`, ...) of a /proc/PID/status text, in KiB.
+fn status_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident KiB of `pid` that is anonymous (heap, stacks; the BPF maps it mmapped apart) and
+/// file-backed (its own code and the binaries it reads): page cache pages the kernel can
+/// reclaim under a memory limit, unlike the rest.
+fn rss_kinds_kib(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| status_kib(&status, name);
+    (
+        (field("RssAnon:") + field("RssShmem:")).saturating_sub(bpf_mapped_kib(pid)),
+        field("RssFile:"),
     )
 }
 

@@ -3,6 +3,7 @@
 
 mod demangle;
 pub mod gopclntab;
+mod kallsyms;
 mod perfmap;
 mod process;
 mod symbols;
@@ -76,6 +77,8 @@ pub struct ResolveStats {
     pub processes_seen: u64,
     /// Corrupt Go function tables (`.gopclntab`), and look-ups they left unnamed.
     pub gopclntab_errors: u64,
+    /// Binaries' parsed symbols dropped after going unused (see `DEFAULT_SYMBOLS_IDLE`).
+    pub parses_released: u64,
     /// Binaries the symbolizer skipped, by reason.
     pub skipped_binaries: SkippedBinaries,
     /// JIT code named from perf-map files.
@@ -346,6 +349,7 @@ impl Resolver {
             maps_reads: self.maps_reads,
             processes_seen: self.processes_seen,
             gopclntab_errors: self.symbols.go_errors,
+            parses_released: self.symbols.released,
             skipped_binaries: self.symbols.skipped,
             perf_maps: PerfMapStats {
                 entries: self.perf_map_entries(),
@@ -523,6 +527,7 @@ impl Resolver {
             offsets.dedup();
             self.symbols.load_file_offsets(&key, &offsets);
         }
+        self.symbols.release_idle();
     }
 
     fn resolve_one(&mut self, sample: &RawSample) -> ResolvedSample {

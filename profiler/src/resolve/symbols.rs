@@ -11,7 +11,7 @@ use std::{
 };
 
 use blazesym::symbolize::{
-    source::{Elf, Kernel, Source},
+    source::{Elf, Source},
     Input, Symbolized, Symbolizer,
 };
 
@@ -20,6 +20,7 @@ use profiler_unwind::{debug_file, DebugSearch};
 use super::{
     demangle::demangle,
     gopclntab::{Corrupt, GoLine, GoTable},
+    kallsyms::Kallsyms,
     process::FileKey,
 };
 use crate::{
@@ -34,6 +35,12 @@ const KALLSYMS_REFRESH: Duration = Duration::from_secs(30);
 /// Largest binary the symbolizer parses: blazesym builds its DWARF indices in memory, so one
 /// huge file could take the agent's whole memory limit. A larger debug file is not used.
 const MAX_SYMBOLIZED_BYTES: u64 = profiler_unwind::debug_file::MAX_DEBUG_FILE_BYTES;
+
+/// How long a binary's parsed symbols are kept after its last look-up that missed the cache.
+/// Once its hot addresses are cached, the parse (blazesym's indices, and its pages of the file
+/// mapped) is memory the agent keeps for nothing: it is dropped, and parsed again should a new
+/// address come, at most once per this period per binary.
+pub const DEFAULT_SYMBOLS_IDLE: Duration = Duration::from_secs(60);
 
 /// Binaries left unnamed on purpose, by reason: their frames show as `file+0xADDR`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -87,6 +94,8 @@ struct Object {
     name: Box<str>,
     /// Its own symbolizer, which moves with it to the thread that parses it.
     symbolizer: OwnSymbolizer,
+    /// When `symbolizer` last parsed or looked up something; `None` while it holds nothing.
+    used_at: Option<Instant>,
     /// Not opened yet, because the parse threads were saturated when it came
     /// (`deadline::saturated`): opened with its first look-up, inside this root.
     pending: Option<Option<ProcessRoot>>,
@@ -105,6 +114,7 @@ impl Object {
             skipped: false,
             name: name.into(),
             symbolizer: OwnSymbolizer::new(),
+            used_at: None,
             pending: None,
         }
     }
@@ -147,18 +157,19 @@ pub struct Symbols {
     objects: HashMap<FileKey, Object>,
     kernel: HashMap<u64, Lines>,
     strings: HashMap<Box<str>, Arc<str>>,
-    /// A copy of /proc/kallsyms: blazesym caches parsed files by modification time, and the
-    /// /proc file's changes on every read, which made it parse all kernel symbols every time.
-    kallsyms: Option<File>,
+    /// A copy of /proc/kallsyms, indexed: the /proc file changes with every module or BPF
+    /// program load, and reading it whole for every batch would cost a parse each time.
+    kallsyms: Option<Kallsyms>,
     /// When the copy was taken: it is taken again when kernel addresses go unnamed (a module or
     /// BPF program loaded since), no sooner than `kallsyms_wait` after the last copy.
     kallsyms_at: Option<Instant>,
     /// Starts at [`KALLSYMS_REFRESH`] and doubles (up to an hour) each time a new copy names
     /// nothing more, so addresses no copy names do not cost a parse every time.
     kallsyms_wait: Duration,
-    /// Kernel symbols have a symbolizer of their own, replaced with each copy: blazesym has no
-    /// way to evict a kallsyms file it parsed.
-    kernel_symbolizer: Symbolizer,
+    /// Parsed symbols unused this long are dropped (see [`DEFAULT_SYMBOLS_IDLE`]).
+    idle: Duration,
+    /// Parses dropped for being idle.
+    pub released: u64,
     /// Copies of /proc/kallsyms taken, the first included.
     pub kallsyms_reads: u64,
     empty: Lines,
@@ -185,7 +196,8 @@ impl Symbols {
             kallsyms: None,
             kallsyms_at: None,
             kallsyms_wait: KALLSYMS_REFRESH,
-            kernel_symbolizer: Symbolizer::new(),
+            idle: DEFAULT_SYMBOLS_IDLE,
+            released: 0,
             kallsyms_reads: 0,
             empty: Arc::from(Vec::new()),
             go_errors: 0,
@@ -198,6 +210,24 @@ impl Symbols {
     /// Parses of one binary taking longer than `timeout` are abandoned and the binary skipped.
     pub fn set_parse_timeout(&mut self, timeout: Duration) {
         self.parse_timeout = timeout;
+    }
+
+    /// Parsed symbols unused for `idle` are dropped by [`Symbols::release_idle`].
+    pub fn set_idle(&mut self, idle: Duration) {
+        self.idle = idle;
+    }
+
+    /// Drops every parse not used for the idle period: the binaries stay open and their cached
+    /// addresses stay named; only a new address parses the binary again.
+    pub fn release_idle(&mut self) {
+        let idle = self.idle;
+        for object in self.objects.values_mut() {
+            if object.used_at.is_some_and(|at| at.elapsed() >= idle) {
+                object.symbolizer = OwnSymbolizer::new();
+                object.used_at = None;
+                self.released += 1;
+            }
+        }
     }
 
     /// Whether the binary `key` is already open.
@@ -373,6 +403,9 @@ impl Symbols {
         for (offset, lines) in offsets.iter().zip(lines) {
             object.addrs.insert(*offset, lines);
         }
+        if !object.skipped {
+            object.used_at = Some(Instant::now());
+        }
         self.objects.insert(*key, object);
     }
 
@@ -382,35 +415,35 @@ impl Symbols {
         if self.kallsyms_at.is_none() {
             self.refresh_kallsyms();
         }
-        let mut results = symbolize_kernel(&self.kernel_symbolizer, self.kallsyms.as_ref(), addrs);
-        let named = |results: &[Symbolized<'_>]| {
-            results
+        let functions = |kallsyms: &Option<Kallsyms>| -> Vec<Option<String>> {
+            addrs
                 .iter()
-                .filter(|r| matches!(r, Symbolized::Sym(_)))
-                .count()
+                .map(|addr| kallsyms.as_ref()?.function(*addr))
+                .collect()
         };
-        let before = named(&results);
+        let mut names = functions(&self.kallsyms);
+        let before = names.iter().flatten().count();
         let due = self
             .kallsyms_at
             .is_some_and(|at| at.elapsed() >= self.kallsyms_wait);
         if before < addrs.len() && due {
             self.refresh_kallsyms();
-            results = symbolize_kernel(&self.kernel_symbolizer, self.kallsyms.as_ref(), addrs);
-            self.kallsyms_wait = if named(&results) > before {
+            names = functions(&self.kallsyms);
+            self.kallsyms_wait = if names.iter().flatten().count() > before {
                 KALLSYMS_REFRESH
             } else {
                 (self.kallsyms_wait * 2).min(Duration::from_secs(3600))
             };
         }
-        let lines: Vec<Lines> = (0..addrs.len())
-            .map(|i| {
-                results
-                    .get(i)
-                    .map(|r| to_lines(r, &mut self.strings, &self.empty))
-                    .unwrap_or_else(|| self.empty.clone())
-            })
-            .collect();
-        for (addr, lines) in addrs.iter().zip(lines) {
+        for (addr, name) in addrs.iter().zip(names) {
+            let lines = match name {
+                Some(name) => Arc::from(vec![Line {
+                    function: intern(&mut self.strings, &demangle(&name)),
+                    file: None,
+                    line: 0,
+                }]),
+                None => self.empty.clone(),
+            };
             self.kernel.insert(*addr, lines);
         }
     }
@@ -418,8 +451,7 @@ impl Symbols {
     /// Takes a new copy of /proc/kallsyms; addresses the old one left unnamed are looked up
     /// again when next sampled.
     fn refresh_kallsyms(&mut self) {
-        self.kernel_symbolizer = Symbolizer::builder().enable_demangling(false).build();
-        self.kallsyms = kallsyms_snapshot();
+        self.kallsyms = Kallsyms::snapshot();
         self.kallsyms_at = Some(Instant::now());
         self.kallsyms_reads += 1;
         self.kernel.retain(|_, lines| !lines.is_empty());
@@ -581,32 +613,6 @@ fn open_object(
     }
 }
 
-/// Kernel addresses symbolized by `symbolizer` from the kallsyms copy `kallsyms`.
-fn symbolize_kernel<'a>(
-    symbolizer: &'a Symbolizer,
-    kallsyms: Option<&File>,
-    addrs: &[u64],
-) -> Vec<Symbolized<'a>> {
-    {
-        let kallsyms = match kallsyms {
-            Some(file) => blazesym::MaybeDefault::Some(fd_path(file)),
-            None => blazesym::MaybeDefault::Default,
-        };
-        let kernel = Kernel {
-            kallsyms,
-            vmlinux: blazesym::MaybeDefault::None,
-            // kallsyms holds run-time addresses; no KASLR offset applies (and /proc/kcore, from
-            // which blazesym would read one, may not exist).
-            kaslr_offset: Some(0),
-            debug_syms: false,
-            ..Default::default()
-        };
-        symbolizer
-            .symbolize(&Source::Kernel(kernel), Input::AbsAddr(addrs))
-            .unwrap_or_default()
-    }
-}
-
 impl Symbols {
     /// The cached functions at `offset` in binary `key` (empty when unknown).
     pub fn file_lines(&self, key: &FileKey, offset: u64) -> Lines {
@@ -640,21 +646,6 @@ impl Symbols {
 /// A path to an open file that stays valid for as long as the file is open.
 fn fd_path(file: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
-
-/// /proc/kallsyms copied into an unnamed temporary file (on disk, so it does not count towards
-/// our memory), else into an anonymous in-memory file when no temporary directory is writable
-/// (a read-only root filesystem); `None` when /proc/kallsyms cannot be read.
-fn kallsyms_snapshot() -> Option<File> {
-    use std::os::fd::FromRawFd as _;
-    let mut source = File::open("/proc/kallsyms").ok()?;
-    let mut copy = tempfile::tempfile().ok().or_else(|| {
-        // SAFETY: memfd_create returns a new descriptor that nothing else owns.
-        let fd = unsafe { libc::memfd_create(c"kallsyms".as_ptr(), libc::MFD_CLOEXEC) };
-        (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
-    })?;
-    std::io::copy(&mut source, &mut copy).ok()?;
-    Some(copy)
 }
 
 fn intern(strings: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {
@@ -755,6 +746,12 @@ mod tests {
         x.wrapping_mul(31).rotate_left(7)
     }
 
+    #[inline(never)]
+    #[unsafe(no_mangle)]
+    pub extern "C" fn symbol_reparse_target(x: u64) -> u64 {
+        x.wrapping_mul(17).rotate_right(5)
+    }
+
     /// File offset of `addr` in this test binary, from /proc/self/maps.
     fn self_file_offset(addr: u64) -> (super::FileKey, u64) {
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -827,6 +824,39 @@ mod tests {
         // An unknown binary is reported as cached (nothing to look up) and yields no lines.
         let unknown = super::FileKey { ino: 1, ..key };
         assert!(symbols.file_lines(&unknown, offset).is_empty());
+    }
+
+    #[test]
+    fn an_idle_parse_is_dropped_and_its_names_stay() {
+        std::hint::black_box(symbol_reparse_target(3));
+        let (mut symbols, key, offset) = symbols_with_self();
+        let (_, later) = self_file_offset(symbol_reparse_target as *const () as u64);
+        let function = |symbols: &Symbols, offset| {
+            let lines = symbols.file_lines(&key, offset);
+            lines.last().map(|l| l.function.to_string())
+        };
+        symbols.set_idle(std::time::Duration::from_secs(3600));
+        symbols.load_file_offsets(&key, &[offset]);
+        symbols.release_idle();
+        assert_eq!(symbols.released, 0, "a parse in use is kept");
+
+        symbols.set_idle(std::time::Duration::ZERO);
+        symbols.release_idle();
+        symbols.release_idle();
+        assert_eq!(symbols.released, 1, "released once, until parsed again");
+        assert!(symbols.objects[&key].used_at.is_none());
+        assert_eq!(
+            function(&symbols, offset).as_deref(),
+            Some("symbol_cache_target"),
+            "cached names outlive the parse"
+        );
+        // A new address parses the binary again.
+        symbols.load_file_offsets(&key, &[later]);
+        assert_eq!(
+            function(&symbols, later).as_deref(),
+            Some("symbol_reparse_target")
+        );
+        assert!(symbols.objects[&key].used_at.is_some());
     }
 
     /// A C binary with DWARF (`dir/app`, function `target_fn`) and its debug file split off
