@@ -23,6 +23,12 @@ pub enum BinaryId {
         /// Modification time, in nanoseconds since the epoch.
         mtime_ns: i64,
     },
+    /// A mapping of CPython's perf trampolines, `len` bytes long: its table comes from their
+    /// fixed layout, not from a file, and is the same for every process with that layout.
+    CpythonTrampolines {
+        layout: crate::trampoline::Layout,
+        len: u64,
+    },
 }
 
 impl BinaryId {
@@ -76,6 +82,9 @@ impl fmt::Display for BinaryId {
                 size,
                 mtime_ns,
             } => write!(f, "{dev:x}:{ino}:{size}:{mtime_ns}"),
+            BinaryId::CpythonTrampolines { layout, len } => {
+                write!(f, "cpython-trampolines:{}:{len}", layout.code_size)
+            }
         }
     }
 }

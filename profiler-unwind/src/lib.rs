@@ -14,6 +14,7 @@ pub mod debug_file;
 mod elf;
 mod id;
 pub mod simulate;
+pub mod trampoline;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

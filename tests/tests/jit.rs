@@ -105,6 +105,55 @@ fn python312_perf_trampolines_name_fib() {
     assert!(stderr.contains("perf maps: 1 files"), "{stderr}");
 }
 
+const PYTHON_SHALLOW_FIB: &str = "import time
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+end = time.time() + 3
+while time.time() < end:
+    fib(10)
+";
+
+/// The trampolines keep no frame pointer and have no CFI: the walk steps through them with a
+/// table made from their fixed layout, so stacks run from the innermost Python call, through
+/// every trampoline and libpython's frameless frames, down to `Py_RunMain`.
+#[test]
+fn python312_stacks_run_through_the_trampolines_to_py_runmain() {
+    let Some(t) = bpf_test() else { return };
+    let Some(python) = python312() else { return };
+    let work = script(&t, "work.py", PYTHON_SHALLOW_FIB);
+    let (out, stderr) = t.record(
+        "python.pb.gz",
+        &["--unwinder", "auto", "--no-kernel"],
+        &[path_str(&python), "-X", "perf", path_str(&work)],
+    );
+    let (_, samples) = fib_share(&out, "python3.12");
+    for pid in samples.iter().filter_map(|s| s.labels.get("pid")) {
+        remove_perf_map(pid.parse().unwrap());
+    }
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let share = |pred: &dyn Fn(&DecodedSample) -> bool| {
+        let n: i64 = samples.iter().filter(|s| pred(s)).map(|s| s.count).sum();
+        100.0 * n as f64 / total as f64
+    };
+    let fib_frames = |s: &DecodedSample| {
+        s.functions
+            .iter()
+            .filter(|f| f.starts_with("py::fib:"))
+            .count()
+    };
+    let through = share(&|s| fib_frames(s) > 0 && s.has_function("Py_RunMain"));
+    assert!(
+        through >= 80.0,
+        "{through:.1}% of samples run from py::fib down to Py_RunMain; {stderr}"
+    );
+    // fib(10) recurses ten deep: a deep sample passes that many trampolines.
+    let deep = share(&|s| fib_frames(s) >= 5);
+    assert!(
+        deep >= 50.0,
+        "{deep:.1}% of samples hold 5 or more py::fib frames"
+    );
+}
+
 const NODE_FIB: &str = "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
 const end = Date.now() + Number(process.argv[2] || 2000);
 let x = 0;

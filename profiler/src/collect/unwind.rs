@@ -27,7 +27,7 @@ use profiler_common::{
     ProcessKey,
 };
 use profiler_unwind::{
-    build, load_bias, simulate::read_maps, BinaryId, DebugSearch, Options, UnwindTable,
+    build, load_bias, simulate::read_maps, trampoline, BinaryId, DebugSearch, Options, UnwindTable,
 };
 
 use crate::{
@@ -528,7 +528,9 @@ impl UnwindLoader {
 fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>> {
     let maps = read_maps(pid as i32).ok()?;
     let mut mapped = Vec::new();
+    let mut mem = None;
     for entry in maps.iter().filter(|m| m.executable) {
+        let mut path = entry.path.clone();
         let (id, bias) = if entry.path == "[vdso]" {
             let image = read_vdso(pid, entry.start, entry.end);
             let id = image.as_deref().and_then(BinaryId::of_image);
@@ -539,6 +541,16 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
         } else if entry.path.starts_with('/') {
             let path = map_file(pid, entry.start, entry.end);
             identify(&path, entry.start, entry.offset)
+        } else if entry.path.is_empty() {
+            // Anonymous code: JIT code walks with frame pointers, but CPython's perf
+            // trampolines keep none; their fixed layout makes a table.
+            let Some(layout) = cpython_trampolines(&mut mem, pid, entry.start, entry.end) else {
+                continue;
+            };
+            path = "[CPython perf trampolines]".into();
+            let len = entry.end - entry.start;
+            let id = BinaryId::CpythonTrampolines { layout, len };
+            (Some(id), Some(entry.start))
         } else {
             continue;
         };
@@ -547,7 +559,7 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
             end: entry.end,
             load_bias: bias,
             id,
-            path: entry.path.clone(),
+            path,
         });
     }
     mapped.sort_by_key(|m| m.start);
@@ -578,6 +590,31 @@ fn identify(path: &Path, start: u64, offset: u64) -> (Option<BinaryId>, Option<u
     )
 }
 
+/// The trampoline layout of anonymous code at `start..end` of `pid` when every arena of it starts
+/// with CPython's perf trampolines; `mem` is the process's memory, opened at the first call.
+fn cpython_trampolines(
+    mem: &mut Option<File>,
+    pid: u32,
+    start: u64,
+    end: u64,
+) -> Option<trampoline::Layout> {
+    if mem.is_none() {
+        *mem = File::open(format!("/proc/{pid}/mem")).ok();
+    }
+    let mem = mem.as_ref()?;
+    let mut layout = None;
+    for arena in trampoline::arenas(end.checked_sub(start)?) {
+        let mut probe = [0u8; trampoline::PROBE_BYTES];
+        mem.read_exact_at(&mut probe, start + arena).ok()?;
+        let found = trampoline::recognize(&probe)?;
+        if layout.is_some_and(|l| l != found) {
+            return None;
+        }
+        layout = Some(found);
+    }
+    layout
+}
+
 fn read_vdso(pid: u32, start: u64, end: u64) -> Option<Vec<u8>> {
     let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
     let mut image = vec![0; usize::try_from(end.checked_sub(start)?).ok()?];
@@ -591,6 +628,9 @@ fn build_table(
     entry: &Mapped,
     options: &Options,
 ) -> Option<Result<UnwindTable, profiler_unwind::Error>> {
+    if let Some(BinaryId::CpythonTrampolines { layout, len }) = &entry.id {
+        return Some(Ok(trampoline::table(*layout, *len)));
+    }
     if entry.path == "[vdso]" {
         let image = read_vdso(pid, entry.start, entry.end)?;
         return Some(build(&image, None, options));
