@@ -138,6 +138,66 @@ fn frameless_leaves_unwind_to_main() {
     );
 }
 
+/// A binary whose section headers are gone (`e_shoff`, `e_shnum` and `e_shstrndx` zeroed, as
+/// sstrip and packers leave it): its table comes from `PT_GNU_EH_FRAME`, its build ID from
+/// `PT_NOTE`, and its names from its unstripped copy, given as a debug file by build ID.
+#[test]
+fn a_binary_without_section_headers_unwinds_to_main() {
+    use object::Object as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(t) = bpf_test() else { return };
+    let original = frameless();
+    let bytes = std::fs::read(&original).unwrap();
+    let mut stripped = bytes.clone();
+    stripped[0x28..0x30].fill(0); // e_shoff
+    stripped[0x3c..0x40].fill(0); // e_shnum, e_shstrndx
+    let elf = object::File::parse(&*stripped).unwrap();
+    assert_eq!(elf.sections().count(), 0, "section headers still read");
+    let build_id: String = elf
+        .build_id()
+        .unwrap()
+        .expect("the build ID is read from PT_NOTE")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("noshdr");
+    std::fs::write(&binary, &stripped).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let debug_dir = dir.path().join("debug");
+    let by_id = debug_dir.join(".build-id").join(&build_id[..2]);
+    std::fs::create_dir_all(&by_id).unwrap();
+    std::fs::copy(&original, by_id.join(format!("{}.debug", &build_id[2..]))).unwrap();
+
+    let spinner = Spinner::run(&mut Command::new(&binary));
+    let pid = spinner.pid();
+    let (out, stderr) = t.record(
+        "noshdr.pb.gz",
+        &[
+            "--unwinder",
+            "auto",
+            "--no-kernel",
+            "-d",
+            "2s",
+            "--pid",
+            &pid,
+            "--debug-dir",
+            path_str(&debug_dir),
+        ],
+        &[],
+    );
+    drop(spinner);
+    let samples: Vec<DecodedSample> = read_samples(&out)
+        .into_iter()
+        .filter(|s| s.labels.get("pid") == Some(&pid))
+        .collect();
+    let share = share_with_chain(&samples, &CHAIN);
+    assert!(
+        share >= 95.0,
+        "{share:.1}% of samples have the full chain; {stderr}\n{samples:?}"
+    );
+}
+
 #[test]
 fn frame_pointers_alone_lose_frameless_callers() {
     // The same program with --unwinder fp: today's bpf_get_stack cannot see past the leaf,
