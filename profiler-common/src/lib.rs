@@ -356,11 +356,16 @@ pub enum Counter {
     /// Blocks that ended while user space was splitting them at a drain: their time before
     /// the drain may be counted twice (in both intervals).
     OffCpuSplitRaces,
+    /// Samples (or blocks) lost because an insert into a map that was not full failed: maps
+    /// that are not preallocated allocate as the program runs, and `sched_switch`, which runs
+    /// with interrupts off, cannot wait for the allocator's refill (or the bucket was busy on
+    /// this CPU).
+    LostMapInsertFailed,
 }
 
 impl Counter {
     /// Number of counters: the length of the `COUNTERS` array.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 28;
 
     /// Every counter, in slot order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -391,6 +396,7 @@ impl Counter {
         Counter::OffCpuBlockedMapFull,
         Counter::OffCpuSplitRaces,
         Counter::OffCpuSampledOut,
+        Counter::LostMapInsertFailed,
     ];
 
     /// Stable snake_case name, used in reports and metric labels.
@@ -423,6 +429,7 @@ impl Counter {
             Counter::OffCpuBlockedMapFull => "offcpu_blocked_map_full",
             Counter::OffCpuSplitRaces => "offcpu_split_races",
             Counter::OffCpuSampledOut => "offcpu_sampled_out",
+            Counter::LostMapInsertFailed => "map_insert_failed",
         }
     }
 
@@ -455,6 +462,7 @@ impl Counter {
                 | Counter::LostStackHashCollision
                 | Counter::OffCpuRateLimited
                 | Counter::OffCpuBlockedMapFull
+                | Counter::LostMapInsertFailed
         )
     }
 }

@@ -109,6 +109,7 @@ static OFFCPU_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0
 static OFFCPU_WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
+const E2BIG: i32 = 7;
 /// Kernel frames `bpf_get_stack` skips in `sched_switch` (its low 8 flag bits).
 const SCHED_SWITCH_SKIP: u64 = 2;
 
@@ -224,8 +225,11 @@ fn add_to(counts: &HashMap<SampleKey, u64>, key: &SampleKey, amount: u64, counte
                     unsafe { *value += amount };
                 }
             }
-            Err(_) => {
-                count(Counter::LostCountsMapFull);
+            Err(err) => {
+                count(match err == -E2BIG {
+                    true => Counter::LostCountsMapFull,
+                    false => Counter::LostMapInsertFailed,
+                });
                 return;
             }
         }
@@ -437,7 +441,8 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
         None => match stacks.insert(&hash, buf, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {}
-            Err(_) => return Err(Counter::LostStacksMapFull),
+            Err(err) if err == -E2BIG => return Err(Counter::LostStacksMapFull),
+            Err(_) => return Err(Counter::LostMapInsertFailed),
         },
     }
     Ok(hash)
@@ -521,7 +526,8 @@ fn copy_stack(
     match to.insert(&id, unsafe { &*stack }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(()),
         Err(err) if err == -EEXIST => Ok(()),
-        Err(_) => Err(Counter::LostStacksMapFull),
+        Err(err) if err == -E2BIG => Err(Counter::LostStacksMapFull),
+        Err(_) => Err(Counter::LostMapInsertFailed),
     }
 }
 
