@@ -177,6 +177,11 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
         (setup.plan.own_cost_secs / 3).clamp(1, 10),
         &mut rows,
     )?;
+    offcpu::min_block(
+        &setup,
+        (setup.plan.own_cost_secs / 20).clamp(1, 3),
+        &mut rows,
+    )?;
     startup(&setup.plan, &setup.dir, &mut rows)?;
     stages(mode, &mut rows)?;
     unwind_tables(&mut rows)?;

@@ -406,8 +406,12 @@ fn headline(
                 0 => String::new(),
                 n => format!(" ({n} more switch-outs sampled out, their time estimated)"),
             };
+            let short = match counters.get(Counter::OffCpuShortBlocks) {
+                0 => String::new(),
+                n => format!(" ({n} shorter than --off-cpu-min-block left out)"),
+            };
             format!(
-                " and {:.2}s off CPU in {} blocks{sampled_out}",
+                " and {:.2}s off CPU in {} blocks{sampled_out}{short}",
                 ns as f64 / 1e9,
                 counters.get(Counter::OffCpuBlocks)
             )

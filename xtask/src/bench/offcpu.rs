@@ -183,3 +183,90 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     }
     Ok(())
 }
+
+/// Thresholds of the min-block stage (`--off-cpu-min-block`).
+const MIN_BLOCKS: [&str; 5] = ["0", "1us", "10us", "100us", "1ms"];
+
+/// Stage: what `--off-cpu-min-block` leaves out, to choose its default. Each workload of known
+/// blocks (tests/workloads/offcpu.c: `sleep` 30 ms, `mutex` about 2 ms, `pipe` about 50 us,
+/// `storm` a few us) is recorded once per threshold; the rows are the off-CPU time kept, as a
+/// share of what threshold 0 records, and the blocks left out per second.
+pub(super) fn min_block(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<()> {
+    let workload = compile(&setup.dir)?;
+    let out = setup.dir.join("min-block.folded");
+    // The smoke run (one run a stage) only checks that the stage works.
+    let (modes, thresholds) = match setup.plan.runs {
+        1 => (&["storm"][..], &MIN_BLOCKS[..2]),
+        _ => (&["sleep", "mutex", "pipe", "storm"][..], &MIN_BLOCKS[..]),
+    };
+    for &mode in modes {
+        let mut baseline = None;
+        for &min in thresholds {
+            eprintln!("bench: off-CPU min block {min} on {mode}");
+            let output = Command::new(profiler_bin())
+                .args(["record", "--off-cpu", "--unwinder", "fp"])
+                .args(["--off-cpu-min-block", min, "-o"])
+                .arg(&out)
+                .arg("--")
+                .arg(&workload)
+                .args([mode, &seconds.to_string()])
+                .stdout(Stdio::null())
+                .output()?;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            if !output.status.success() {
+                bail!("record --off-cpu of {mode} failed: {stderr}");
+            }
+            let off_cpu_ns: f64 = std::fs::read_to_string(&out)?
+                .lines()
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum();
+            let base = *baseline.get_or_insert(off_cpu_ns);
+            let left_out =
+                number_before(&stderr, " shorter than --off-cpu-min-block").unwrap_or(0.0);
+            let config = format!("{mode}, --off-cpu-min-block {min}");
+            let kept = if base > 0.0 {
+                100.0 * off_cpu_ns / base
+            } else {
+                0.0
+            };
+            rows.push(row(
+                "off-CPU min block",
+                config.clone(),
+                "off-CPU time kept",
+                "%",
+                &[kept],
+            ));
+            rows.push(row(
+                "off-CPU min block",
+                config,
+                "blocks left out",
+                "1/s",
+                &[left_out / seconds as f64],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The number that ends just before `marker` in `text` (`(1234 shorter than ...`).
+fn number_before(text: &str, marker: &str) -> Option<f64> {
+    let before = &text[..text.find(marker)?];
+    let start = before
+        .rfind(|c: char| !c.is_ascii_digit())
+        .map_or(0, |i| i + 1);
+    before[start..].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_count_before_a_marker_parses() {
+        let line = "recorded 5 samples and 1.20s off CPU in 40 blocks (1234 shorter than \
+                    --off-cpu-min-block left out); 0 lost";
+        assert_eq!(
+            super::number_before(line, " shorter than --off-cpu-min-block"),
+            Some(1234.0)
+        );
+        assert_eq!(super::number_before("nothing", " shorter than"), None);
+    }
+}
