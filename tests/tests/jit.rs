@@ -70,28 +70,40 @@ fn python312() -> Option<PathBuf> {
     python
 }
 
-const PYTHON_FIB: &str = "import time
+/// A Python script looping over `fib(depth)` for `seconds`.
+fn python_fib(depth: u32, seconds: u32) -> String {
+    format!(
+        "import time
 def fib(n):
     return n if n < 2 else fib(n - 1) + fib(n - 2)
-end = time.time() + 2
+end = time.time() + {seconds}
 while time.time() < end:
-    fib(22)
-";
+    fib({depth})
+"
+    )
+}
 
-#[test]
-fn python312_perf_trampolines_name_fib() {
-    let Some(t) = bpf_test() else { return };
-    let Some(python) = python312() else { return };
-    let work = script(&t, "work.py", PYTHON_FIB);
+/// Records `python3.12 -X perf` running `text` with the table walker; returns the share of its
+/// samples naming fib, those samples and the summary (its perf maps removed).
+fn record_python(t: &BpfTest, python: &Path, text: &str) -> (f64, Vec<DecodedSample>, String) {
+    let work = script(t, "work.py", text);
     let (out, stderr) = t.record(
         "python.pb.gz",
         &["--unwinder", "auto", "--no-kernel"],
-        &[path_str(&python), "-X", "perf", path_str(&work)],
+        &[path_str(python), "-X", "perf", path_str(&work)],
     );
     let (share, samples) = fib_share(&out, "python3.12");
     for pid in samples.iter().filter_map(|s| s.labels.get("pid")) {
         remove_perf_map(pid.parse().unwrap());
     }
+    (share, samples, stderr)
+}
+
+#[test]
+fn python312_perf_trampolines_name_fib() {
+    let Some(t) = bpf_test() else { return };
+    let Some(python) = python312() else { return };
+    let (share, samples, stderr) = record_python(&t, &python, &python_fib(22, 2));
     // Each Python call runs through a trampoline of its own that the perf map names
     // `py::fib:PATH`; the interpreter's frames below it come from libpython's .eh_frame.
     assert!(share >= 50.0, "{share:.1}% name fib; {stderr}");
@@ -105,14 +117,6 @@ fn python312_perf_trampolines_name_fib() {
     assert!(stderr.contains("perf maps: 1 files"), "{stderr}");
 }
 
-const PYTHON_SHALLOW_FIB: &str = "import time
-def fib(n):
-    return n if n < 2 else fib(n - 1) + fib(n - 2)
-end = time.time() + 3
-while time.time() < end:
-    fib(10)
-";
-
 /// The trampolines keep no frame pointer and have no CFI: the walk steps through them with a
 /// table made from their fixed layout, so stacks run from the innermost Python call, through
 /// every trampoline and libpython's frameless frames, down to `Py_RunMain`.
@@ -120,16 +124,7 @@ while time.time() < end:
 fn python312_stacks_run_through_the_trampolines_to_py_runmain() {
     let Some(t) = bpf_test() else { return };
     let Some(python) = python312() else { return };
-    let work = script(&t, "work.py", PYTHON_SHALLOW_FIB);
-    let (out, stderr) = t.record(
-        "python.pb.gz",
-        &["--unwinder", "auto", "--no-kernel"],
-        &[path_str(&python), "-X", "perf", path_str(&work)],
-    );
-    let (_, samples) = fib_share(&out, "python3.12");
-    for pid in samples.iter().filter_map(|s| s.labels.get("pid")) {
-        remove_perf_map(pid.parse().unwrap());
-    }
+    let (_, samples, stderr) = record_python(&t, &python, &python_fib(10, 3));
     let total: i64 = samples.iter().map(|s| s.count).sum();
     let share = |pred: &dyn Fn(&DecodedSample) -> bool| {
         let n: i64 = samples.iter().filter(|s| pred(s)).map(|s| s.count).sum();

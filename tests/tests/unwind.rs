@@ -79,29 +79,30 @@ fn record_spinner(
     mode: Option<&str>,
     unwinder: &str,
 ) -> (Vec<DecodedSample>, String) {
-    record_running(t, name, Spinner::start(mode), unwinder)
+    record_running(t, name, Spinner::start(mode), unwinder, &[])
 }
 
+/// Records a running spinner for two seconds with `unwinder` and `extra` flags; returns its
+/// samples and the summary.
 fn record_running(
     t: &BpfTest,
     name: &str,
     spinner: Spinner,
     unwinder: &str,
+    extra: &[&str],
 ) -> (Vec<DecodedSample>, String) {
     let pid = spinner.pid();
-    let (out, stderr) = t.record(
-        name,
-        &[
-            "--unwinder",
-            unwinder,
-            "--no-kernel",
-            "-d",
-            "2s",
-            "--pid",
-            &pid,
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "--unwinder",
+        unwinder,
+        "--no-kernel",
+        "-d",
+        "2s",
+        "--pid",
+        &pid,
+    ];
+    args.extend(extra);
+    let (out, stderr) = t.record(name, &args, &[]);
     drop(spinner);
     let samples: Vec<DecodedSample> = read_samples(&out)
         .into_iter()
@@ -170,27 +171,8 @@ fn a_binary_without_section_headers_unwinds_to_main() {
     std::fs::copy(&original, by_id.join(format!("{}.debug", &build_id[2..]))).unwrap();
 
     let spinner = Spinner::run(&mut Command::new(&binary));
-    let pid = spinner.pid();
-    let (out, stderr) = t.record(
-        "noshdr.pb.gz",
-        &[
-            "--unwinder",
-            "auto",
-            "--no-kernel",
-            "-d",
-            "2s",
-            "--pid",
-            &pid,
-            "--debug-dir",
-            path_str(&debug_dir),
-        ],
-        &[],
-    );
-    drop(spinner);
-    let samples: Vec<DecodedSample> = read_samples(&out)
-        .into_iter()
-        .filter(|s| s.labels.get("pid") == Some(&pid))
-        .collect();
+    let extra = ["--debug-dir", path_str(&debug_dir)];
+    let (samples, stderr) = record_running(&t, "noshdr.pb.gz", spinner, "auto", &extra);
     let share = share_with_chain(&samples, &CHAIN);
     assert!(
         share >= 95.0,
@@ -280,7 +262,7 @@ fn signal_handler_frames_unwind_through_the_restorer_to_main() {
         0
     );
     spinner.expect_line("handler\n");
-    let (samples, stderr) = record_running(&t, "signal.pb.gz", spinner, "auto");
+    let (samples, stderr) = record_running(&t, "signal.pb.gz", spinner, "auto", &[]);
     // handler_spin <- on_signal <- glibc's __restore_rt (signal frame) <- the interrupted frame
     // <- big_frame .. _start. The interrupted frame is `leaf`, or `write` <- `say` when the signal
     // lands on the return from the write that said "ready": both are right, so the chain skips it.
@@ -347,6 +329,7 @@ fn main() {
         "rust.pb.gz",
         Spinner::run(&mut Command::new(&program)),
         "auto",
+        &[],
     );
     let share = share_with_chain(&samples, &chain);
     assert!(share >= 95.0, "{share:.1}%; {stderr}\n{samples:?}");
@@ -442,6 +425,7 @@ func main() {
         "go.pb.gz",
         Spinner::run(&mut Command::new(&program)),
         "auto",
+        &[],
     );
     let share = share_with_chain(&samples, &chain);
     assert!(share >= 90.0, "{share:.1}%; {stderr}\n{samples:?}");
