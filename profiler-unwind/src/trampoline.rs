@@ -103,7 +103,7 @@ pub fn table(layout: Layout, len: u64) -> UnwindTable {
 
 /// The arena size of a `len`-byte trampoline mapping: CPython's when `len` is a multiple of it
 /// (adjacent arenas merged into one mapping), else the whole mapping.
-fn arena_bytes(len: u64) -> u64 {
+pub fn arena_bytes(len: u64) -> u64 {
     match len.is_multiple_of(ARENA_BYTES) {
         true => ARENA_BYTES,
         false => len,

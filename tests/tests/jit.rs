@@ -149,6 +149,30 @@ fn python312_stacks_run_through_the_trampolines_to_py_runmain() {
     );
 }
 
+/// CPython maps its trampolines in 64 KiB arenas of 5,957 copies: with 14,000 code objects run
+/// first, fib's trampoline lands in the third arena. (Here each arena is a mapping of its own;
+/// adjacent ones merge into one, which the loader splits back into arenas.)
+#[test]
+fn python312_stacks_run_through_a_trampoline_in_a_later_arena() {
+    let Some(t) = bpf_test() else { return };
+    let Some(python) = python312() else { return };
+    let fill = "for i in range(7000):\n    exec(f'def f{i}(): return {i}\\nf{i}()')\n";
+    let (_, samples, stderr) = record_python(&t, &python, &(fill.to_owned() + &python_fib(10, 3)));
+    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let through: i64 = samples
+        .iter()
+        .filter(|s| {
+            s.functions.iter().any(|f| f.starts_with("py::fib:")) && s.has_function("Py_RunMain")
+        })
+        .map(|s| s.count)
+        .sum();
+    let share = 100.0 * through as f64 / total as f64;
+    assert!(
+        share >= 60.0,
+        "{share:.1}% run from py::fib down to Py_RunMain; {stderr}"
+    );
+}
+
 const NODE_FIB: &str = "function fib(n) { return n < 2 ? n : fib(n - 1) + fib(n - 2); }
 const end = Date.now() + Number(process.argv[2] || 2000);
 let x = 0;

@@ -530,7 +530,6 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
     let mut mapped = Vec::new();
     let mut mem = None;
     for entry in maps.iter().filter(|m| m.executable) {
-        let mut path = entry.path.clone();
         let (id, bias) = if entry.path == "[vdso]" {
             let image = read_vdso(pid, entry.start, entry.end);
             let id = image.as_deref().and_then(BinaryId::of_image);
@@ -547,10 +546,8 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
             let Some(layout) = cpython_trampolines(&mut mem, pid, entry.start, entry.end) else {
                 continue;
             };
-            path = "[CPython perf trampolines]".into();
-            let len = entry.end - entry.start;
-            let id = BinaryId::CpythonTrampolines { layout, len };
-            (Some(id), Some(entry.start))
+            mapped.extend(trampoline_arenas(entry.start, entry.end, layout));
+            continue;
         } else {
             continue;
         };
@@ -559,7 +556,7 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
             end: entry.end,
             load_bias: bias,
             id,
-            path,
+            path: entry.path.clone(),
         });
     }
     mapped.sort_by_key(|m| m.start);
@@ -588,6 +585,23 @@ fn identify(path: &Path, start: u64, offset: u64) -> (Option<BinaryId>, Option<u
         BinaryId::of_file(&file, &map).ok(),
         load_bias(&map, start, offset),
     )
+}
+
+/// A mapping of CPython's trampolines as the walker is given it: one mapping per arena, all
+/// sharing the one-arena table. CPython's arenas merge into one mapping when they are adjacent,
+/// and a table per merged length would be built anew as each is added (and kept until evicted).
+fn trampoline_arenas(start: u64, end: u64, layout: trampoline::Layout) -> Vec<Mapped> {
+    let len = end - start;
+    let arena = trampoline::arena_bytes(len);
+    trampoline::arenas(len)
+        .map(|offset| Mapped {
+            start: start + offset,
+            end: start + offset + arena,
+            load_bias: Some(start + offset),
+            id: Some(BinaryId::CpythonTrampolines { layout, len: arena }),
+            path: "[CPython perf trampolines]".into(),
+        })
+        .collect()
 }
 
 /// The trampoline layout of anonymous code at `start..end` of `pid` when every arena of it starts
@@ -648,4 +662,41 @@ fn build_table(
         binary: Some((meta.dev(), meta.ino())),
     };
     Some(build(&map, Some(&search), options))
+}
+
+#[cfg(test)]
+mod tests {
+    use profiler_unwind::trampoline::{recognize, Layout, ARENA_BYTES};
+
+    use super::{trampoline_arenas, BinaryId};
+
+    fn layout() -> Layout {
+        let code = [
+            0x48, 0x83, 0xec, 0x08, 0xff, 0xd1, 0x48, 0x83, 0xc4, 0x08, 0xc3,
+        ];
+        recognize(&[code, code].concat()).unwrap()
+    }
+
+    #[test]
+    fn merged_trampoline_arenas_are_split_and_share_one_table() {
+        let start = 0x7f00_0000_0000;
+        let mapped = trampoline_arenas(start, start + 3 * ARENA_BYTES, layout());
+        assert_eq!(mapped.len(), 3);
+        for (i, m) in mapped.iter().enumerate() {
+            let at = start + i as u64 * ARENA_BYTES;
+            assert_eq!(
+                (m.start, m.end, m.load_bias),
+                (at, at + ARENA_BYTES, Some(at))
+            );
+            let one_arena = BinaryId::CpythonTrampolines {
+                layout: layout(),
+                len: ARENA_BYTES,
+            };
+            assert_eq!(m.id.as_ref(), Some(&one_arena));
+        }
+        // A mapping that is not whole arenas is one packing of its own length.
+        let odd = trampoline_arenas(start, start + 4096, layout());
+        assert_eq!(odd.len(), 1);
+        assert_eq!((odd[0].end, odd[0].load_bias), (start + 4096, Some(start)));
+    }
 }
