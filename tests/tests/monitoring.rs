@@ -304,6 +304,7 @@ const METRICS: &[&str] = &[
     "profiler_parses_abandoned_running",
     "profiler_symbolizer_cache_hits_total",
     "profiler_symbolizer_cache_misses_total",
+    "profiler_symbolizer_parses_released_total",
     "profiler_symbolizer_gopclntab_errors_total",
     "profiler_perf_map_events_total",
     "profiler_perf_map_entries",
