@@ -378,29 +378,29 @@ impl UnwindLoader {
         let outcome = deadline::run(self.parse_timeout, move || {
             build_table(pid, &entry, &options)
         });
-        let failure = match &outcome {
-            _ if watch.truncated() => Some((
+        let built = match outcome {
+            _ if watch.truncated() => Err((
                 &mut self.counters.build_truncated,
                 "it was truncated while being read",
             )),
-            Outcome::Panicked => Some((&mut self.counters.build_panics, "a parser panicked on it")),
-            Outcome::TimedOut => Some((
+            Outcome::Panicked => Err((&mut self.counters.build_panics, "a parser panicked on it")),
+            Outcome::TimedOut => Err((
                 &mut self.counters.build_timeouts,
                 "it took longer than --parse-timeout",
             )),
-            Outcome::Done(_) => None,
+            Outcome::Done(built) => Ok(built),
         };
-        if let Some((counter, why)) = failure {
-            *counter += 1;
-            self.failed.insert(id.clone(), ());
-            eprintln!(
-                "warning: no unwind table for {}: {why}; its code is walked with frame pointers",
-                mapping.path
-            );
-            return;
-        }
-        let Outcome::Done(built) = outcome else {
-            return;
+        let built = match built {
+            Ok(built) => built,
+            Err((counter, why)) => {
+                *counter += 1;
+                self.failed.insert(id.clone(), ());
+                eprintln!(
+                    "warning: no unwind table for {}: {why}; its code is walked with frame pointers",
+                    mapping.path
+                );
+                return;
+            }
         };
         let table = match built {
             Some(Ok(table)) => table,
