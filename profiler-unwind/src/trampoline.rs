@@ -12,9 +12,10 @@
 //! ```
 //!
 //! CPython copies it back to back, `code_size` bytes apart, over arenas of 16 pages it maps
-//! one at a time (`Python/perf_trampoline.c`); adjacent arenas merge into one mapping. So a
-//! mapping that starts with the code, and has it again `code_size` bytes further, gets a
-//! synthetic table: three rows per copy, restarting at each arena.
+//! one at a time (`Python/perf_trampoline.c`); adjacent arenas merge into one mapping. So an
+//! arena that starts with the code, and has it again `code_size` bytes further, gets a
+//! synthetic table: three rows per copy. The loader gives each arena of a mapping to the kernel
+//! as a mapping of its own ([`arenas`]), so one arena's table serves them all.
 
 use profiler_common::unwind::{kind, rbp, UnwindRow};
 
@@ -65,11 +66,11 @@ pub fn recognize(probe: &[u8]) -> Option<Layout> {
     })
 }
 
-/// The table of a trampoline mapping of `len` bytes: whole arenas of [`ARENA_BYTES`] when `len`
-/// is a multiple of it, else one packing over the whole mapping. Row pc 0 is the mapping start.
+/// The table of one arena of `len` bytes (at most 4 GiB are described): copies packed from its
+/// start, then its unused tail. Row pc 0 is the arena's start.
 pub fn table(layout: Layout, len: u64) -> UnwindTable {
-    let arena = arena_bytes(len);
-    let copies_per_arena = arena / u64::from(layout.code_size);
+    let len = len.min(u64::from(u32::MAX));
+    let copies = len / u64::from(layout.code_size);
     let row = |pc: u64, kind: u8, cfa_offset: i32| UnwindRow {
         pc: pc as u32,
         kind,
@@ -77,23 +78,15 @@ pub fn table(layout: Layout, len: u64) -> UnwindTable {
         rbp_offset: 0,
         cfa_offset,
     };
-    let mut rows = Vec::with_capacity((len / arena * copies_per_arena * 3 + len / arena) as usize);
-    let mut arena_start = 0;
-    while arena_start + arena <= len && arena_start < u64::from(u32::MAX) - arena {
-        for copy in 0..copies_per_arena {
-            let at = arena_start + copy * u64::from(layout.code_size);
-            rows.push(row(at, kind::CFA_RSP, 8));
-            rows.push(row(at + u64::from(layout.pushed_at), kind::CFA_RSP, 16));
-            rows.push(row(at + u64::from(layout.popped_at), kind::CFA_RSP, 8));
-        }
-        // The arena's tail holds no copy.
-        rows.push(row(
-            arena_start + copies_per_arena * u64::from(layout.code_size),
-            kind::NO_CFI,
-            0,
-        ));
-        arena_start += arena;
+    let mut rows = Vec::with_capacity(copies as usize * 3 + 1);
+    for copy in 0..copies {
+        let at = copy * u64::from(layout.code_size);
+        rows.push(row(at, kind::CFA_RSP, 8));
+        rows.push(row(at + u64::from(layout.pushed_at), kind::CFA_RSP, 16));
+        rows.push(row(at + u64::from(layout.popped_at), kind::CFA_RSP, 8));
     }
+    // The tail holds no copy.
+    rows.push(row(copies * u64::from(layout.code_size), kind::NO_CFI, 0));
     UnwindTable {
         base: 0,
         rows,
@@ -110,8 +103,8 @@ pub fn arena_bytes(len: u64) -> u64 {
     }
 }
 
-/// Offsets of the arenas of a `len`-byte trampoline mapping, whose first bytes must each hold
-/// the same layout for [`table`] to describe them.
+/// Offsets of the arenas of a `len`-byte trampoline mapping (each [`arena_bytes`] long), whose
+/// first bytes must each hold the same layout for [`table`] to describe them.
 pub fn arenas(len: u64) -> impl Iterator<Item = u64> {
     let arena = arena_bytes(len);
     (0..len / arena.max(1)).map(move |i| i * arena)
@@ -167,9 +160,9 @@ mod tests {
     /// the evaluator's call left (or an exact pc), on a stack laid out as the trampoline makes it.
     fn step_out(pc_in_copy: u64, copy: u64, exact: bool) -> (StepResult, Regs) {
         let layout = recognize(&copies(&PLAIN, 2)).unwrap();
-        let table = table(layout, 2 * ARENA_BYTES);
-        let base = 0x7f00_0000_0000u64;
-        let rip = base + ARENA_BYTES + copy * 11 + pc_in_copy;
+        let table = table(layout, ARENA_BYTES);
+        let base = 0x7f00_0001_0000u64;
+        let rip = base + copy * 11 + pc_in_copy;
         let rsp = 0x7ffc_0000_1000u64;
         let pushed = u64::from((4..10).contains(&pc_in_copy)) * 8;
         let caller_ret = 0x5555_0000_1234u64;
@@ -185,7 +178,7 @@ mod tests {
     }
 
     #[test]
-    fn steps_out_of_any_copy_in_any_arena() {
+    fn steps_out_of_any_copy() {
         let rsp = 0x7ffc_0000_1000u64;
         for copy in [0, 1, 2000, 5956] {
             // The return address after `call *%rcx`, as every caller frame has it.
@@ -205,14 +198,14 @@ mod tests {
     }
 
     #[test]
-    fn an_arena_tail_has_no_cfi_and_arenas_restart() {
+    fn an_arena_tail_has_no_cfi_and_a_mapping_splits_into_arenas() {
         let layout = recognize(&copies(&PLAIN, 2)).unwrap();
-        let table = table(layout, 2 * ARENA_BYTES);
-        assert_eq!(table.rows.len(), 2 * (5957 * 3 + 1));
+        let table = table(layout, ARENA_BYTES);
+        assert_eq!(table.rows.len(), 5957 * 3 + 1);
         let tail = find_row_in(&table.rows, 5957 * 11).unwrap();
         assert_eq!(tail.kind, kind::NO_CFI);
-        let second = find_row_in(&table.rows, ARENA_BYTES as u32).unwrap();
-        assert_eq!((second.pc, second.cfa_offset), (ARENA_BYTES as u32, 8));
+        let last = find_row_in(&table.rows, ARENA_BYTES as u32 - 1).unwrap();
+        assert_eq!(last.kind, kind::NO_CFI, "the table ends with its arena");
         assert_eq!(
             arenas(2 * ARENA_BYTES).collect::<Vec<_>>(),
             [0, ARENA_BYTES]
