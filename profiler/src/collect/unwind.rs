@@ -528,10 +528,12 @@ impl UnwindLoader {
 fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>> {
     let maps = read_maps(pid as i32).ok()?;
     let mut mapped = Vec::new();
-    let mut mem = None;
+    let mut mem = ProcessMemory::new(pid);
     for entry in maps.iter().filter(|m| m.executable) {
         let (id, bias) = if entry.path == "[vdso]" {
-            let image = read_vdso(pid, entry.start, entry.end);
+            let image = mem
+                .get()
+                .and_then(|mem| read_vdso(mem, entry.start, entry.end));
             let id = image.as_deref().and_then(BinaryId::of_image);
             let bias = image
                 .as_deref()
@@ -543,7 +545,10 @@ fn read_mappings(pid: u32, counters: &mut UnwindCounters) -> Option<Vec<Mapped>>
         } else if entry.path.is_empty() {
             // Anonymous code: JIT code walks with frame pointers, but CPython's perf
             // trampolines keep none; their fixed layout makes a table.
-            let Some(layout) = cpython_trampolines(&mut mem, pid, entry.start, entry.end) else {
+            let trampolines = mem
+                .get()
+                .and_then(|mem| cpython_trampolines(mem, entry.start, entry.end));
+            let Some(layout) = trampolines else {
                 continue;
             };
             mapped.extend(trampoline_arenas(entry.start, entry.end, layout));
@@ -604,18 +609,30 @@ fn trampoline_arenas(start: u64, end: u64, layout: trampoline::Layout) -> Vec<Ma
         .collect()
 }
 
-/// The trampoline layout of anonymous code at `start..end` of `pid` when every arena of it starts
-/// with CPython's perf trampolines; `mem` is the process's memory, opened at the first call.
-fn cpython_trampolines(
-    mem: &mut Option<File>,
+/// A process's memory (`/proc/PID/mem`), opened when first read: the vDSO and CPython's
+/// trampolines are read from it, and most processes have no trampolines.
+struct ProcessMemory {
     pid: u32,
-    start: u64,
-    end: u64,
-) -> Option<trampoline::Layout> {
-    if mem.is_none() {
-        *mem = File::open(format!("/proc/{pid}/mem")).ok();
+    file: Option<Option<File>>,
+}
+
+impl ProcessMemory {
+    fn new(pid: u32) -> ProcessMemory {
+        ProcessMemory { pid, file: None }
     }
-    let mem = mem.as_ref()?;
+
+    /// The open memory file; `None` when it cannot be opened (the process is gone).
+    fn get(&mut self) -> Option<&File> {
+        let pid = self.pid;
+        self.file
+            .get_or_insert_with(|| File::open(format!("/proc/{pid}/mem")).ok())
+            .as_ref()
+    }
+}
+
+/// The trampoline layout of anonymous code at `start..end` of the process whose memory is
+/// `mem`, when every arena of it starts with CPython's perf trampolines.
+fn cpython_trampolines(mem: &File, start: u64, end: u64) -> Option<trampoline::Layout> {
     let mut layout = None;
     for arena in trampoline::arenas(end.checked_sub(start)?) {
         let mut probe = [0u8; trampoline::PROBE_BYTES];
@@ -629,8 +646,8 @@ fn cpython_trampolines(
     layout
 }
 
-fn read_vdso(pid: u32, start: u64, end: u64) -> Option<Vec<u8>> {
-    let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
+/// The vDSO image at `start..end` of the process whose memory is `mem`.
+fn read_vdso(mem: &File, start: u64, end: u64) -> Option<Vec<u8>> {
     let mut image = vec![0; usize::try_from(end.checked_sub(start)?).ok()?];
     mem.read_exact_at(&mut image, start).ok()?;
     Some(image)
@@ -646,7 +663,7 @@ fn build_table(
         return Some(Ok(trampoline::table(*layout, *len)));
     }
     if entry.path == "[vdso]" {
-        let image = read_vdso(pid, entry.start, entry.end)?;
+        let image = read_vdso(ProcessMemory::new(pid).get()?, entry.start, entry.end)?;
         return Some(build(&image, None, options));
     }
     let file = File::open(map_file(pid, entry.start, entry.end)).ok()?;
