@@ -91,6 +91,18 @@ fn memfd() -> Option<File> {
     (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) })
 }
 
+/// The address of the running kernel's `schedule`, from /proc/kallsyms itself; `None` when
+/// addresses are hidden from us (not root).
+#[cfg(test)]
+pub(super) fn schedule_address() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let addr = u64::from_str_radix(f.next()?, 16).ok()?;
+        (f.nth(1)? == "schedule" && addr != 0).then_some(addr)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -98,7 +110,7 @@ mod tests {
         io::{Read, Seek, Write},
     };
 
-    use super::Kallsyms;
+    use super::{schedule_address, Kallsyms};
 
     fn file_with(text: &[u8]) -> std::io::Result<File> {
         let mut file = tempfile::tempfile()?;
@@ -173,15 +185,7 @@ ffffffff81003000";
             eprintln!("skipped: kernel addresses are hidden (not root)");
             return;
         };
-        let text = std::fs::read_to_string("/proc/kallsyms").unwrap();
-        let schedule = text
-            .lines()
-            .find_map(|l| {
-                let mut f = l.split_whitespace();
-                let addr = u64::from_str_radix(f.next()?, 16).ok()?;
-                (f.nth(1)? == "schedule").then_some(addr)
-            })
-            .unwrap();
+        let schedule = schedule_address().unwrap();
         assert_eq!(k.function(schedule + 1).as_deref(), Some("schedule"));
     }
 }

@@ -1052,13 +1052,7 @@ mod tests {
 
     #[test]
     fn kernel_addresses_symbolize_from_kallsyms() {
-        let kallsyms = std::fs::read_to_string("/proc/kallsyms").unwrap_or_default();
-        let Some(addr) = kallsyms.lines().find_map(|l| {
-            let mut f = l.split_whitespace();
-            let addr = u64::from_str_radix(f.next()?, 16).ok()?;
-            let _kind = f.next()?;
-            (f.next()? == "schedule" && addr != 0).then_some(addr)
-        }) else {
+        let Some(addr) = super::super::kallsyms::schedule_address() else {
             eprintln!("skipped: kernel addresses are hidden (not root)");
             return;
         };
