@@ -24,14 +24,24 @@ fn fib_share(out: &Path, comm: &str) -> (f64, Vec<DecodedSample>) {
         .into_iter()
         .filter(|s| s.labels.get("comm").map(String::as_str) == Some(comm))
         .collect();
-    let total: i64 = samples.iter().map(|s| s.count).sum();
+    let total = sample_count(&samples, |_| true);
     assert!(total > 200, "too few samples of {comm}: {total}");
-    let fib: i64 = samples
+    let share = share_of(&samples, |s| s.functions.iter().any(|f| names_fib(f)));
+    (share, samples)
+}
+
+/// Share (0-100) of `samples` that `keep` keeps, by count.
+fn share_of(samples: &[DecodedSample], keep: impl Fn(&DecodedSample) -> bool) -> f64 {
+    100.0 * sample_count(samples, keep) as f64 / sample_count(samples, |_| true).max(1) as f64
+}
+
+/// The `py::fib:PATH` frames (one per Python call of fib) of a sample.
+fn py_fib_frames(sample: &DecodedSample) -> usize {
+    sample
+        .functions
         .iter()
-        .filter(|s| s.functions.iter().any(|f| names_fib(f)))
-        .map(|s| s.count)
-        .sum();
-    (100.0 * fib as f64 / total as f64, samples)
+        .filter(|f| f.starts_with("py::fib:"))
+        .count()
 }
 
 /// Removes the perf map a runtime left behind for `pid`.
@@ -125,24 +135,15 @@ fn python312_stacks_run_through_the_trampolines_to_py_runmain() {
     let Some(t) = bpf_test() else { return };
     let Some(python) = python312() else { return };
     let (_, samples, stderr) = record_python(&t, &python, &python_fib(10, 3));
-    let total: i64 = samples.iter().map(|s| s.count).sum();
-    let share = |pred: &dyn Fn(&DecodedSample) -> bool| {
-        let n: i64 = samples.iter().filter(|s| pred(s)).map(|s| s.count).sum();
-        100.0 * n as f64 / total as f64
-    };
-    let fib_frames = |s: &DecodedSample| {
-        s.functions
-            .iter()
-            .filter(|f| f.starts_with("py::fib:"))
-            .count()
-    };
-    let through = share(&|s| fib_frames(s) > 0 && s.has_function("Py_RunMain"));
+    let through = share_of(&samples, |s| {
+        py_fib_frames(s) > 0 && s.has_function("Py_RunMain")
+    });
     assert!(
         through >= 80.0,
         "{through:.1}% of samples run from py::fib down to Py_RunMain; {stderr}"
     );
     // fib(10) recurses ten deep: a deep sample passes that many trampolines.
-    let deep = share(&|s| fib_frames(s) >= 5);
+    let deep = share_of(&samples, |s| py_fib_frames(s) >= 5);
     assert!(
         deep >= 50.0,
         "{deep:.1}% of samples hold 5 or more py::fib frames"
@@ -158,15 +159,9 @@ fn python312_stacks_run_through_a_trampoline_in_a_later_arena() {
     let Some(python) = python312() else { return };
     let fill = "for i in range(7000):\n    exec(f'def f{i}(): return {i}\\nf{i}()')\n";
     let (_, samples, stderr) = record_python(&t, &python, &(fill.to_owned() + &python_fib(10, 3)));
-    let total: i64 = samples.iter().map(|s| s.count).sum();
-    let through: i64 = samples
-        .iter()
-        .filter(|s| {
-            s.functions.iter().any(|f| f.starts_with("py::fib:")) && s.has_function("Py_RunMain")
-        })
-        .map(|s| s.count)
-        .sum();
-    let share = 100.0 * through as f64 / total as f64;
+    let share = share_of(&samples, |s| {
+        py_fib_frames(s) > 0 && s.has_function("Py_RunMain")
+    });
     assert!(
         share >= 60.0,
         "{share:.1}% run from py::fib down to Py_RunMain; {stderr}"
