@@ -550,8 +550,12 @@ fn own_cost(setup: &Setup, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Resu
         let wall = started.elapsed().as_secs_f64();
         let cpu = running.cpu_seconds() - cpu_before;
         let bpf_after = running.bpf_stats();
-        let (rss, peak) = memory_kib(running.pid());
-        let (anon, file) = rss_kinds_kib(running.pid());
+        let Memory {
+            rss,
+            peak,
+            anon,
+            file,
+        } = memory_kib(running.pid());
         let maps = map_memory_kib(running.pid());
         let samples = match config {
             Config::Agent(_) => metric(&running.metrics, "profiler_samples_collected_total"),
@@ -1092,39 +1096,38 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// (VmRSS, VmHWM) in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
+/// A process's resident memory in KiB, the BPF maps it mmapped apart: the unwind rows' array
+/// map is mmapped (16 MiB by default, all of it resident), and those pages are the map's kernel
+/// memory, already in `map_memory_kib` (the cgroup is charged for them once).
+pub(super) struct Memory {
+    /// VmRSS.
+    pub rss: u64,
+    /// VmHWM.
+    pub peak: u64,
+    /// Anonymous (heap, stacks).
+    pub anon: u64,
+    /// File-backed (its own code and the binaries it reads): page cache the kernel can reclaim
+    /// under a memory limit, unlike the rest.
+    pub file: u64,
+}
+
+/// The resident memory of `pid`, from one read of its status and of its smaps.
+pub(super) fn memory_kib(pid: u32) -> Memory {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| status_kib(&status, name);
-    // The unwind rows' array map is mmapped (16 MiB by default, all of it resident): those
-    // pages are the map's kernel memory, already in `map_memory_kib`, and the cgroup is
-    // charged for them once.
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
     let mapped = bpf_mapped_kib(pid);
-    (
-        field("VmRSS:").saturating_sub(mapped),
-        field("VmHWM:").saturating_sub(mapped),
-    )
-}
-
-/// The value of field `name` (`VmRSS:`, ...) of a /proc/PID/status text, in KiB.
-fn status_kib(status: &str, name: &str) -> u64 {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Resident KiB of `pid` that is anonymous (heap, stacks; the BPF maps it mmapped apart) and
-/// file-backed (its own code and the binaries it reads): page cache pages the kernel can
-/// reclaim under a memory limit, unlike the rest.
-fn rss_kinds_kib(pid: u32) -> (u64, u64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| status_kib(&status, name);
-    (
-        (field("RssAnon:") + field("RssShmem:")).saturating_sub(bpf_mapped_kib(pid)),
-        field("RssFile:"),
-    )
+    Memory {
+        rss: field("VmRSS:").saturating_sub(mapped),
+        peak: field("VmHWM:").saturating_sub(mapped),
+        anon: (field("RssAnon:") + field("RssShmem:")).saturating_sub(mapped),
+        file: field("RssFile:"),
+    }
 }
 
 /// Resident KiB of the BPF maps `pid` has mmapped (`anon_inode:bpf-map` in its smaps).
@@ -1173,11 +1176,17 @@ fn map_memory_kib(pid: u32) -> u64 {
 
 /// The sample count in `profiler record`'s summary ("... N samples ...").
 fn recorded_samples(stderr: &str) -> Option<u64> {
-    let words: Vec<&str> = stderr.split_whitespace().collect();
+    count_before(stderr, "samples")
+}
+
+/// The count just before the first `word` of a summary (`recorded 1234 samples,`,
+/// `(56 shorter than ...`).
+pub(super) fn count_before(text: &str, word: &str) -> Option<u64> {
+    let words: Vec<&str> = text.split_whitespace().collect();
     words
         .windows(2)
-        .find(|w| w[1] == "samples" || w[1] == "samples,")
-        .and_then(|w| w[0].parse().ok())
+        .find(|w| w[1].trim_end_matches(',') == word)
+        .and_then(|w| w[0].trim_start_matches('(').parse().ok())
 }
 
 /// One metric's value from a /metrics endpoint.
@@ -1393,5 +1402,13 @@ mod tests {
             Some(1234)
         );
         assert_eq!(recorded_samples("nothing"), None);
+    }
+
+    #[test]
+    fn the_count_before_a_marker_parses() {
+        let line = "recorded 5 samples and 1.20s off CPU in 40 blocks (1234 shorter than \
+                    --off-cpu-min-block left out); 0 lost";
+        assert_eq!(super::count_before(line, "shorter"), Some(1234));
+        assert_eq!(super::count_before("nothing", "shorter"), None);
     }
 }

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Result;
 
-use super::{map_memory_kib, memory_kib, Config, KillOnDrop, Row, Setup};
+use super::{map_memory_kib, memory_kib, Config, KillOnDrop, Memory, Row, Setup};
 
 /// Short-lived processes started per second.
 const SPAWNS_PER_SECOND: u64 = 20;
@@ -44,13 +44,15 @@ pub(super) fn churn(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<
         spawned += 1;
         short.retain_mut(|c| c.try_wait().ok().flatten().is_none());
         if Instant::now() >= next_probe {
-            rss.push((started.elapsed().as_secs_f64(), memory_kib(pid).0));
+            rss.push((started.elapsed().as_secs_f64(), memory_kib(pid).rss));
             next_probe += probe;
         }
         thread::sleep(every);
     }
     let maps = map_memory_kib(pid);
-    let (steady, peak) = memory_kib(pid);
+    let Memory {
+        rss: steady, peak, ..
+    } = memory_kib(pid);
     drop(KillOnDrop(short));
     running.stop()?;
 

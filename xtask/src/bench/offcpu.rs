@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{bpf_prog_stats, compile_c, interrupt, median, row, spawn_watcher, works, Row, Setup};
+use super::{
+    bpf_prog_stats, compile_c, count_before, interrupt, median, row, spawn_watcher, works, Row,
+    Setup,
+};
 use crate::profiler_bin;
 
 /// Who watches the ping-pong.
@@ -221,8 +224,7 @@ pub(super) fn min_block(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Res
                 .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
                 .sum();
             let base = *baseline.get_or_insert(off_cpu_ns);
-            let left_out =
-                number_before(&stderr, " shorter than --off-cpu-min-block").unwrap_or(0.0);
+            let left_out = count_before(&stderr, "shorter").unwrap_or(0) as f64;
             let config = format!("{mode}, --off-cpu-min-block {min}");
             let kept = if base > 0.0 {
                 100.0 * off_cpu_ns / base
@@ -246,27 +248,4 @@ pub(super) fn min_block(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Res
         }
     }
     Ok(())
-}
-
-/// The number that ends just before `marker` in `text` (`(1234 shorter than ...`).
-fn number_before(text: &str, marker: &str) -> Option<f64> {
-    let before = &text[..text.find(marker)?];
-    let start = before
-        .rfind(|c: char| !c.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    before[start..].parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_count_before_a_marker_parses() {
-        let line = "recorded 5 samples and 1.20s off CPU in 40 blocks (1234 shorter than \
-                    --off-cpu-min-block left out); 0 lost";
-        assert_eq!(
-            super::number_before(line, " shorter than --off-cpu-min-block"),
-            Some(1234.0)
-        );
-        assert_eq!(super::number_before("nothing", " shorter than"), None);
-    }
 }
