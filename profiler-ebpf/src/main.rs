@@ -226,15 +226,22 @@ fn add_to(counts: &HashMap<SampleKey, u64>, key: &SampleKey, amount: u64, counte
                 }
             }
             Err(err) => {
-                count(match err == -E2BIG {
-                    true => Counter::LostCountsMapFull,
-                    false => Counter::LostMapInsertFailed,
-                });
+                count(insert_loss(err, Counter::LostCountsMapFull));
                 return;
             }
         }
     }
     count(counted);
+}
+
+/// The loss an insert that failed with `err` stands for: `full` when the map was full, else no
+/// element was at hand (maps not preallocated allocate as the program runs).
+#[inline(always)]
+fn insert_loss(err: i32, full: Counter) -> Counter {
+    match err == -E2BIG {
+        true => full,
+        false => Counter::LostMapInsertFailed,
+    }
 }
 
 /// The off-CPU counts of one generation.
@@ -441,8 +448,7 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
         None => match stacks.insert(&hash, buf, BPF_NOEXIST as u64) {
             Ok(()) => {}
             Err(err) if err == -EEXIST => {}
-            Err(err) if err == -E2BIG => return Err(Counter::LostStacksMapFull),
-            Err(_) => return Err(Counter::LostMapInsertFailed),
+            Err(err) => return Err(insert_loss(err, Counter::LostStacksMapFull)),
         },
     }
     Ok(hash)
@@ -526,8 +532,7 @@ fn copy_stack(
     match to.insert(&id, unsafe { &*stack }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(()),
         Err(err) if err == -EEXIST => Ok(()),
-        Err(err) if err == -E2BIG => Err(Counter::LostStacksMapFull),
-        Err(_) => Err(Counter::LostMapInsertFailed),
+        Err(err) => Err(insert_loss(err, Counter::LostStacksMapFull)),
     }
 }
 
