@@ -1,6 +1,7 @@
 //! Collect: loads and attaches the kernel programs, keeps the process filter, and drains the
 //! in-kernel counts into [`RawSample`]s, counting every sample that was lost on the way.
 
+mod batch;
 mod btf;
 mod unwind;
 
@@ -628,7 +629,7 @@ impl Collector {
         if let Some(off_cpu) = &mut self.off_cpu {
             let split = off_cpu.split(flip_ns, &self.generations, &mut self.lost_stack_missing);
             off_cpu.flips.set(offcpu::SPLITTING, 0, 0)?;
-            samples.append(&mut std::mem::replace(&mut off_cpu.pending, split));
+            samples.append(&mut std::mem::replace(&mut off_cpu.pending, split?));
         }
         if let Some(unwind) = &mut self.unwind {
             unwind.sampled(samples.iter().map(|s| (s.process, &s.user[..])));
@@ -669,7 +670,7 @@ impl Collector {
         // Stacks of threads still off CPU stay: their blocks will be counted with them.
         let mut keep = HashSet::new();
         if let Some(off_cpu) = &self.off_cpu {
-            for (_, block) in off_cpu.blocked.iter().filter_map(|e| e.ok()) {
+            for block in off_cpu.blocks()? {
                 if block.generation == index {
                     keep.extend([block.key.user_stack, block.key.kernel_stack]);
                 }
@@ -677,24 +678,26 @@ impl Collector {
         }
         let generation = &mut self.generations[index as usize];
         let mut stacks = StackReader::new(&generation.stacks);
+        let stack_ids = stacks.read_all()?;
         let mut samples = read_counts(
-            &mut generation.counts,
+            &generation.counts,
             &mut stacks,
             false,
             &mut self.lost_stack_missing,
-        );
+        )?;
         if let Some(off_cpu) = &mut self.off_cpu {
             samples.extend(read_counts(
-                &mut off_cpu.counts[index as usize],
+                &off_cpu.counts[index as usize],
                 &mut stacks,
                 true,
                 &mut self.lost_stack_missing,
-            ));
+            )?);
         }
-        let stack_ids: Vec<u64> = generation.stacks.keys().filter_map(|k| k.ok()).collect();
-        for id in stack_ids.into_iter().filter(|id| !keep.contains(id)) {
-            let _ = generation.stacks.remove(&id);
-        }
+        let gone: Vec<u64> = stack_ids
+            .into_iter()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        batch::delete(&generation.stacks, &gone).context("clearing a stacks map")?;
         Ok(samples)
     }
 
@@ -731,6 +734,19 @@ impl<'a> StackReader<'a> {
         Self { map, read }
     }
 
+    /// Reads every stack of the map at once (a few system calls, not one per stack) and
+    /// returns their ids.
+    fn read_all(&mut self) -> Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        batch::for_each(self.map, false, |id, stack| {
+            self.read
+                .insert(*id, (Arc::from(stack.frames()), stack.exact));
+            ids.push(*id);
+        })
+        .context("reading a stacks map")?;
+        Ok(ids)
+    }
+
     /// Stack `id` (addresses, exact-pc bits), or None when it is not in the map.
     fn get(&mut self, id: u64) -> Option<(Arc<[u64]>, [u64; 2])> {
         if let Some(stack) = self.read.get(&id) {
@@ -761,28 +777,32 @@ impl<'a> StackReader<'a> {
 
 /// Reads and clears one counts map; samples whose stacks are missing are counted in `lost`.
 fn read_counts(
-    counts: &mut HashMap<MapData, SampleKey, u64>,
+    counts: &HashMap<MapData, SampleKey, u64>,
     stacks: &mut StackReader<'_>,
     off_cpu: bool,
     lost: &mut u64,
-) -> Vec<RawSample> {
-    let keys: Vec<SampleKey> = counts.keys().filter_map(|k| k.ok()).collect();
-    let mut samples = Vec::with_capacity(keys.len());
-    for key in keys {
-        let Ok(count) = counts.get(&key, 0) else {
-            continue;
-        };
-        let _ = counts.remove(&key);
-        match stacks.sample(&key, count, off_cpu) {
+) -> Result<Vec<RawSample>> {
+    let mut samples = Vec::new();
+    batch::for_each(counts, true, |key, count| {
+        match stacks.sample(key, *count, off_cpu) {
             Some(sample) => samples.push(sample),
             // Off-CPU values are nanoseconds: a lost block counts once.
-            None => *lost += if off_cpu { 1 } else { count },
+            None => *lost += if off_cpu { 1 } else { *count },
         }
-    }
-    samples
+    })
+    .context("reading a counts map")?;
+    Ok(samples)
 }
 
 impl OffCpu {
+    /// The threads off CPU now.
+    fn blocks(&self) -> Result<Vec<OffCpuBlock>> {
+        let mut blocks = Vec::new();
+        batch::for_each(&self.blocked, false, |_, block| blocks.push(*block))
+            .context("reading the off-CPU blocks map")?;
+        Ok(blocks)
+    }
+
     /// Splits the blocks still going at the flip at `flip_ns`: returns their time before it
     /// (since the previous flip, or their start), which the window that just ended holds.
     fn split(
@@ -790,13 +810,14 @@ impl OffCpu {
         flip_ns: u64,
         generations: &[Generation; 2],
         lost: &mut u64,
-    ) -> Vec<RawSample> {
+    ) -> Result<Vec<RawSample>> {
+        let blocks = self.blocks()?;
         let mut readers = [
             StackReader::new(&generations[0].stacks),
             StackReader::new(&generations[1].stacks),
         ];
         let mut split = Vec::new();
-        for (_, block) in self.blocked.iter().filter_map(|e| e.ok()) {
+        for block in blocks {
             let start = block.start_ns;
             if start >= flip_ns || flip_ns - start < self.min_block_ns {
                 continue;
@@ -810,7 +831,7 @@ impl OffCpu {
             }
         }
         self.last_flip_ns = flip_ns;
-        split
+        Ok(split)
     }
 }
 
