@@ -143,6 +143,34 @@ fn command_children_are_followed_and_exit_code_passed_through() {
     assert!(child_count > 300, "child samples: {child_count}");
 }
 
+/// The profiler turns error backtraces off for itself (RUST_LIB_BACKTRACE=0 when unset), not
+/// for CMD: CMD gets the environment the profiler was given.
+#[test]
+fn command_gets_the_environment_the_profiler_was_given() {
+    let Some(t) = bpf_test() else { return };
+    let script = format!("env > {}", path_str(&t.path("env.txt")));
+    let run = |lib_backtrace: Option<&str>| {
+        let out = t.path("env.pb.gz");
+        let mut command = Command::new(profiler_bin());
+        command
+            .args(["record", "-F", "99", "-o", path_str(&out), "--", "sh", "-c"])
+            .arg(&script)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RUST_LIB_BACKTRACE");
+        if let Some(value) = lib_backtrace {
+            command.env("RUST_LIB_BACKTRACE", value);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{output:?}");
+        std::fs::read_to_string(t.path("env.txt")).unwrap()
+    };
+    let env = run(None);
+    assert!(env.lines().any(|l| l == "RUST_BACKTRACE=1"), "{env}");
+    assert!(!env.contains("RUST_LIB_BACKTRACE"), "{env}");
+    let env = run(Some("1"));
+    assert!(env.lines().any(|l| l == "RUST_LIB_BACKTRACE=1"), "{env}");
+}
+
 #[test]
 fn a_process_that_exits_mid_recording_is_symbolized() {
     let Some(t) = bpf_test() else { return };

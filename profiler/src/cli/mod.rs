@@ -7,7 +7,11 @@ mod diff;
 mod privileges;
 mod record;
 
-use std::{fmt, process::ExitCode};
+use std::{
+    fmt,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use clap::{Parser, Subcommand};
 
@@ -59,6 +63,29 @@ impl fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// Set when this process turned error backtraces off itself (see [`no_error_backtraces`]).
+static ERROR_BACKTRACES_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Turns off the backtrace std captures with every `anyhow` error while RUST_BACKTRACE is set,
+/// as many images set it. Errors here print as one line, so each capture was an unwind for
+/// nothing, and it kept all of our `.eh_frame` (1.8 MiB) resident. RUST_LIB_BACKTRACE=0 leaves
+/// panic backtraces to RUST_BACKTRACE. Called before any thread starts.
+fn no_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+        ERROR_BACKTRACES_OFF.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Gives a command the environment this process was started with: what
+/// [`no_error_backtraces`] set is for this process only.
+pub fn original_environment(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    if ERROR_BACKTRACES_OFF.load(Ordering::Relaxed) {
+        command.env_remove("RUST_LIB_BACKTRACE");
+    }
+    command
+}
+
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -86,6 +113,7 @@ pub fn main() -> ExitCode {
     };
     // Before any binary is mapped: a file truncated under a map must not end us.
     crate::truncation::install();
+    no_error_backtraces();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

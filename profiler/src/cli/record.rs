@@ -333,7 +333,9 @@ fn take_changes(collector: &mut Collector, resolver: &mut Resolver) {
 fn spawn(collector: &mut Collector, program: &OsString, args: &[OsString]) -> Result<Child> {
     let me = std::process::id();
     collector.follow_children_of(me)?;
-    let spawned = tokio::process::Command::new(program).args(args).spawn();
+    let spawned = super::original_environment(&mut tokio::process::Command::new(program))
+        .args(args)
+        .spawn();
     collector.exclude(me)?;
     let child = spawned.map_err(|e| Exit {
         code: 127,
