@@ -725,13 +725,20 @@ impl Collector {
 struct StackReader<'a> {
     map: &'a HashMap<MapData, u64, Stack>,
     read: StdHashMap<u64, (Arc<[u64]>, [u64; 2])>,
+    /// Set by [`StackReader::read_all`]: a stack not in `read` is not in the map either, and
+    /// looking it up would only cost a system call per lost sample.
+    whole: bool,
 }
 
 impl<'a> StackReader<'a> {
     fn new(map: &'a HashMap<MapData, u64, Stack>) -> Self {
         let mut read = StdHashMap::new();
         read.insert(NO_STACK, (Arc::from(Vec::new()), [0; 2]));
-        Self { map, read }
+        Self {
+            map,
+            read,
+            whole: false,
+        }
     }
 
     /// Reads every stack of the map at once (a few system calls, not one per stack) and
@@ -744,6 +751,7 @@ impl<'a> StackReader<'a> {
             ids.push(*id);
         })
         .context("reading a stacks map")?;
+        self.whole = true;
         Ok(ids)
     }
 
@@ -751,6 +759,9 @@ impl<'a> StackReader<'a> {
     fn get(&mut self, id: u64) -> Option<(Arc<[u64]>, [u64; 2])> {
         if let Some(stack) = self.read.get(&id) {
             return Some(stack.clone());
+        }
+        if self.whole {
+            return None;
         }
         let stack = self.map.get(&id, 0).ok()?;
         let stack = (Arc::from(stack.frames()), stack.exact);
