@@ -47,6 +47,10 @@ pub mod maps {
     pub const OFFCPU_COUNTS_1: &str = "OFFCPU_COUNTS_1";
     /// Threads off CPU now: tid to [`super::OffCpuBlock`].
     pub const OFFCPU_BLOCKED: &str = "OFFCPU_BLOCKED";
+    /// One byte per tid, [`super::offcpu::FLAGS_PER_ENTRY`] to an entry: set while the tid may
+    /// have a block in `OFFCPU_BLOCKED`, so that the switch-ins of all other threads skip the
+    /// hash lookup.
+    pub const OFFCPU_MAYBE_BLOCKED: &str = "OFFCPU_MAYBE_BLOCKED";
     /// `u64`s: [`super::offcpu::FLIP_0`], [`super::offcpu::FLIP_1`], [`super::offcpu::SPLITTING`].
     pub const OFFCPU_FLIPS: &str = "OFFCPU_FLIPS";
     /// Program array holding the off-CPU walker's continuation (`walk_offcpu`).
@@ -63,6 +67,18 @@ pub mod offcpu {
     pub const SPLITTING: u32 = 2;
     /// Width of the window the per-CPU rate bound counts switches in.
     pub const RATE_WINDOW_NS: u64 = 10_000_000;
+    /// A switch-out not recorded reads the clock (to see a window end) once in this many:
+    /// a clock read costs as much as the rest of that path. So a CPU whose storm has ended
+    /// records at its old period for at most this many switch-outs.
+    pub const CLOCK_EVERY: u32 = 16;
+    /// Tids per entry of `OFFCPU_MAYBE_BLOCKED` (one byte each: a byte store needs no atomics).
+    pub const FLAGS_PER_ENTRY: u32 = 64;
+
+    /// Entries of `OFFCPU_MAYBE_BLOCKED` for tids below `pid_max`. A tid past them (pid_max
+    /// raised after the load) is looked up in the hash, as every tid was before.
+    pub fn flag_entries(pid_max: u32) -> u32 {
+        pid_max.div_ceil(FLAGS_PER_ENTRY).max(1)
+    }
     /// Longest sampling period of the rate bound: one switch-out in this many.
     pub const MAX_PERIOD: u32 = 1 << 16;
 
@@ -257,6 +273,11 @@ pub struct RateWindow {
     pub recorded: u32,
     /// One switch-out in `period` (a power of two; 0 is read as 1) is recorded, at random.
     pub period: u32,
+    /// Wanted switch-outs seen, which times the clock reads of those not recorded.
+    pub seen: u32,
+    pub _pad: u32,
+    /// State of the CPU's random draws (0 until seeded).
+    pub rng: u64,
 }
 
 /// Length of a task's `comm`.
@@ -480,7 +501,22 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::offcpu::{next_period, weighted, MAX_PERIOD};
+    use super::offcpu::{flag_entries, next_period, weighted, FLAGS_PER_ENTRY, MAX_PERIOD};
+
+    #[test]
+    fn the_blocked_flags_cover_every_tid_below_pid_max() {
+        for pid_max in [1, 63, 64, 65, 32_768, 4_194_304] {
+            let entries = flag_entries(pid_max);
+            // The highest tid, pid_max - 1, has its flag; a whole spare entry is waste.
+            assert!((pid_max - 1) / FLAGS_PER_ENTRY < entries, "{pid_max}");
+            assert!(
+                entries == 1 || (entries - 1) * FLAGS_PER_ENTRY < pid_max,
+                "{pid_max}"
+            );
+        }
+        assert_eq!(flag_entries(0), 1, "an array map needs an entry");
+        assert_eq!(flag_entries(4_194_304), 65_536);
+    }
 
     #[test]
     fn a_weighted_block_stands_for_its_weight_in_switch_outs() {

@@ -100,6 +100,10 @@ static OFFCPU_COUNTS_1: HashMap<SampleKey, u64> =
 /// Threads off CPU now, by tid. Preallocated: a switch-out must not allocate.
 #[map]
 static OFFCPU_BLOCKED: HashMap<u32, OffCpuBlock> = HashMap::with_max_entries(16384, 0);
+/// Sized by user space from `pid_max`.
+#[map]
+static OFFCPU_MAYBE_BLOCKED: Array<[u8; offcpu::FLAGS_PER_ENTRY as usize]> =
+    Array::with_max_entries(1, 0);
 /// When each generation last became active, and whether user space is splitting blocks.
 #[map]
 static OFFCPU_FLIPS: Array<u64> = Array::with_max_entries(3, 0);
@@ -134,7 +138,7 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
         count(Counter::FilteredOut);
         return 0;
     }
-    let process = track(tgid);
+    let process = track(tgid, process_start_ns());
 
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     let (counts, stacks) = generation_maps(generation);
@@ -299,8 +303,7 @@ fn process_start_ns() -> u64 {
 /// The sampled process's identity. Tells user space about an incarnation the first time it is
 /// sampled, so that it reads the process's mappings while the process still exists.
 #[inline(always)]
-fn track(tgid: u32) -> ProcessKey {
-    let start_ns = process_start_ns();
+fn track(tgid: u32, start_ns: u64) -> ProcessKey {
     let mut process = ProcessKey {
         tgid,
         exec_seq: 0,
@@ -459,27 +462,38 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
 /// switch-out added to its key.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Most switches record nothing: this path stays clear of hash lookups and clock reads
+    // where it can (a storm of them is the workload that pays).
     let next: *const u8 = ctx.arg(2);
-    switch_in(next, now);
+    switch_in(next);
+    let prev: *const u8 = ctx.arg(1);
     let prev_state: u64 = ctx.arg(3);
-    switch_out(&ctx, prev_state as u32, now);
+    switch_out(&ctx, prev, prev_state as u32);
     0
+}
+
+/// Reads a field of a task the tracepoint passed (a BTF pointer) at a load-time constant
+/// offset. The verifier checks the load against the kernel's own type, so it needs no
+/// probe-read helper call: a helper call costs as much as the rest of a switch that records
+/// nothing.
+#[inline(always)]
+fn task_field<T>(task: *const u8, offset: u32) -> T {
+    unsafe { core::ptr::read_volatile(task.add(offset as usize).cast::<T>()) }
 }
 
 /// Ends the block of `next`, if it was recorded: adds its time since the last drain's flip
 /// (the time before was counted by user space when it split the block) to its key.
 #[inline(always)]
-fn switch_in(next: *const u8, now: u64) {
-    let pid_at = TASK_PID_OFFSET.load() as usize;
-    let Ok(tid) = (unsafe { bpf_probe_read_kernel(next.add(pid_at).cast::<i32>()) }) else {
+fn switch_in(next: *const u8) {
+    let tid = task_field::<i32>(next, TASK_PID_OFFSET.load()) as u32;
+    if !take_blocked_flag(tid) {
         return;
-    };
-    let tid = tid as u32;
+    }
     let Some(block) = (unsafe { OFFCPU_BLOCKED.get(&tid) }).copied() else {
         return;
     };
     let _ = OFFCPU_BLOCKED.remove(&tid);
+    let now = unsafe { bpf_ktime_get_ns() };
     let min_block = OFFCPU_MIN_BLOCK_NS.load();
     if now.saturating_sub(block.start_ns) < min_block {
         count(Counter::OffCpuShortBlocks);
@@ -516,6 +530,23 @@ fn switch_in(next: *const u8, now: u64) {
     );
 }
 
+/// Whether `tid` may have a recorded block, clearing its flag: only a thread's own switch-out
+/// sets it, and that is over before the thread can be switched in anywhere. A tid past the
+/// flags may, and is looked up.
+#[inline(always)]
+fn take_blocked_flag(tid: u32) -> bool {
+    let per_entry = offcpu::FLAGS_PER_ENTRY;
+    let Some(flags) = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(tid / per_entry) else {
+        return true;
+    };
+    let flag = unsafe { &mut (*flags)[(tid % per_entry) as usize] };
+    if *flag == 0 {
+        return false;
+    }
+    *flag = 0;
+    true
+}
+
 /// Makes stack `id` present in `to` as well as in `from`.
 #[inline(always)]
 fn copy_stack(
@@ -539,21 +570,26 @@ fn copy_stack(
 /// Starts a block of the task going off CPU (`current`) when it is wanted: its stacks now,
 /// its time when it comes back.
 #[inline(always)]
-fn switch_out(ctx: &BtfTracePointContext, prev_state: u32, now: u64) {
+fn switch_out(ctx: &BtfTracePointContext, prev: *const u8, prev_state: u32) {
     let mask = OFFCPU_STATE_MASK.load();
     if (mask != 0 && prev_state & mask == 0) || prev_state & offcpu::TASK_DEAD != 0 {
         return;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
+    // `prev` is `current`.
+    let tid = task_field::<i32>(prev, TASK_PID_OFFSET.load()) as u32;
+    let tgid = task_field::<i32>(prev, TASK_TGID_OFFSET.load()) as u32;
     if tid == 0 || !wanted(tgid) {
         return;
     }
-    let Some(weight) = sampled(now) else {
+    let Some(weight) = sampled() else {
         return;
     };
-    let process = track(tgid);
+    let leader = task_field::<*const u8>(prev, TASK_GROUP_LEADER_OFFSET.load());
+    let start_ns = match leader.is_null() {
+        true => 0,
+        false => task_field::<u64>(leader, TASK_START_BOOTTIME_OFFSET.load()),
+    };
+    let process = track(tgid, start_ns);
     let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
     let (_, stacks) = generation_maps(generation);
     // The two innermost kernel frames are this program and `bpf_trace_run4`.
@@ -597,6 +633,11 @@ fn record_block(key: &SampleKey, generation: u32, weight: u32) {
     };
     if OFFCPU_BLOCKED.insert(&key.tid, &block, 0).is_err() {
         count(Counter::OffCpuBlockedMapFull);
+        return;
+    }
+    let per_entry = offcpu::FLAGS_PER_ENTRY;
+    if let Some(flags) = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(key.tid / per_entry) {
+        unsafe { (*flags)[(key.tid % per_entry) as usize] = 1 };
     }
 }
 
@@ -605,7 +646,7 @@ fn record_block(key: &SampleKey, generation: u32, weight: u32) {
 /// the recorded blocks, weighted, estimate all of them without bias. The period doubles as soon
 /// as a window reaches the bound and halves in a window that stays well under it.
 #[inline(always)]
-fn sampled(now: u64) -> Option<u32> {
+fn sampled() -> Option<u32> {
     let max = OFFCPU_MAX_PER_WINDOW.load();
     if max == u32::MAX {
         return Some(1);
@@ -615,28 +656,33 @@ fn sampled(now: u64) -> Option<u32> {
     };
     // Per-CPU, and sched_switch runs with interrupts off: nothing else writes it meanwhile.
     let window = unsafe { &mut *window };
-    let elapsed = now.wrapping_sub(window.start_ns);
-    if elapsed >= offcpu::RATE_WINDOW_NS {
-        let idle_windows = elapsed / offcpu::RATE_WINDOW_NS;
-        window.period = offcpu::next_period(window.period, window.recorded, max, idle_windows);
-        window.start_ns = now;
-        window.recorded = 0;
+    window.seen = window.seen.wrapping_add(1);
+    let timed = window.seen % offcpu::CLOCK_EVERY == 0;
+    if timed {
+        roll_window(window, max);
     }
     // The low 16 bits choose within the period (at most 2^16), bit 31 when it doubles.
-    let random = unsafe { bpf_get_prandom_u32() };
-    let mut period = window.period.max(1);
-    if random & (period - 1) != 0 {
+    let random = next_random(window);
+    let picked_under = window.period.max(1);
+    if random & (picked_under - 1) != 0 {
         count(Counter::OffCpuSampledOut);
         return None;
     }
+    if !timed {
+        // A new window may set a new period: for later switch-outs. This one weighs what it
+        // was picked under, which keeps the estimate unbiased. And a new window has recorded
+        // nothing, so the bound below never doubles a period this one was not picked under.
+        roll_window(window, max);
+    }
+    let mut weight = picked_under;
     if window.recorded >= max {
-        if period >= offcpu::MAX_PERIOD {
+        if picked_under >= offcpu::MAX_PERIOD {
             count(Counter::OffCpuRateLimited);
             return None;
         }
         // Half as many from now on, this one included: it stays with probability 1/2.
-        period *= 2;
-        window.period = period;
+        weight = picked_under * 2;
+        window.period = weight;
         window.recorded = max / 2;
         if random >> 31 != 0 {
             count(Counter::OffCpuSampledOut);
@@ -644,7 +690,38 @@ fn sampled(now: u64) -> Option<u32> {
         }
     }
     window.recorded += 1;
-    Some(period)
+    Some(weight)
+}
+
+/// A per-CPU xorshift64* draw (a helper call per switch costs more than the arithmetic),
+/// seeded from the kernel's generator.
+#[inline(always)]
+fn next_random(window: &mut RateWindow) -> u32 {
+    let mut x = window.rng;
+    if x == 0 {
+        x = u64::from(unsafe { bpf_get_prandom_u32() }) << 32 | 1;
+    }
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    window.rng = x;
+    // The high half of the product is the well-mixed one.
+    (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) as u32
+}
+
+/// Starts the window that holds now, if the current one is over, with the period the last
+/// one earned.
+#[inline(always)]
+fn roll_window(window: &mut RateWindow, max: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let elapsed = now.wrapping_sub(window.start_ns);
+    if elapsed >= offcpu::RATE_WINDOW_NS {
+        let idle_windows = elapsed / offcpu::RATE_WINDOW_NS;
+        window.period = offcpu::next_period(window.period, window.recorded, max, idle_windows);
+        // Windows keep their phase: one started only at the next clock read would be late.
+        window.start_ns = now - elapsed % offcpu::RATE_WINDOW_NS;
+        window.recorded = 0;
+    }
 }
 
 /// Follows forks: a child of a filtered process joins the filter before it can run.

@@ -334,6 +334,15 @@ impl Drop for StopSignalsHeld {
     }
 }
 
+/// The kernel's `pid_max`, or its default when unreadable: tids above the off-CPU flags are
+/// only slower to switch in, never lost.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(32_768)
+}
+
 const EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
 
 impl Collector {
@@ -365,6 +374,10 @@ impl Collector {
             u32::try_from(off_cpu.max_rate.saturating_mul(offcpu::RATE_WINDOW_NS) / 1_000_000_000)
                 .unwrap_or(u32::MAX - 1)
                 .max(1);
+        let blocked_flags = match config.off_cpu {
+            Some(_) => offcpu::flag_entries(pid_max()),
+            None => 1,
+        };
         let btf = Btf::parse(&btf_bytes, aya::Endianness::default())
             .context("parsing the kernel's BTF")?;
         let mode = match config.targets {
@@ -402,6 +415,7 @@ impl Collector {
             .map_max_entries(maps::STACKS_1, config.stacks_capacity)
             .map_max_entries(maps::OFFCPU_COUNTS_0, config.counts_capacity)
             .map_max_entries(maps::OFFCPU_COUNTS_1, config.counts_capacity)
+            .map_max_entries(maps::OFFCPU_MAYBE_BLOCKED, blocked_flags)
             .load(EBPF_OBJECT)
             .map_err(explain)
             .context("loading the eBPF programs")?;
