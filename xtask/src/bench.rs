@@ -31,6 +31,8 @@ enum Mode {
     Quick,
     /// Every stage once, tiny: CI checks that the harness works and its output parses.
     Smoke,
+    /// The off-CPU storm stage alone, at the full size (about 8 minutes).
+    OffCpu,
 }
 
 /// Sizes of each stage for a mode.
@@ -59,7 +61,7 @@ struct Plan {
 impl Mode {
     fn plan(self) -> Plan {
         match self {
-            Mode::Full => Plan {
+            Mode::Full | Mode::OffCpu => Plan {
                 runs: 5,
                 units: 3000,
                 own_cost_secs: 60,
@@ -100,6 +102,7 @@ impl Mode {
             Mode::Full => "full",
             Mode::Quick => "quick",
             Mode::Smoke => "smoke",
+            Mode::OffCpu => "off-cpu",
         }
     }
 }
@@ -151,7 +154,8 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
         [] => Mode::Full,
         [Some("--quick")] => Mode::Quick,
         [Some("--smoke")] => Mode::Smoke,
-        _ => bail!("`bench` takes --quick, --smoke or nothing"),
+        [Some("--off-cpu")] => Mode::OffCpu,
+        _ => bail!("`bench` takes --quick, --smoke, --off-cpu or nothing"),
     };
     build_suite()?;
     let plan = mode.plan();
@@ -168,6 +172,10 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
 
     let mut rows = Vec::new();
     let mut notes = setup.peers.notes.clone();
+    if mode == Mode::OffCpu {
+        offcpu::offcpu(&setup, 4, &mut rows)?;
+        return write_results(mode, &rows, &notes);
+    }
     slowdown(&setup, &mut rows)?;
     own_cost(&setup, &mut rows, &mut notes)?;
     sample_cost::sample_cost(&setup, &mut rows, &mut notes)?;
@@ -186,15 +194,19 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     stages(mode, &mut rows)?;
     unwind_tables(&mut rows)?;
     micro(mode, &mut rows)?;
+    write_results(mode, &rows, &notes)
+}
 
-    let markdown = render(mode, &rows, &notes);
+/// Writes bench/results/MODE.md and .json, and prints the table.
+fn write_results(mode: Mode, rows: &[Row], notes: &[String]) -> Result<()> {
+    let markdown = render(mode, rows, notes);
     check_table(&markdown)?;
     let results = workspace_root().join("bench/results");
     fs::create_dir_all(&results)?;
     fs::write(results.join(format!("{}.md", mode.name())), &markdown)?;
     fs::write(
         results.join(format!("{}.json", mode.name())),
-        to_json(mode, &rows, &notes),
+        to_json(mode, rows, notes),
     )?;
     println!("{markdown}");
     println!(
@@ -900,6 +912,7 @@ fn render(mode: Mode, rows: &[Row], notes: &[String]) -> String {
             Mode::Full => "",
             Mode::Quick => " --quick",
             Mode::Smoke => " --smoke",
+            Mode::OffCpu => " --off-cpu",
         },
         kernel.trim()
     );
@@ -1267,6 +1280,13 @@ impl Drop for KillOnDrop {
 struct BpfStats(String);
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Turns the kernel's BPF run statistics on or off (they cost two clock reads per program
+/// run); `BpfStats` restores the setting found at the start.
+fn set_bpf_stats(on: bool) -> Result<()> {
+    fs::write(BPF_STATS, if on { "1" } else { "0" })
+        .with_context(|| format!("writing {BPF_STATS} (needs root)"))
+}
 
 impl BpfStats {
     fn enable() -> Result<BpfStats> {

@@ -85,7 +85,7 @@ commands:
   dist                     static musl release tarball, debug tarball and SHA256SUMS -> target/dist/
   image [--dist TARBALL] [-o ARCHIVE]
                            FROM scratch image profiler:<version> with buildah -> OCI archive
-  bench [--quick|--smoke]  benchmarks side by side with perf and bpftrace -> bench/results/
+  bench [--quick|--smoke|--off-cpu]  benchmarks side by side with perf and bpftrace -> bench/results/
   fuzz [--seconds N] [TARGET...]
                            every cargo-fuzz target in fuzz/ (or those named), N s each (60)";
 

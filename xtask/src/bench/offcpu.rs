@@ -1,8 +1,19 @@
-//! Stage: what off-CPU profiling costs on a switch storm. A pipe ping-pong between two threads
-//! (tests/workloads/offcpu.c `storm`) runs a fixed time alone, under `profiler record --off-cpu`
-//! with each unwinder, and under libbpf-tools `offcputime` (frame-pointer stacks, in the same
-//! run); the figures are its rounds per second (slowdown) and the BPF time per program run
-//! from the kernel's statistics (`kernel.bpf_stats_enabled`).
+//! Stage: what off-CPU profiling costs on a switch storm: a pipe ping-pong between two threads
+//! (tests/workloads/offcpu.c `storm`), both pinned to CPU 0.
+//!
+//! Pinned, every switch goes from one thread straight to the other: the program's cost lands on
+//! the workload's critical path and nowhere else. Unpinned, each wake-up crosses CPUs and idle
+//! states, and a program in the switch path changes their timing more than its own cost shows
+//! (on these VMs the ping-pong ran faster with a profiler attached).
+//!
+//! Two parts, in interleaved rounds:
+//! - slowdown: the storm alone and under `profiler record --off-cpu` with each unwinder at the
+//!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run);
+//! - BPF time per switch (`kernel.bpf_stats_enabled`): each of those configurations alone (and
+//!   that time as a share of the CPU, which the noise of the slowdown rounds cannot hide), and
+//!   our recorder with every switch-out recorded beside libbpf-tools `offcputime`
+//!   (frame-pointer stacks) attached at once, so that both see the same switches. The one
+//!   attached first runs first and meets the cold caches, so the order alternates by round.
 
 use std::{
     io::{Read as _, Write as _},
@@ -15,15 +26,14 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    bpf_prog_stats, compile_c, count_before, interrupt, median, row, spawn_watcher, works, Row,
-    Setup,
+    bpf_prog_stats, compile_c, count_before, interrupt, median, row, set_bpf_stats, spawn_watcher,
+    works, Row, Setup,
 };
 use crate::profiler_bin;
 
 /// Who watches the ping-pong.
 #[derive(Clone, Copy)]
 enum Watcher {
-    Nothing,
     /// `--unwinder`, and `--off-cpu-max-rate` when not the default (which samples a storm).
     Profiler(&'static str, Option<&'static str>),
     Offcputime,
@@ -32,7 +42,6 @@ enum Watcher {
 impl Watcher {
     fn label(self) -> String {
         match self {
-            Watcher::Nothing => "nothing".into(),
             Watcher::Profiler(unwinder, None) => {
                 format!("profiler record --off-cpu --unwinder {unwinder}")
             }
@@ -43,14 +52,13 @@ impl Watcher {
         }
     }
 
-    /// Starts watching `pid`; None for `Nothing`.
-    fn start(self, pid: u32, dir: &Path) -> Result<Option<Child>> {
+    /// Starts watching `pid` and returns once its switch program runs.
+    fn start(self, pid: u32, dir: &Path) -> Result<Child> {
         let mut command = match self {
-            Watcher::Nothing => return Ok(None),
             Watcher::Profiler(unwinder, rate) => {
                 let mut c = Command::new(profiler_bin());
                 c.args(["record", "--off-cpu", "--unwinder", unwinder, "-o"])
-                    .arg(dir.join("offcpu.pb.gz"))
+                    .arg(dir.join(format!("offcpu-{unwinder}.pb.gz")))
                     .args(["--pid", &pid.to_string()]);
                 if let Some(rate) = rate {
                     c.args(["--off-cpu-max-rate", rate]);
@@ -66,7 +74,8 @@ impl Watcher {
         let child = spawn_watcher(&mut command, &self.label())?;
         // Attached once its switch program has run a few thousand times (the ping-pong is
         // not going yet, but the machine switches all the time; the profiler's fork, exec and
-        // exit programs, attached earlier, run far less).
+        // exit programs, attached earlier, run far less). Counting runs needs the statistics.
+        set_bpf_stats(true)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while switch_stats(child.id()).1 < 2000 {
             if Instant::now() > deadline {
@@ -75,7 +84,16 @@ impl Watcher {
             thread::sleep(Duration::from_millis(10));
         }
         thread::sleep(Duration::from_millis(300));
-        Ok(Some(child))
+        Ok(child)
+    }
+
+    fn stop(self, mut child: Child) -> Result<()> {
+        let ours = matches!(self, Watcher::Profiler(..));
+        let err = interrupt(&mut child, &self.label(), ours)?;
+        if ours {
+            eprintln!("bench: {}", err.lines().last().unwrap_or(""));
+        }
+        Ok(())
     }
 }
 
@@ -102,87 +120,152 @@ fn compile(dir: &Path) -> Result<PathBuf> {
     )
 }
 
-/// Runs the stage: `runs` interleaved rounds of `seconds` each per watcher.
+/// One storm of `seconds` on CPU 0 while `watchers` (started in this order) watch it, with the
+/// BPF statistics on or off meanwhile. Returns the switches per second (two switch-outs a
+/// round, one per thread) and each watcher's BPF ns per run of its switch programs.
+fn storm(
+    workload: &Path,
+    seconds: u64,
+    watchers: &[Watcher],
+    stats: bool,
+    dir: &Path,
+) -> Result<(f64, Vec<f64>)> {
+    let mut pingpong = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(workload)
+        .args(["storm", &seconds.to_string(), "wait"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running the ping-pong under taskset")?;
+    let mut watching = Vec::new();
+    for watcher in watchers {
+        watching.push((*watcher, watcher.start(pingpong.id(), dir)?));
+    }
+    set_bpf_stats(stats)?;
+    let before: Vec<_> = watching.iter().map(|(_, c)| switch_stats(c.id())).collect();
+    let started = Instant::now();
+    pingpong.stdin.take().unwrap().write_all(b"\n")?;
+    let mut out = String::new();
+    pingpong.stdout.take().unwrap().read_to_string(&mut out)?;
+    pingpong.wait()?;
+    let wall = started.elapsed().as_secs_f64();
+    let rounds: f64 = out.trim().parse().context("the workload's round count")?;
+    let mut per_run = Vec::new();
+    for ((watcher, child), (t0, n0)) in watching.into_iter().zip(before) {
+        let (t1, n1) = switch_stats(child.id());
+        per_run.push(match n1 > n0 {
+            true => t1.saturating_sub(t0) as f64 / (n1 - n0) as f64,
+            false => f64::NAN,
+        });
+        watcher.stop(child)?;
+    }
+    set_bpf_stats(true)?;
+    Ok((2.0 * rounds / wall, per_run))
+}
+
+/// Runs the stage: `setup.plan.runs` interleaved rounds of `seconds` each per configuration.
 pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<()> {
     let workload = compile(&setup.dir)?;
-    let mut watchers = vec![
-        Watcher::Nothing,
+    let dir = &setup.dir;
+    let defaults = [
         Watcher::Profiler("fp", None),
         Watcher::Profiler("auto", None),
-        // Every switch-out recorded, as offcputime does: the cost per recorded event.
-        Watcher::Profiler("fp", Some(EVERY_SWITCH)),
     ];
-    if works("offcputime") {
-        watchers.push(Watcher::Offcputime);
-    } else {
+    let every = Watcher::Profiler("fp", Some(EVERY_SWITCH));
+    let peer = works("offcputime");
+    if !peer {
         eprintln!(
             "bench: offcputime (Debian libbpf-tools) is missing; `cargo xtask setup` installs it"
         );
     }
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); watchers.len()];
-    let mut per_run: Vec<Vec<f64>> = vec![Vec::new(); watchers.len()];
+    let mut alone = Vec::new();
+    let mut watched: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
+    let mut cost: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
+    let mut share: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
+    let (mut ours_every, mut theirs, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..setup.plan.runs {
-        for (i, watcher) in watchers.iter().enumerate() {
-            eprintln!(
-                "bench: off-CPU storm round {} {}",
-                round + 1,
-                watcher.label()
-            );
-            let mut pingpong = Command::new(&workload)
-                .args(["storm", &seconds.to_string(), "wait"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let watching = watcher.start(pingpong.id(), &setup.dir)?;
-            let before = watching.as_ref().map(|c| switch_stats(c.id()));
-            let started = Instant::now();
-            pingpong.stdin.take().unwrap().write_all(b"\n")?;
-            let mut out = String::new();
-            pingpong.stdout.take().unwrap().read_to_string(&mut out)?;
-            pingpong.wait()?;
-            let wall = started.elapsed().as_secs_f64();
-            let rounds: f64 = out.trim().parse().context("the workload's round count")?;
-            // Two switch-outs a round, one per thread.
-            rates[i].push(2.0 * rounds / wall);
-            if let (Some(mut child), Some((t0, n0))) = (watching, before) {
-                let (t1, n1) = switch_stats(child.id());
-                if n1 > n0 {
-                    per_run[i].push(t1.saturating_sub(t0) as f64 / (n1 - n0) as f64);
-                }
-                let ours = matches!(watcher, Watcher::Profiler(..));
-                let err = interrupt(&mut child, &watcher.label(), ours)?;
-                if ours {
-                    eprintln!("bench: {}", err.lines().last().unwrap_or(""));
-                }
-            }
+        eprintln!("bench: off-CPU storm round {}", round + 1);
+        alone.push(storm(&workload, seconds, &[], false, dir)?.0);
+        for (i, watcher) in defaults.iter().enumerate() {
+            watched[i].push(storm(&workload, seconds, &[*watcher], false, dir)?.0);
+            let (switches, per_run) = storm(&workload, seconds, &[*watcher], true, dir)?;
+            cost[i].push(per_run[0]);
+            // One run per switch, all on the one CPU: the share of its time the program took,
+            // the part of the slowdown that the round-to-round noise cannot hide.
+            share[i].push(100.0 * per_run[0] * switches / 1e9);
+        }
+        if peer {
+            let ours_first = round % 2 == 0;
+            let order = match ours_first {
+                true => [every, Watcher::Offcputime],
+                false => [Watcher::Offcputime, every],
+            };
+            let per_run = storm(&workload, seconds, &order, true, dir)?.1;
+            let (ours, other) = match ours_first {
+                true => (per_run[0], per_run[1]),
+                false => (per_run[1], per_run[0]),
+            };
+            ours_every.push(ours);
+            theirs.push(other);
+            ratio.push(ours / other);
+        } else {
+            ours_every.push(storm(&workload, seconds, &[every], true, dir)?.1[0]);
         }
     }
-    let baseline = median(&rates[0]);
-    for (i, watcher) in watchers.iter().enumerate() {
+    let baseline = median(&alone);
+    let stage = "off-CPU (pinned)";
+    rows.push(row(stage, "nothing".into(), "switches", "1/s", &alone));
+    for (i, watcher) in defaults.iter().enumerate() {
         let label = watcher.label();
-        rows.push(row("off-CPU", label.clone(), "switches", "1/s", &rates[i]));
-        if i > 0 {
-            let slowdown: Vec<f64> = rates[i]
-                .iter()
-                .map(|r| 100.0 * (baseline / r - 1.0))
-                .collect();
-            rows.push(row(
-                "off-CPU",
-                label.clone(),
-                "slowdown vs nothing",
-                "%",
-                &slowdown,
-            ));
-        }
-        if !per_run[i].is_empty() {
-            rows.push(row(
-                "off-CPU",
-                label,
-                "BPF time per switch",
-                "ns",
-                &per_run[i],
-            ));
-        }
+        rows.push(row(stage, label.clone(), "switches", "1/s", &watched[i]));
+        let slowdown: Vec<f64> = watched[i]
+            .iter()
+            .map(|r| 100.0 * (baseline / r - 1.0))
+            .collect();
+        rows.push(row(
+            stage,
+            label.clone(),
+            "slowdown vs nothing",
+            "%",
+            &slowdown,
+        ));
+        rows.push(row(
+            stage,
+            label.clone(),
+            "BPF time per switch",
+            "ns",
+            &cost[i],
+        ));
+        rows.push(row(
+            stage,
+            label,
+            "BPF time, share of the CPU",
+            "%",
+            &share[i],
+        ));
+    }
+    let label = match peer {
+        true => format!("{}, offcputime attached too", every.label()),
+        false => every.label(),
+    };
+    rows.push(row(stage, label, "BPF time per switch", "ns", &ours_every));
+    if peer {
+        let label = format!("{}, ours attached too", Watcher::Offcputime.label());
+        rows.push(row(
+            stage,
+            label.clone(),
+            "BPF time per switch",
+            "ns",
+            &theirs,
+        ));
+        rows.push(row(
+            stage,
+            format!("{} / offcputime", every.label()),
+            "BPF time per switch, ratio",
+            "x",
+            &ratio,
+        ));
     }
     Ok(())
 }
