@@ -8,9 +8,10 @@
  *                             and ponger (main), each spinning 50 us per message
  *   offcpu mutex [SECONDS]    main and a thread take one pthread mutex in lock_and_work,
  *                             hold it 2 ms and leave it 1 ms: each waits for the other
- *   offcpu storm [SECONDS [wait]]  the pipe ping-pong without the spinning: as many context
- *                             switches as the machine makes (the bench's workload); with
- *                             `wait`, starts on a line on stdin; prints the rounds made
+ *   offcpu storm [SECONDS [wait [SPIN_US]]]  the pipe ping-pong without the spinning (or
+ *                             SPIN_US, fractional, per message): as many context switches as
+ *                             the machine makes (the bench's workload); with `wait`, starts
+ *                             on a line on stdin; prints the rounds made
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -21,7 +22,7 @@
 
 static double deadline;
 static int to_pong[2], to_ping[2];
-static int spin_us_per_message = 50;
+static double spin_us_per_message = 50;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile unsigned long sink;
 
@@ -101,7 +102,7 @@ int main(int argc, char **argv) {
         printf("%lu\n", sleeps);
     } else if (strcmp(mode, "pipe") == 0 || strcmp(mode, "storm") == 0) {
         if (strcmp(mode, "storm") == 0)
-            spin_us_per_message = 0;
+            spin_us_per_message = argc > 4 ? atof(argv[4]) : 0;
         if (pipe(to_pong) || pipe(to_ping) || pthread_create(&thread, NULL, pinger, NULL))
             return 1;
         unsigned long rounds = 0;

@@ -8,7 +8,8 @@
 //!
 //! Two parts, in interleaved rounds:
 //! - slowdown: the storm alone and under `profiler record --off-cpu` with each unwinder at the
-//!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run);
+//!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run), at two
+//!   paces: as fast as it goes, and about 200,000 switches a second;
 //! - BPF time per switch (`kernel.bpf_stats_enabled`): each of those configurations alone (and
 //!   that time as a share of the CPU, which the noise of the slowdown rounds cannot hide), and
 //!   our recorder with every switch-out recorded beside libbpf-tools `offcputime`
@@ -126,6 +127,7 @@ fn compile(dir: &Path) -> Result<PathBuf> {
 fn storm(
     workload: &Path,
     seconds: u64,
+    pace: Pace,
     watchers: &[Watcher],
     stats: bool,
     dir: &Path,
@@ -133,7 +135,7 @@ fn storm(
     let mut pingpong = Command::new("taskset")
         .args(["-c", "0"])
         .arg(workload)
-        .args(["storm", &seconds.to_string(), "wait"])
+        .args(["storm", &seconds.to_string(), "wait", pace.spin_us])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -165,6 +167,27 @@ fn storm(
 }
 
 /// Runs the stage: `setup.plan.runs` interleaved rounds of `seconds` each per configuration.
+/// How fast the ping-pong goes: its work per message (fractional microseconds of spinning).
+#[derive(Clone, Copy)]
+struct Pace {
+    spin_us: &'static str,
+    label: &'static str,
+}
+
+/// As fast as the machine switches (about 370,000 a second here), and about 200,000 a second
+/// (the rate the issue names) with 2 us of work a message.
+const PACES: [Pace; 2] = [
+    Pace {
+        spin_us: "0",
+        label: "",
+    },
+    Pace {
+        spin_us: "2",
+        label: ", 2 us of work a message",
+    },
+];
+
+/// Runs the stage: `setup.plan.runs` interleaved rounds of `seconds` each per configuration.
 pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result<()> {
     let workload = compile(&setup.dir)?;
     let dir = &setup.dir;
@@ -179,57 +202,62 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
             "bench: offcputime (Debian libbpf-tools) is missing; `cargo xtask setup` installs it"
         );
     }
-    let mut alone = Vec::new();
-    let mut watched: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
-    let mut cost: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
-    let mut share: Vec<Vec<f64>> = vec![Vec::new(); defaults.len()];
+    let empty = || vec![Vec::new(); defaults.len()];
+    let mut alone: Vec<Vec<f64>> = vec![Vec::new(); PACES.len()];
+    let mut watched: Vec<Vec<Vec<f64>>> = vec![empty(); PACES.len()];
+    let (mut cost, mut share) = (empty(), empty());
     let (mut ours_every, mut theirs, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+    let full_speed = PACES[0];
     for round in 0..setup.plan.runs {
         eprintln!("bench: off-CPU storm round {}", round + 1);
-        alone.push(storm(&workload, seconds, &[], false, dir)?.0);
+        for (p, pace) in PACES.iter().enumerate() {
+            alone[p].push(storm(&workload, seconds, *pace, &[], false, dir)?.0);
+            for (i, watcher) in defaults.iter().enumerate() {
+                let switches = storm(&workload, seconds, *pace, &[*watcher], false, dir)?.0;
+                watched[p][i].push(switches);
+            }
+        }
         for (i, watcher) in defaults.iter().enumerate() {
-            watched[i].push(storm(&workload, seconds, &[*watcher], false, dir)?.0);
-            let (switches, per_run) = storm(&workload, seconds, &[*watcher], true, dir)?;
+            let (switches, per_run) =
+                storm(&workload, seconds, full_speed, &[*watcher], true, dir)?;
             cost[i].push(per_run[0]);
             // One run per switch, all on the one CPU: the share of its time the program took,
             // the part of the slowdown that the round-to-round noise cannot hide.
             share[i].push(100.0 * per_run[0] * switches / 1e9);
         }
         if peer {
-            let ours_first = round % 2 == 0;
-            let order = match ours_first {
-                true => [every, Watcher::Offcputime],
-                false => [Watcher::Offcputime, every],
-            };
-            let per_run = storm(&workload, seconds, &order, true, dir)?.1;
-            let (ours, other) = match ours_first {
-                true => (per_run[0], per_run[1]),
-                false => (per_run[1], per_run[0]),
-            };
-            ours_every.push(ours);
-            theirs.push(other);
+            // Both orders each round: whichever is attached first meets the cold caches.
+            let (mut ours, mut other) = (0.0, 0.0);
+            for order in [[every, Watcher::Offcputime], [Watcher::Offcputime, every]] {
+                let per_run = storm(&workload, seconds, full_speed, &order, true, dir)?.1;
+                let ours_first = matches!(order[0], Watcher::Profiler(..));
+                ours += per_run[usize::from(!ours_first)];
+                other += per_run[usize::from(ours_first)];
+            }
+            ours_every.push(ours / 2.0);
+            theirs.push(other / 2.0);
             ratio.push(ours / other);
         } else {
-            ours_every.push(storm(&workload, seconds, &[every], true, dir)?.1[0]);
+            ours_every.push(storm(&workload, seconds, full_speed, &[every], true, dir)?.1[0]);
         }
     }
-    let baseline = median(&alone);
     let stage = "off-CPU (pinned)";
-    rows.push(row(stage, "nothing".into(), "switches", "1/s", &alone));
+    for (p, pace) in PACES.iter().enumerate() {
+        let nothing = format!("nothing{}", pace.label);
+        rows.push(row(stage, nothing, "switches", "1/s", &alone[p]));
+        let baseline = median(&alone[p]);
+        for (i, watcher) in defaults.iter().enumerate() {
+            let label = format!("{}{}", watcher.label(), pace.label);
+            rows.push(row(stage, label.clone(), "switches", "1/s", &watched[p][i]));
+            let slowdown: Vec<f64> = watched[p][i]
+                .iter()
+                .map(|r| 100.0 * (baseline / r - 1.0))
+                .collect();
+            rows.push(row(stage, label, "slowdown vs nothing", "%", &slowdown));
+        }
+    }
     for (i, watcher) in defaults.iter().enumerate() {
         let label = watcher.label();
-        rows.push(row(stage, label.clone(), "switches", "1/s", &watched[i]));
-        let slowdown: Vec<f64> = watched[i]
-            .iter()
-            .map(|r| 100.0 * (baseline / r - 1.0))
-            .collect();
-        rows.push(row(
-            stage,
-            label.clone(),
-            "slowdown vs nothing",
-            "%",
-            &slowdown,
-        ));
         rows.push(row(
             stage,
             label.clone(),
@@ -252,17 +280,11 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     rows.push(row(stage, label, "BPF time per switch", "ns", &ours_every));
     if peer {
         let label = format!("{}, ours attached too", Watcher::Offcputime.label());
-        rows.push(row(
-            stage,
-            label.clone(),
-            "BPF time per switch",
-            "ns",
-            &theirs,
-        ));
+        rows.push(row(stage, label, "BPF time per switch", "ns", &theirs));
         rows.push(row(
             stage,
             format!("{} / offcputime", every.label()),
-            "BPF time per switch, ratio",
+            "BPF time per switch, ratio (both orders)",
             "x",
             &ratio,
         ));
