@@ -240,7 +240,9 @@ fn python_loop_reaches_py_runmain() {
         &[
             python,
             "-c",
-            "x = 0\nfor i in range(8_000_000):\n    x += i * i\n",
+            // About 1 s here, some 470 samples at 499 Hz: past the 300 `share_with_chain`
+            // wants with room (8 million iterations made 292 on one fresh CI machine).
+            "x = 0\nfor i in range(14_000_000):\n    x += i * i\n",
         ],
     );
     let samples: Vec<DecodedSample> = read_samples(&out)
