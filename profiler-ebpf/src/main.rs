@@ -530,16 +530,22 @@ fn switch_in(next: *const u8) {
     );
 }
 
+/// The `OFFCPU_MAYBE_BLOCKED` byte of `tid`; None past the flags (pid_max raised after load).
+#[inline(always)]
+fn blocked_flag(tid: u32) -> Option<&'static mut u8> {
+    let per_entry = offcpu::FLAGS_PER_ENTRY;
+    let flags = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(tid / per_entry)?;
+    Some(unsafe { &mut (*flags)[(tid % per_entry) as usize] })
+}
+
 /// Whether `tid` may have a recorded block, clearing its flag: only a thread's own switch-out
 /// sets it, and that is over before the thread can be switched in anywhere. A tid past the
 /// flags may, and is looked up.
 #[inline(always)]
 fn take_blocked_flag(tid: u32) -> bool {
-    let per_entry = offcpu::FLAGS_PER_ENTRY;
-    let Some(flags) = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(tid / per_entry) else {
+    let Some(flag) = blocked_flag(tid) else {
         return true;
     };
-    let flag = unsafe { &mut (*flags)[(tid % per_entry) as usize] };
     if *flag == 0 {
         return false;
     }
@@ -635,9 +641,8 @@ fn record_block(key: &SampleKey, generation: u32, weight: u32) {
         count(Counter::OffCpuBlockedMapFull);
         return;
     }
-    let per_entry = offcpu::FLAGS_PER_ENTRY;
-    if let Some(flags) = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(key.tid / per_entry) {
-        unsafe { (*flags)[(key.tid % per_entry) as usize] = 1 };
+    if let Some(flag) = blocked_flag(key.tid) {
+        *flag = 1;
     }
 }
 

@@ -31,7 +31,8 @@ enum Mode {
     Quick,
     /// Every stage once, tiny: CI checks that the harness works and its output parses.
     Smoke,
-    /// The off-CPU storm stage alone, at the full size (about 8 minutes).
+    /// The off-CPU storm stage alone: the full run's rounds, with 4-second storms instead of
+    /// 10 (about 11 minutes).
     OffCpu,
 }
 
