@@ -27,8 +27,13 @@ pub mod maps {
     pub const GENERATION: &str = "GENERATION";
     /// Per-CPU counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// Process filter: tgid to a `filter::*` value.
+    /// Process filter: tgid to a `filter::*` value. The list of every mark, for user space to
+    /// read back and for tgids past `PID_MARKS`.
     pub const PID_FILTER: &str = "PID_FILTER";
+    /// The marks of `PID_FILTER` again, one byte per tgid below `pid_max` ([`super::id_bytes`],
+    /// `BPF_F_MMAPABLE`): the programs read a mark with an array load instead of a hash
+    /// lookup, which is most of what a context switch that records nothing costs.
+    pub const PID_MARKS: &str = "PID_MARKS";
     /// What the kernel knows of each sampled process: tgid to [`super::ProcessState`] (LRU).
     pub const PROCESSES: &str = "PROCESSES";
     /// Ring buffer of [`super::ProcessEvent`]s.
@@ -47,7 +52,7 @@ pub mod maps {
     pub const OFFCPU_COUNTS_1: &str = "OFFCPU_COUNTS_1";
     /// Threads off CPU now: tid to [`super::OffCpuBlock`].
     pub const OFFCPU_BLOCKED: &str = "OFFCPU_BLOCKED";
-    /// One byte per tid, [`super::offcpu::FLAGS_PER_ENTRY`] to an entry: set while the tid may
+    /// One byte per tid ([`super::id_bytes`]): set while the tid may
     /// have a block in `OFFCPU_BLOCKED`, so that the switch-ins of all other threads skip the
     /// hash lookup.
     pub const OFFCPU_MAYBE_BLOCKED: &str = "OFFCPU_MAYBE_BLOCKED";
@@ -71,14 +76,6 @@ pub mod offcpu {
     /// a clock read costs as much as the rest of that path. So a CPU whose storm has ended
     /// records at its old period for at most this many switch-outs.
     pub const CLOCK_EVERY: u32 = 16;
-    /// Tids per entry of `OFFCPU_MAYBE_BLOCKED` (one byte each: a byte store needs no atomics).
-    pub const FLAGS_PER_ENTRY: u32 = 64;
-
-    /// Entries of `OFFCPU_MAYBE_BLOCKED` for tids below `pid_max`. A tid past them (pid_max
-    /// raised after the load) is looked up in the hash, as every tid was before.
-    pub fn flag_entries(pid_max: u32) -> u32 {
-        pid_max.div_ceil(FLAGS_PER_ENTRY).max(1)
-    }
     /// Longest sampling period of the rate bound: one switch-out in this many.
     pub const MAX_PERIOD: u32 = 1 << 16;
 
@@ -122,6 +119,20 @@ pub mod offcpu {
         } else {
             start
         }
+    }
+}
+
+/// Arrays of one byte per process or thread id (`PID_MARKS`, `OFFCPU_MAYBE_BLOCKED`), an index
+/// in front of a hash: a byte store needs no atomics, and an array load no hashing. Id `n` is
+/// byte `n % PER_ENTRY` of entry `n / PER_ENTRY`, which is byte `n` of the array's memory.
+pub mod id_bytes {
+    /// Ids per array entry.
+    pub const PER_ENTRY: u32 = 64;
+
+    /// Entries that cover every id below `pid_max`. An id past them (pid_max raised after the
+    /// load) is looked up in the hash behind the array.
+    pub fn entries(pid_max: u32) -> u32 {
+        pid_max.div_ceil(PER_ENTRY).max(1)
     }
 }
 
@@ -501,21 +512,22 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::offcpu::{flag_entries, next_period, weighted, FLAGS_PER_ENTRY, MAX_PERIOD};
+    use super::id_bytes::{entries, PER_ENTRY};
+    use super::offcpu::{next_period, weighted, MAX_PERIOD};
 
     #[test]
-    fn the_blocked_flags_cover_every_tid_below_pid_max() {
+    fn the_id_bytes_cover_every_id_below_pid_max() {
         for pid_max in [1, 63, 64, 65, 32_768, 4_194_304] {
-            let entries = flag_entries(pid_max);
-            // The highest tid, pid_max - 1, has its flag; a whole spare entry is waste.
-            assert!((pid_max - 1) / FLAGS_PER_ENTRY < entries, "{pid_max}");
+            let entries = entries(pid_max);
+            // The highest id, pid_max - 1, has its byte; a whole spare entry is waste.
+            assert!((pid_max - 1) / PER_ENTRY < entries, "{pid_max}");
             assert!(
-                entries == 1 || (entries - 1) * FLAGS_PER_ENTRY < pid_max,
+                entries == 1 || (entries - 1) * PER_ENTRY < pid_max,
                 "{pid_max}"
             );
         }
-        assert_eq!(flag_entries(0), 1, "an array map needs an entry");
-        assert_eq!(flag_entries(4_194_304), 65_536);
+        assert_eq!(entries(0), 1, "an array map needs an entry");
+        assert_eq!(entries(4_194_304), 65_536);
     }
 
     #[test]

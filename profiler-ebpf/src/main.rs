@@ -24,7 +24,7 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use profiler_common::{
-    filter, offcpu,
+    filter, id_bytes, offcpu,
     unwind::{ProcessMappings, TableInfo, UnwindRow},
     unwinder, Counter, OffCpuBlock, ProcessEvent, ProcessKey, ProcessState, RateWindow, SampleKey,
     Stack, COMM_LEN, EVENT_EXIT, EVENT_NEW_PROCESS, EVENT_UNWIND_MISS, MAX_STACK_DEPTH, NO_STACK,
@@ -71,6 +71,10 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 /// forks without end keeps room for the children still alive.
 #[map]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+/// `PID_FILTER`'s marks by tgid, for tgids below `pid_max` (sized by user space, which writes
+/// it through mmap): every sample and every context switch reads a mark.
+#[map]
+static PID_MARKS: Array<IdBytes> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static PROCESSES: LruHashMap<u32, ProcessState> = LruHashMap::with_max_entries(16384, 0);
 #[map]
@@ -102,8 +106,7 @@ static OFFCPU_COUNTS_1: HashMap<SampleKey, u64> =
 static OFFCPU_BLOCKED: HashMap<u32, OffCpuBlock> = HashMap::with_max_entries(16384, 0);
 /// Sized by user space from `pid_max`.
 #[map]
-static OFFCPU_MAYBE_BLOCKED: Array<[u8; offcpu::FLAGS_PER_ENTRY as usize]> =
-    Array::with_max_entries(1, 0);
+static OFFCPU_MAYBE_BLOCKED: Array<IdBytes> = Array::with_max_entries(1, 0);
 /// When each generation last became active, and whether user space is splitting blocks.
 #[map]
 static OFFCPU_FLIPS: Array<u64> = Array::with_max_entries(3, 0);
@@ -111,6 +114,9 @@ static OFFCPU_FLIPS: Array<u64> = Array::with_max_entries(3, 0);
 static OFFCPU_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static OFFCPU_WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// An entry of a byte-per-id array (`id_bytes`).
+type IdBytes = [u8; id_bytes::PER_ENTRY as usize];
 
 const EEXIST: i32 = 17;
 const E2BIG: i32 = 7;
@@ -275,12 +281,29 @@ fn generation_maps(
 
 #[inline(always)]
 fn wanted(tgid: u32) -> bool {
-    let mark = unsafe { PID_FILTER.get(&tgid) }.copied().unwrap_or(0);
+    let mark = mark(tgid);
     if FILTER_MODE.load() == filter::MODE_INCLUDED {
         mark == filter::INCLUDE
     } else {
         mark != filter::EXCLUDE && mark != filter::FOLLOW_ONLY
     }
+}
+
+/// The filter mark of `tgid` (0 for none): its byte, or past the bytes its hash entry.
+#[inline(always)]
+fn mark(tgid: u32) -> u8 {
+    match id_byte(&PID_MARKS, tgid) {
+        Some(mark) => *mark,
+        None => unsafe { PID_FILTER.get(&tgid) }.copied().unwrap_or(0),
+    }
+}
+
+/// Byte `id` of a byte-per-id array; None past its end (pid_max raised after the load).
+#[inline(always)]
+fn id_byte(bytes: &'static Array<IdBytes>, id: u32) -> Option<&'static mut u8> {
+    let per_entry = id_bytes::PER_ENTRY;
+    let entry = bytes.get_ptr_mut(id / per_entry)?;
+    Some(unsafe { &mut (*entry)[(id % per_entry) as usize] })
 }
 
 /// `start_boottime` of the current thread group's leader: with the tgid, it names one process
@@ -530,20 +553,12 @@ fn switch_in(next: *const u8) {
     );
 }
 
-/// The `OFFCPU_MAYBE_BLOCKED` byte of `tid`; None past the flags (pid_max raised after load).
-#[inline(always)]
-fn blocked_flag(tid: u32) -> Option<&'static mut u8> {
-    let per_entry = offcpu::FLAGS_PER_ENTRY;
-    let flags = OFFCPU_MAYBE_BLOCKED.get_ptr_mut(tid / per_entry)?;
-    Some(unsafe { &mut (*flags)[(tid % per_entry) as usize] })
-}
-
 /// Whether `tid` may have a recorded block, clearing its flag: only a thread's own switch-out
 /// sets it, and that is over before the thread can be switched in anywhere. A tid past the
 /// flags may, and is looked up.
 #[inline(always)]
 fn take_blocked_flag(tid: u32) -> bool {
-    let Some(flag) = blocked_flag(tid) else {
+    let Some(flag) = id_byte(&OFFCPU_MAYBE_BLOCKED, tid) else {
         return true;
     };
     if *flag == 0 {
@@ -641,7 +656,7 @@ fn record_block(key: &SampleKey, generation: u32, weight: u32) {
         count(Counter::OffCpuBlockedMapFull);
         return;
     }
-    if let Some(flag) = blocked_flag(key.tid) {
+    if let Some(flag) = id_byte(&OFFCPU_MAYBE_BLOCKED, key.tid) {
         *flag = 1;
     }
 }
@@ -733,7 +748,7 @@ fn roll_window(window: &mut RateWindow, max: u32) {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let mark = unsafe { PID_FILTER.get(&parent) }.copied().unwrap_or(0);
+    let mark = mark(parent);
     if mark != filter::INCLUDE && mark != filter::FOLLOW_ONLY {
         return 0;
     }
@@ -747,8 +762,15 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if child_tgid == parent {
         return 0;
     }
+    // The hash first: a mark the hash lacks would outlive the process, which user space
+    // cannot list and so never clears.
     match PID_FILTER.insert(&child_tgid, &filter::INCLUDE, 0) {
-        Ok(()) => count(Counter::ForksFollowed),
+        Ok(()) => {
+            if let Some(byte) = id_byte(&PID_MARKS, child_tgid) {
+                *byte = filter::INCLUDE;
+            }
+            count(Counter::ForksFollowed);
+        }
         Err(_) => count(Counter::ForksNotFollowed),
     }
     0
@@ -780,6 +802,9 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let _ = PID_FILTER.remove(&tgid);
+    if let Some(byte) = id_byte(&PID_MARKS, tgid) {
+        *byte = 0;
+    }
     let _ = UNWIND_MAPPINGS.remove(&tgid);
     count(Counter::ProcessesExited);
     let Some(state) = (unsafe { PROCESSES.get(&tgid) }).copied() else {

@@ -512,3 +512,80 @@ fn decode(raw: &[u8]) -> Profile {
     std::fs::write(&path, raw).unwrap();
     load_pprof(&path)
 }
+
+/// Sets `kernel.pid_max` for as long as it lives, and puts the old value back when dropped
+/// (a failed assertion included).
+struct PidMax(String);
+
+impl PidMax {
+    const PATH: &str = "/proc/sys/kernel/pid_max";
+
+    fn set(value: u32) -> PidMax {
+        let old = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, value.to_string()).unwrap();
+        PidMax(old.trim().to_string())
+    }
+}
+
+impl Drop for PidMax {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+#[test]
+fn a_process_whose_pid_is_past_pid_max_at_start_is_still_profiled() {
+    let Some(t) = bpf_test() else { return };
+    // The filter marks and the blocked flags are arrays sized from pid_max when the programs
+    // load; pid_max raised afterwards makes pids past them, which take the hashes behind the
+    // arrays. Here the workload's pid is past a pid_max lowered while the profiler starts.
+    const LOWERED: u32 = 1024;
+    let spawn = || {
+        Command::new(offcpu_workload())
+            .args(["sleep", "120"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut workload = spawn();
+    while workload.id() < 2 * LOWERED {
+        // Pids just wrapped around: move past the lowered bound.
+        let _ = workload.kill();
+        let _ = workload.wait();
+        for _ in 0..64 {
+            let _ = Command::new("true").status();
+        }
+        workload = spawn();
+    }
+    let pid = workload.id().to_string();
+    let out = t.path("past.pb.gz");
+    let lowered = PidMax::set(LOWERED);
+    let mut recorder = Command::new(profiler_bin())
+        .args(["record", "-F", "499", "-d", "4s", "--off-cpu"])
+        .args(["--off-cpu-state", "blocked", "--pid", &pid, "-o"])
+        .arg(&out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_sampling(recorder.id());
+    drop(lowered);
+    let stderr = std::io::read_to_string(recorder.stderr.take().unwrap()).unwrap();
+    assert!(recorder.wait().unwrap().success(), "{stderr}");
+    let _ = workload.kill();
+    let _ = workload.wait();
+
+    let profile = load_pprof(&out);
+    let on_cpu = samples_of(&profile, "samples");
+    let spinning = chain_share(&on_cpu, &["spin_phase", "main"]);
+    assert!(
+        spinning >= 80.0,
+        "{spinning:.1}% on CPU in spin_phase; {stderr}"
+    );
+    let off_cpu = samples_of(&profile, "offcpu");
+    let share_of_wall = 100.0 * total(&off_cpu) as f64 / profile.duration_nanos as f64;
+    assert!(
+        (50.0..=85.0).contains(&share_of_wall),
+        "off CPU {share_of_wall:.1}% of wall time; {stderr}"
+    );
+    assert!(chain_share(&off_cpu, &["schedule"]) >= 90.0, "{off_cpu:?}");
+}

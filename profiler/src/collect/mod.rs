@@ -3,6 +3,8 @@
 
 mod batch;
 mod btf;
+mod mapped;
+mod pid_filter;
 mod unwind;
 
 use std::{
@@ -23,12 +25,13 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use profiler_common::{
-    filter, globals, maps, offcpu, unwinder, Counter, OffCpuBlock, ProcessEvent, SampleKey, Stack,
-    EVENT_EXIT, EVENT_NEW_PROCESS, EVENT_UNWIND_MISS, NO_STACK,
+    filter, globals, id_bytes, maps, offcpu, unwinder, Counter, OffCpuBlock, ProcessEvent,
+    SampleKey, Stack, EVENT_EXIT, EVENT_NEW_PROCESS, EVENT_UNWIND_MISS, NO_STACK,
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
 pub use btf::{require_btf, require_btf_tracepoint};
+use pid_filter::Filter;
 pub use unwind::UnwindCounters;
 use unwind::{UnwindLoader, ROW_BYTES};
 
@@ -284,7 +287,7 @@ pub struct Collector {
     active: u32,
     generation: Array<MapData, u32>,
     counters: PerCpuArray<MapData, u64>,
-    filter: HashMap<MapData, u32, u8>,
+    filter: Filter,
     events: RingBuf<MapData>,
     lost_stack_missing: u64,
     filter_updates_failed: u64,
@@ -374,8 +377,9 @@ impl Collector {
             u32::try_from(off_cpu.max_rate.saturating_mul(offcpu::RATE_WINDOW_NS) / 1_000_000_000)
                 .unwrap_or(u32::MAX - 1)
                 .max(1);
+        let pid_bytes = id_bytes::entries(pid_max());
         let blocked_flags = match config.off_cpu {
-            Some(_) => offcpu::flag_entries(pid_max()),
+            Some(_) => pid_bytes,
             None => 1,
         };
         let btf = Btf::parse(&btf_bytes, aya::Endianness::default())
@@ -416,16 +420,20 @@ impl Collector {
             .map_max_entries(maps::OFFCPU_COUNTS_0, config.counts_capacity)
             .map_max_entries(maps::OFFCPU_COUNTS_1, config.counts_capacity)
             .map_max_entries(maps::OFFCPU_MAYBE_BLOCKED, blocked_flags)
+            .map_max_entries(maps::PID_MARKS, pid_bytes)
             .load(EBPF_OBJECT)
             .map_err(explain)
             .context("loading the eBPF programs")?;
 
-        let mut filter: HashMap<MapData, u32, u8> = take_map(&mut ebpf, maps::PID_FILTER)?;
-        let me = std::process::id();
-        filter.insert(me, filter::EXCLUDE, 0)?;
+        let marks = match ebpf.take_map(maps::PID_MARKS) {
+            Some(Map::Array(data)) => data,
+            _ => return Err(anyhow!("map {} missing or not an array", maps::PID_MARKS)),
+        };
+        let mut filter = Filter::new(take_map(&mut ebpf, maps::PID_FILTER)?, marks, pid_bytes)?;
+        filter.set(std::process::id(), filter::EXCLUDE)?;
         if let Targets::Pids(pids) = &config.targets {
             for pid in pids {
-                filter.insert(*pid, filter::INCLUDE, 0)?;
+                filter.set(*pid, filter::INCLUDE)?;
             }
         }
 
@@ -539,19 +547,19 @@ impl Collector {
 
     /// Adds a process (and, from now on, what it forks) to the filter.
     pub fn include(&mut self, pid: u32) -> Result<()> {
-        Ok(self.filter.insert(pid, filter::INCLUDE, 0)?)
+        Ok(self.filter.set(pid, filter::INCLUDE)?)
     }
 
     /// Follows what `pid` forks from now on without sampling `pid` itself.
     pub fn follow_children_of(&mut self, pid: u32) -> Result<()> {
-        Ok(self.filter.insert(pid, filter::FOLLOW_ONLY, 0)?)
+        Ok(self.filter.set(pid, filter::FOLLOW_ONLY)?)
     }
 
     /// Stops following or sampling `pid`; the profiler marks itself excluded again. A full
     /// filter is counted (`filter_updates_failed`) and reported as an error.
     pub fn exclude(&mut self, pid: u32) -> Result<()> {
         self.filter
-            .insert(pid, filter::EXCLUDE, 0)
+            .set(pid, filter::EXCLUDE)
             .inspect_err(|_| self.filter_updates_failed += 1)
             .with_context(|| format!("excluding process {pid} from sampling"))
     }
@@ -559,7 +567,7 @@ impl Collector {
     /// Removes a process's mark from the filter (the kernel removes it by itself when the
     /// process exits).
     pub fn forget(&mut self, pid: u32) {
-        let _ = self.filter.remove(&pid);
+        self.filter.clear(pid);
     }
 
     /// Generation flips so far: see [`ProcessChange::Exited`].
@@ -569,12 +577,7 @@ impl Collector {
 
     /// Processes currently marked for sampling, forks followed by the kernel included.
     pub fn included(&self) -> Vec<u32> {
-        self.filter
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, mark)| *mark == filter::INCLUDE)
-            .map(|(pid, _)| pid)
-            .collect()
+        self.filter.marked(filter::INCLUDE)
     }
 
     /// Becomes readable when processes are announced (then call [`Collector::process_changes`]).

@@ -16,7 +16,6 @@ use std::{
         unix::fs::{FileExt as _, MetadataExt as _},
     },
     path::{Path, PathBuf},
-    ptr::NonNull,
     time::{Duration, Instant},
 };
 
@@ -30,6 +29,7 @@ use profiler_unwind::{
     build, load_bias, simulate::read_maps, trampoline, BinaryId, DebugSearch, Options, UnwindTable,
 };
 
+use super::mapped::ArrayWindow;
 use crate::{
     deadline::{self, Outcome},
     in_root::{self, ProcessRoot},
@@ -124,53 +124,11 @@ impl Process {
     }
 }
 
-/// A window of the row array mapped into our memory while a table is copied in. Mapping the
-/// whole array for good would make all of it (16 MiB by default) resident in our RSS, on top of
-/// the same pages counted as the map's kernel memory.
-struct RowWindow {
-    ptr: NonNull<u8>,
-    bytes: usize,
-    /// Byte offset of `ptr` in the array.
-    offset: usize,
-}
-
-impl RowWindow {
-    /// Maps the pages that hold bytes `begin..end` of the array behind `fd`.
-    fn map(fd: std::os::fd::BorrowedFd<'_>, begin: usize, end: usize) -> std::io::Result<Self> {
-        let offset = begin / PAGE * PAGE;
-        let bytes = end.next_multiple_of(PAGE) - offset;
-        // SAFETY: maps part of the array map's values, shared with the kernel, whose mmap takes
-        // page offsets within its size; nothing else maps this range while the window lives.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                offset as libc::off_t,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast()).ok_or_else(std::io::Error::last_os_error)?;
-        Ok(Self { ptr, bytes, offset })
-    }
-}
-
-impl Drop for RowWindow {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
-    }
-}
-
-const PAGE: usize = 4096;
-
 /// The tables and mappings the kernel walker reads, kept in step with the processes sampled.
 pub struct UnwindLoader {
-    /// The `UNWIND_ROWS` array; tables are copied in through [`RowWindow`]s.
+    /// The `UNWIND_ROWS` array; tables are copied in through windows of it, mapped while they
+    /// are written: mapping the whole array for good would make all of it (16 MiB by default)
+    /// resident in our RSS, on top of the same pages counted as the map's kernel memory.
     rows_map: MapData,
     /// Rows the array holds.
     capacity: u32,
@@ -203,7 +161,7 @@ impl UnwindLoader {
         programs: ProgramArray<MapData>,
     ) -> Result<Self> {
         // Fails here, not at the first table, if the array cannot be mapped.
-        RowWindow::map(rows_map.fd().as_fd(), 0, ROW_BYTES as usize)
+        ArrayWindow::map(rows_map.fd().as_fd(), 0, ROW_BYTES as usize)
             .context("mapping the unwind rows into memory")?;
         Ok(Self {
             rows_map,
@@ -506,17 +464,15 @@ impl UnwindLoader {
             return Ok(());
         }
         let row_bytes = ROW_BYTES as usize;
-        let window = RowWindow::map(
+        let window = ArrayWindow::map(
             self.rows_map.fd().as_fd(),
             first_row as usize * row_bytes,
             end_row * row_bytes,
         )?;
         for (index, row) in (first_row as usize..end_row).zip(rows) {
-            // SAFETY: the window holds rows first_row..end_row, ROW_BYTES apart from offset 0
-            // of the array.
-            unsafe {
-                let at = window.ptr.as_ptr().add(index * row_bytes - window.offset);
-                std::ptr::write_unaligned(at.cast::<UnwindRow>(), *row);
+            if let Some(at) = window.at(index * row_bytes, row_bytes) {
+                // SAFETY: `at` holds a whole row of the mapped array.
+                unsafe { std::ptr::write_unaligned(at.cast::<UnwindRow>(), *row) };
             }
         }
         Ok(())
