@@ -23,7 +23,8 @@ pub mod maps {
     pub const STACKS_0: &str = "STACKS_0";
     /// Stacks of generation 1.
     pub const STACKS_1: &str = "STACKS_1";
-    /// One `u32`: the generation the kernel writes into now.
+    /// One `u32`: the generation the kernel writes into now is its low bit; the rest counts
+    /// flips, so that a value never comes back.
     pub const GENERATION: &str = "GENERATION";
     /// Per-CPU counters indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";

@@ -9,8 +9,13 @@
 //! sampling rate.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: bpfel has no `fetch_add`, and an exec count must not lose an add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod walk;
+
+use core::intrinsics::AtomicOrdering;
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST},
@@ -77,8 +82,21 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(16384, BPF_F_NO_
 static PID_MARKS: Array<IdBytes> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static PROCESSES: LruHashMap<u32, ProcessState> = LruHashMap::with_max_entries(16384, 0);
+/// The process `track` last found announced on this CPU, and the `EXECS` count it was found
+/// under: a thread that blocks again and again, or a CPU sampling one busy process, skips the
+/// LRU lookup.
+#[map]
+static LAST_TRACKED: PerCpuArray<Tracked> = PerCpuArray::with_max_entries(1, 0);
+/// Execs so far, of any process: an exec moves its process's `exec_seq`, so it makes every
+/// CPU's `LAST_TRACKED` stale.
+#[map]
+static EXECS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 static PROCESS_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+/// Stacks each CPU stored lately, by id modulo their number (`store_stack`).
+#[map]
+static RECENT_STACKS: PerCpuArray<[RecentStack; RECENT_STACK_SLOTS]> =
+    PerCpuArray::with_max_entries(1, 0);
 /// Scratch space for one stack: too large for the 512-byte BPF stack.
 #[map]
 static SCRATCH: PerCpuArray<Stack> = PerCpuArray::with_max_entries(1, 0);
@@ -115,6 +133,29 @@ static OFFCPU_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0
 #[map]
 static OFFCPU_WALK_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Tracked {
+    process: ProcessKey,
+    execs: u64,
+}
+
+/// Slots of `RECENT_STACKS` per CPU.
+const RECENT_STACK_SLOTS: usize = 64;
+
+/// A stack a CPU stored, and in which generation.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RecentStack {
+    id: u64,
+    generation: u32,
+    _pad: u32,
+    /// The cheap parts compared for a hash collision, as `intern_hashed` does.
+    len: u64,
+    leaf: u64,
+    root: u64,
+}
+
 /// An entry of a byte-per-id array (`id_bytes`).
 type IdBytes = [u8; id_bytes::PER_ENTRY as usize];
 
@@ -146,10 +187,10 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     }
     let process = track(tgid, process_start_ns());
 
-    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    let generation = generation();
     let (counts, stacks) = generation_maps(generation);
 
-    let key = match key_with_kernel_stack(&ctx, stacks, process, tid, 0) {
+    let key = match key_with_kernel_stack(&ctx, stacks, generation, process, tid, 0) {
         Ok(key) => key,
         Err(counter) => {
             count(counter);
@@ -169,7 +210,7 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
     {
         return 0;
     }
-    let user_stack = match user_stack(&ctx, stacks) {
+    let user_stack = match user_stack(&ctx, stacks, generation) {
         Ok(id) => id,
         Err(counter) => {
             count(counter);
@@ -186,12 +227,13 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
 fn key_with_kernel_stack<C: EbpfContext>(
     ctx: &C,
     stacks: &HashMap<u64, Stack>,
+    generation: u32,
     process: ProcessKey,
     tid: u32,
     skip: u64,
 ) -> Result<SampleKey, Counter> {
     let kernel_stack = if KERNEL_STACKS.load() != 0 {
-        store_stack(ctx, stacks, skip)?
+        store_stack(ctx, stacks, generation, skip)?
     } else {
         NO_STACK
     };
@@ -206,8 +248,12 @@ fn key_with_kernel_stack<C: EbpfContext>(
 
 /// The current task's user stack by frame pointers (`bpf_get_stack`), its absence counted.
 #[inline(always)]
-fn user_stack<C: EbpfContext>(ctx: &C, stacks: &HashMap<u64, Stack>) -> Result<u64, Counter> {
-    let id = store_stack(ctx, stacks, BPF_F_USER_STACK as u64)?;
+fn user_stack<C: EbpfContext>(
+    ctx: &C,
+    stacks: &HashMap<u64, Stack>,
+    generation: u32,
+) -> Result<u64, Counter> {
+    let id = store_stack(ctx, stacks, generation, BPF_F_USER_STACK as u64)?;
     if id == NO_STACK {
         count(Counter::UserStackMissing);
     }
@@ -254,17 +300,26 @@ fn insert_loss(err: i32, full: Counter) -> Counter {
     }
 }
 
-/// The off-CPU counts of one generation.
+/// The generation programs write into now: a count of flips, whose low bit chooses the maps.
+#[inline(always)]
+fn generation() -> u32 {
+    match GENERATION.get_ptr(0) {
+        Some(generation) => unsafe { core::ptr::read_volatile(generation) },
+        None => 0,
+    }
+}
+
+/// The off-CPU counts of a generation.
 #[inline(always)]
 fn offcpu_counts(generation: u32) -> &'static HashMap<SampleKey, u64> {
-    if generation == 0 {
+    if generation & 1 == 0 {
         &OFFCPU_COUNTS_0
     } else {
         &OFFCPU_COUNTS_1
     }
 }
 
-/// The maps of one generation.
+/// The maps of a generation.
 #[inline(always)]
 fn generation_maps(
     generation: u32,
@@ -272,7 +327,7 @@ fn generation_maps(
     &'static HashMap<SampleKey, u64>,
     &'static HashMap<u64, Stack>,
 ) {
-    if generation == 0 {
+    if generation & 1 == 0 {
         (&COUNTS_0, &STACKS_0)
     } else {
         (&COUNTS_1, &STACKS_1)
@@ -327,6 +382,19 @@ fn process_start_ns() -> u64 {
 /// sampled, so that it reads the process's mappings while the process still exists.
 #[inline(always)]
 fn track(tgid: u32, start_ns: u64) -> ProcessKey {
+    // Read before the state: an exec that moves the state on counts after it (a store each,
+    // in that order), so a state read too early is cached under a count already stale.
+    let execs = match EXECS.get_ptr(0) {
+        Some(execs) => unsafe { core::ptr::read_volatile(execs) },
+        None => 0,
+    };
+    let last = LAST_TRACKED.get_ptr_mut(0);
+    if let Some(last) = last {
+        let last = unsafe { &*last };
+        if last.process.tgid == tgid && last.process.start_ns == start_ns && last.execs == execs {
+            return last.process;
+        }
+    }
     let mut process = ProcessKey {
         tgid,
         exec_seq: 0,
@@ -365,7 +433,11 @@ fn track(tgid: u32, start_ns: u64) -> ProcessKey {
         } else {
             // The next sample tries again.
             count(Counter::LostProcessEvents);
+            return process;
         }
+    }
+    if let Some(last) = last {
+        unsafe { *last = Tracked { process, execs } };
     }
     process
 }
@@ -405,6 +477,7 @@ fn report_unwind_miss(process: ProcessKey) {
 fn store_stack<C: EbpfContext>(
     ctx: &C,
     stacks: &HashMap<u64, Stack>,
+    generation: u32,
     flags: u64,
 ) -> Result<u64, Counter> {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
@@ -430,18 +503,57 @@ fn store_stack<C: EbpfContext>(
     buf.len = len as u64;
     // Only the leaf is an exact pc: every other address is a return address.
     buf.exact = [1, 0];
-    intern_stack(stacks, buf, flags)
+    let hash = stack_hash(buf, len, flags);
+    // A stack this CPU stored lately in this generation: threads that block again where they
+    // blocked before (a pool, a ping-pong) skip the map.
+    let slot = (hash % RECENT_STACK_SLOTS as u64) as usize;
+    let (leaf, root) = (buf.addrs[0], buf.addrs[len - 1]);
+    let recent = RECENT_STACKS.get_ptr_mut(0);
+    if let Some(recent) = recent {
+        let seen = unsafe { &(*recent)[slot] };
+        if seen.id == hash
+            && seen.generation == generation
+            && seen.len == len as u64
+            && seen.leaf == leaf
+            && seen.root == root
+        {
+            return Ok(hash);
+        }
+    }
+    intern_hashed(stacks, buf, len, hash)?;
+    if let Some(recent) = recent {
+        unsafe {
+            (*recent)[slot] = RecentStack {
+                id: hash,
+                generation,
+                _pad: 0,
+                len: len as u64,
+                leaf,
+                root,
+            }
+        };
+    }
+    Ok(hash)
 }
 
-/// Stores `buf` in the stacks map unless it is there already, and returns its id: an FNV-1a
-/// hash of its addresses (and exact-pc bits), from a seed that tells user and kernel stacks
-/// apart.
+/// Stores `buf` in the stacks map unless it is there already, and returns its id (see
+/// [`stack_hash`]).
 #[inline(always)]
 fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<u64, Counter> {
     let len = buf.len as usize;
     if len == 0 || len > MAX_STACK_DEPTH {
         return Ok(NO_STACK);
     }
+    let hash = stack_hash(buf, len, seed);
+    intern_hashed(stacks, buf, len, hash)?;
+    Ok(hash)
+}
+
+/// The id of `buf`, whose first `len` (1 to `MAX_STACK_DEPTH`) addresses are valid: an FNV-1a
+/// hash of its addresses (and exact-pc bits) from a seed that tells user and kernel stacks
+/// apart; never `NO_STACK`.
+#[inline(always)]
+fn stack_hash(buf: &Stack, len: usize, seed: u64) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for i in 0..MAX_STACK_DEPTH {
         if i >= len {
@@ -457,12 +569,23 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
     if hash == NO_STACK {
         hash = 1;
     }
+    hash
+}
+
+/// Stores `buf` (`len` addresses) under id `hash` unless it is there already.
+#[inline(always)]
+fn intern_hashed(
+    stacks: &HashMap<u64, Stack>,
+    buf: &Stack,
+    len: usize,
+    hash: u64,
+) -> Result<(), Counter> {
     match stacks.get_ptr(&hash) {
         // Already stored: check the cheap parts (length, leaf, root) to catch a hash collision
         // rather than count this sample against another stack.
         Some(existing) => {
             let existing = unsafe { &*existing };
-            let last = len - 1;
+            let last = len.wrapping_sub(1);
             if last >= MAX_STACK_DEPTH
                 || existing.len != buf.len
                 || existing.addrs[0] != buf.addrs[0]
@@ -477,7 +600,7 @@ fn intern_stack(stacks: &HashMap<u64, Stack>, buf: &Stack, seed: u64) -> Result<
             Err(err) => return Err(insert_loss(err, Counter::LostStacksMapFull)),
         },
     }
-    Ok(hash)
+    Ok(())
 }
 
 /// Off-CPU time (docs/design/0006-off-cpu.md). `current` is still `prev` here, so its stacks
@@ -522,21 +645,21 @@ fn switch_in(next: *const u8) {
         count(Counter::OffCpuShortBlocks);
         return;
     }
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
-    let flip = OFFCPU_FLIPS.get(generation).copied().unwrap_or(0);
+    let generation = generation();
+    let flip = OFFCPU_FLIPS.get(generation & 1).copied().unwrap_or(0);
     let mut from = offcpu::accounted_until(block.start_ns, flip, min_block);
     if block.start_ns < flip && OFFCPU_FLIPS.get(offcpu::SPLITTING).copied() == Some(1) {
         // User space may or may not have split this block yet: count it all here rather than
         // lose the part before the flip, and say so.
         count(Counter::OffCpuSplitRaces);
-        let previous = OFFCPU_FLIPS.get(1 - generation).copied().unwrap_or(0);
+        let previous = OFFCPU_FLIPS.get(1 - (generation & 1)).copied().unwrap_or(0);
         from = offcpu::accounted_until(block.start_ns, previous, min_block);
     }
     let mut key = block.key;
-    if block.generation != generation {
+    if block.generation & 1 != generation & 1 {
         // The stacks were stored before a flip: user space kept them in the older
         // generation's map while the block lasted; the count needs them in this one.
-        let (_, from_stacks) = generation_maps(block.generation & 1);
+        let (_, from_stacks) = generation_maps(block.generation);
         let (_, to_stacks) = generation_maps(generation);
         for id in [&mut key.user_stack, &mut key.kernel_stack] {
             if let Err(counter) = copy_stack(*id, from_stacks, to_stacks) {
@@ -611,10 +734,11 @@ fn switch_out(ctx: &BtfTracePointContext, prev: *const u8, prev_state: u32) {
         false => task_field::<u64>(leader, TASK_START_BOOTTIME_OFFSET.load()),
     };
     let process = track(tgid, start_ns);
-    let generation = GENERATION.get(0).copied().unwrap_or(0) & 1;
+    let generation = generation();
     let (_, stacks) = generation_maps(generation);
     // The two innermost kernel frames are this program and `bpf_trace_run4`.
-    let key = match key_with_kernel_stack(ctx, stacks, process, tid, SCHED_SWITCH_SKIP) {
+    let key = match key_with_kernel_stack(ctx, stacks, generation, process, tid, SCHED_SWITCH_SKIP)
+    {
         Ok(key) => key,
         Err(counter) => {
             count(counter);
@@ -633,21 +757,32 @@ fn switch_out(ctx: &BtfTracePointContext, prev: *const u8, prev_state: u32) {
     {
         return;
     }
-    match user_stack(ctx, stacks) {
-        Ok(user_stack) => record_block(&SampleKey { user_stack, ..key }, generation, weight),
+    match user_stack(ctx, stacks, generation) {
+        Ok(user_stack) => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            // A new window may set a new period, for later switch-outs; rolled here, where the
+            // clock is read anyway (see `sampled`).
+            if let Some(window) = OFFCPU_RATE.get_ptr_mut(0) {
+                let max = OFFCPU_MAX_PER_WINDOW.load();
+                if max != u32::MAX {
+                    roll_window(unsafe { &mut *window }, max, now);
+                }
+            }
+            record_block(&SampleKey { user_stack, ..key }, generation, weight, now);
+        }
         Err(counter) => count(counter),
     }
 }
 
-/// Remembers that the thread of `key` goes off CPU now, standing for `weight` switch-outs.
+/// Remembers that the thread of `key` went off CPU at `now`, standing for `weight` switch-outs.
 /// The block starts when its stacks are stored, not when the switch began: the walk delays
 /// whatever runs next on this CPU, and a block timed from before it would count the
 /// profiler's own cost (a quarter of a pipe ping-pong's blocks, and so a bias in sampled
 /// totals, whose recorded blocks alone pay it).
 #[inline(always)]
-fn record_block(key: &SampleKey, generation: u32, weight: u32) {
+fn record_block(key: &SampleKey, generation: u32, weight: u32, now: u64) {
     let block = OffCpuBlock {
-        start_ns: unsafe { bpf_ktime_get_ns() },
+        start_ns: now,
         key: *key,
         generation,
         weight,
@@ -679,7 +814,7 @@ fn sampled() -> Option<u32> {
     window.seen = window.seen.wrapping_add(1);
     let timed = window.seen % offcpu::CLOCK_EVERY == 0;
     if timed {
-        roll_window(window, max);
+        roll_window(window, max, unsafe { bpf_ktime_get_ns() });
     }
     // The low 16 bits choose within the period (at most 2^16), bit 31 when it doubles.
     let random = next_random(window);
@@ -688,11 +823,13 @@ fn sampled() -> Option<u32> {
         count(Counter::OffCpuSampledOut);
         return None;
     }
-    if !timed {
-        // A new window may set a new period: for later switch-outs. This one weighs what it
-        // was picked under, which keeps the estimate unbiased. And a new window has recorded
-        // nothing, so the bound below never doubles a period this one was not picked under.
-        roll_window(window, max);
+    // A window that has ended must be rolled before later switch-outs are picked. With frame
+    // pointers that happens when this block is recorded, which reads the clock anyway; the
+    // table walker has no room for it (the verifier's limit), so here. Either way the bound
+    // below applies the period this switch-out was picked under, which keeps the estimate
+    // unbiased, and a new window has recorded nothing, so it never doubles another period.
+    if !timed && UNWINDER.load() == unwinder::TABLES {
+        roll_window(window, max, unsafe { bpf_ktime_get_ns() });
     }
     let mut weight = picked_under;
     if window.recorded >= max {
@@ -732,8 +869,7 @@ fn next_random(window: &mut RateWindow) -> u32 {
 /// Starts the window that holds now, if the current one is over, with the period the last
 /// one earned.
 #[inline(always)]
-fn roll_window(window: &mut RateWindow, max: u32) {
-    let now = unsafe { bpf_ktime_get_ns() };
+fn roll_window(window: &mut RateWindow, max: u32, now: u64) {
     let elapsed = now.wrapping_sub(window.start_ns);
     if elapsed >= offcpu::RATE_WINDOW_NS {
         let idle_windows = elapsed / offcpu::RATE_WINDOW_NS;
@@ -786,6 +922,10 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> i32 {
         let state = unsafe { &mut *state };
         state.exec_seq = state.exec_seq.wrapping_add(1);
         state.announced = 0;
+    }
+    if let Some(execs) = EXECS.get_ptr_mut(0) {
+        // CPUs exec at once: an add that loses one would leave a stale cache valid.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(execs, 1) };
     }
     let _ = UNWIND_MAPPINGS.remove(&tgid);
     0

@@ -10,7 +10,8 @@
 use aya_ebpf::{
     bindings::{bpf_perf_event_data, pt_regs, BPF_F_USER_STACK},
     helpers::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, perf_event},
     maps::{PerCpuArray, ProgramArray},
@@ -313,7 +314,8 @@ fn finish(state: &mut WalkState, stop: Option<StopReason>, off_cpu: bool) {
         ..state.key
     };
     if off_cpu {
-        record_block(&key, state.generation, state.block_weight as u32);
+        let now = unsafe { bpf_ktime_get_ns() };
+        record_block(&key, state.generation, state.block_weight as u32, now);
     } else {
         count_sample(counts, &key);
     }

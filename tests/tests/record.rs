@@ -238,6 +238,36 @@ fn binary_deleted_after_start_is_symbolized() {
 }
 
 #[test]
+fn samples_after_an_exec_resolve_against_the_new_image() {
+    let Some(t) = bpf_test() else { return };
+    // The shell spins first, so that the kernel side has tracked it (and cached it) under its
+    // first image when the exec gives the same process a new one.
+    let script = format!(
+        "i=0; while [ $i -lt 500000 ]; do i=$((i+1)); done; exec {} burn 1.5",
+        workload().display()
+    );
+    let (out, stderr) = t.record("exec.pb.gz", &[], &["sh", "-c", &script]);
+    let samples = read_samples(&out);
+    let of_comm = |comm: &str| {
+        sample_count(&samples, |s| {
+            s.labels.get("comm").map(String::as_str) == Some(comm)
+        })
+    };
+    assert!(
+        of_comm("sh") > 100,
+        "the shell's spin: {}; {stderr}",
+        of_comm("sh")
+    );
+    // 1.5 s at 499 Hz, every one in the new image's burn loop.
+    let burning = sample_count(&samples, |s| is_workload(s) && s.has_function("burn_inner"));
+    assert!(
+        burning > 500 && burning as f64 >= 0.9 * of_comm("workload") as f64,
+        "{burning} samples in burn_inner of {} after the exec; {stderr}",
+        of_comm("workload")
+    );
+}
+
+#[test]
 fn recording_a_pid_stops_when_it_exits() {
     let Some(t) = bpf_test() else { return };
     // It outlives the start-up (verifying the stack walker takes a second or two).

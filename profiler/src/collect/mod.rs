@@ -285,7 +285,9 @@ pub struct Collector {
     _ebpf: Ebpf,
     generations: [Generation; 2],
     active: u32,
+    /// `GENERATION`: a count of flips, its low bit the active generation.
     generation: Array<MapData, u32>,
+    written_generation: u32,
     counters: PerCpuArray<MapData, u64>,
     filter: Filter,
     events: RingBuf<MapData>,
@@ -530,6 +532,7 @@ impl Collector {
             _ebpf: ebpf,
             generations,
             active: 0,
+            written_generation: 0,
             generation,
             counters,
             filter,
@@ -642,7 +645,11 @@ impl Collector {
             off_cpu.flips.set(inactive, flip_ns, 0)?;
             off_cpu.flips.set(offcpu::SPLITTING, 1, 0)?;
         }
-        self.generation.set(0, inactive, 0)?;
+        // Never a value written before: the kernel keeps, per CPU, the last stack it stored
+        // under the whole value, and the maps of an old value may have been cleared since.
+        let written = (((self.written_generation >> 1) + 1) << 1) | inactive;
+        self.generation.set(0, written, 0)?;
+        self.written_generation = written;
         if let Some(off_cpu) = &mut self.off_cpu {
             let split = off_cpu.split(flip_ns, &self.generations, &mut self.lost_stack_missing);
             off_cpu.flips.set(offcpu::SPLITTING, 0, 0)?;
@@ -688,7 +695,7 @@ impl Collector {
         let mut keep = HashSet::new();
         if let Some(off_cpu) = &self.off_cpu {
             for block in off_cpu.blocks()? {
-                if block.generation == index {
+                if block.generation & 1 == index {
                     keep.extend([block.key.user_stack, block.key.kernel_stack]);
                 }
             }
