@@ -9,7 +9,8 @@
 //! Two parts, in interleaved rounds:
 //! - slowdown: the storm alone and under `profiler record --off-cpu` with each unwinder at the
 //!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run), at two
-//!   paces: as fast as it goes, and about 200,000 switches a second;
+//!   paces: as fast as it goes, and about 200,000 switches a second. Each round's runs are
+//!   compared with that round's run alone, and the watchers run on the other CPUs;
 //! - BPF time per switch (`kernel.bpf_stats_enabled`): each of those configurations alone (and
 //!   that time as a share of the CPU, which the noise of the slowdown rounds cannot hide), and
 //!   our recorder with every switch-out recorded beside libbpf-tools `offcputime`
@@ -27,8 +28,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    bpf_prog_stats, compile_c, count_before, interrupt, median, row, set_bpf_stats, spawn_watcher,
-    works, Row, Setup,
+    bpf_prog_stats, compile_c, count_before, interrupt, row, set_bpf_stats, spawn_watcher, works,
+    Row, Setup,
 };
 use crate::profiler_bin;
 
@@ -57,7 +58,7 @@ impl Watcher {
     fn start(self, pid: u32, dir: &Path) -> Result<Child> {
         let mut command = match self {
             Watcher::Profiler(unwinder, rate) => {
-                let mut c = Command::new(profiler_bin());
+                let mut c = off_the_storm(profiler_bin());
                 c.args(["record", "--off-cpu", "--unwinder", unwinder, "-o"])
                     .arg(dir.join(format!("offcpu-{unwinder}.pb.gz")))
                     .args(["--pid", &pid.to_string()]);
@@ -67,7 +68,7 @@ impl Watcher {
                 c
             }
             Watcher::Offcputime => {
-                let mut c = Command::new("offcputime");
+                let mut c = off_the_storm("offcputime".into());
                 c.args(["-p", &pid.to_string()]);
                 c
             }
@@ -106,6 +107,22 @@ fn switch_stats(pid: u32) -> (u64, u64) {
         .into_iter()
         .filter(|(kind, _)| kind != "perf_event")
         .fold((0, 0), |(t, n), (_, (time, runs))| (t + time, n + runs))
+}
+
+/// `program` to run on every CPU but the storm's (CPU 0), where one exists: the storm's
+/// slowdown is then the switch path's cost, which runs on its CPU, and not the recorder's
+/// user-space work (start-up, table building, drains) taking turns with it there. That work is
+/// measured by the agent rows.
+fn off_the_storm(program: PathBuf) -> Command {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return Command::new(program);
+    }
+    let mut command = Command::new("taskset");
+    command
+        .args(["-c", &format!("1-{}", cpus - 1)])
+        .arg(program);
+    command
 }
 
 /// A `--off-cpu-max-rate` no storm reaches: no sampling.
@@ -166,7 +183,6 @@ fn storm(
     Ok((2.0 * rounds / wall, per_run))
 }
 
-/// Runs the stage: `setup.plan.runs` interleaved rounds of `seconds` each per configuration.
 /// How fast the ping-pong goes: its work per message (fractional microseconds of spinning).
 #[derive(Clone, Copy)]
 struct Pace {
@@ -245,13 +261,15 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     for (p, pace) in PACES.iter().enumerate() {
         let nothing = format!("nothing{}", pace.label);
         rows.push(row(stage, nothing, "switches", "1/s", &alone[p]));
-        let baseline = median(&alone[p]);
         for (i, watcher) in defaults.iter().enumerate() {
             let label = format!("{}{}", watcher.label(), pace.label);
             rows.push(row(stage, label.clone(), "switches", "1/s", &watched[p][i]));
-            let slowdown: Vec<f64> = watched[p][i]
+            // Against the same round's storm alone, run just before: the host drifts over
+            // minutes by more than the cost.
+            let slowdown: Vec<f64> = alone[p]
                 .iter()
-                .map(|r| 100.0 * (baseline / r - 1.0))
+                .zip(&watched[p][i])
+                .map(|(alone, r)| 100.0 * (alone / r - 1.0))
                 .collect();
             rows.push(row(stage, label, "slowdown vs nothing", "%", &slowdown));
         }
