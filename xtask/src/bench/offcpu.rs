@@ -9,8 +9,9 @@
 //! Two parts, in interleaved rounds:
 //! - slowdown: the storm alone and under `profiler record --off-cpu` with each unwinder at the
 //!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run), at two
-//!   paces: as fast as it goes, and about 200,000 switches a second. Each round's runs are
-//!   compared with that round's run alone, and the watchers run on the other CPUs;
+//!   paces: as fast as it goes, and about 200,000 switches a second; and under libbpf-tools
+//!   `offcputime`, which records every switch-out. Each round's runs are compared with that
+//!   round's run alone, and the watchers run on the other CPUs;
 //! - BPF time per switch (`kernel.bpf_stats_enabled`): each of those configurations alone (and
 //!   that time as a share of the CPU, which the noise of the slowdown rounds cannot hide), and
 //!   our recorder with every switch-out recorded beside libbpf-tools `offcputime`
@@ -218,9 +219,15 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
             "bench: offcputime (Debian libbpf-tools) is missing; `cargo xtask setup` installs it"
         );
     }
+    // The peer slows the same storm too: it records every switch-out, with frame pointers.
+    let slowing: Vec<Watcher> = defaults
+        .iter()
+        .copied()
+        .chain(peer.then_some(Watcher::Offcputime))
+        .collect();
     let empty = || vec![Vec::new(); defaults.len()];
     let mut alone: Vec<Vec<f64>> = vec![Vec::new(); PACES.len()];
-    let mut watched: Vec<Vec<Vec<f64>>> = vec![empty(); PACES.len()];
+    let mut watched: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); slowing.len()]; PACES.len()];
     let (mut cost, mut share) = (empty(), empty());
     let (mut ours_every, mut theirs, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     let full_speed = PACES[0];
@@ -228,7 +235,7 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
         eprintln!("bench: off-CPU storm round {}", round + 1);
         for (p, pace) in PACES.iter().enumerate() {
             alone[p].push(storm(&workload, seconds, *pace, &[], false, dir)?.0);
-            for (i, watcher) in defaults.iter().enumerate() {
+            for (i, watcher) in slowing.iter().enumerate() {
                 let switches = storm(&workload, seconds, *pace, &[*watcher], false, dir)?.0;
                 watched[p][i].push(switches);
             }
@@ -261,7 +268,7 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     for (p, pace) in PACES.iter().enumerate() {
         let nothing = format!("nothing{}", pace.label);
         rows.push(row(stage, nothing, "switches", "1/s", &alone[p]));
-        for (i, watcher) in defaults.iter().enumerate() {
+        for (i, watcher) in slowing.iter().enumerate() {
             let label = format!("{}{}", watcher.label(), pace.label);
             rows.push(row(stage, label.clone(), "switches", "1/s", &watched[p][i]));
             // Against the same round's storm alone, run just before: the host drifts over
