@@ -427,10 +427,7 @@ impl Collector {
             .map_err(explain)
             .context("loading the eBPF programs")?;
 
-        let marks = match ebpf.take_map(maps::PID_MARKS) {
-            Some(Map::Array(data)) => data,
-            _ => return Err(anyhow!("map {} missing or not an array", maps::PID_MARKS)),
-        };
+        let marks = take_mmapable_array(&mut ebpf, maps::PID_MARKS)?;
         let mut filter = Filter::new(take_map(&mut ebpf, maps::PID_FILTER)?, marks, pid_bytes)?;
         filter.set(std::process::id(), filter::EXCLUDE)?;
         if let Targets::Pids(pids) = &config.targets {
@@ -484,10 +481,7 @@ impl Collector {
             programs
                 .set(0, &walk, 0)
                 .context("installing the stack walker's tail call")?;
-            let rows = match ebpf.take_map(maps::UNWIND_ROWS) {
-                Some(Map::Array(data)) => data,
-                _ => return Err(anyhow!("map {} missing or not an array", maps::UNWIND_ROWS)),
-            };
+            let rows = take_mmapable_array(&mut ebpf, maps::UNWIND_ROWS)?;
             Some(UnwindLoader::new(
                 rows,
                 take_map(&mut ebpf, maps::UNWIND_TABLES)?,
@@ -936,6 +930,14 @@ where
         .take_map(name)
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// An array map's data itself, for the maps user space mmaps rather than reads through aya.
+fn take_mmapable_array(ebpf: &mut Ebpf, name: &str) -> Result<MapData> {
+    match ebpf.take_map(name) {
+        Some(Map::Array(data)) => Ok(data),
+        _ => Err(anyhow!("map {name} missing or not an array")),
+    }
 }
 
 /// Names the cause of the kernel errors users can act on: no BPF at all, or no permission.
