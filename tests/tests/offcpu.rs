@@ -589,3 +589,36 @@ fn a_process_whose_pid_is_past_pid_max_at_start_is_still_profiled() {
     );
     assert!(chain_share(&off_cpu, &["schedule"]) >= 90.0, "{off_cpu:?}");
 }
+
+#[test]
+fn the_first_block_on_each_cpu_is_recorded() {
+    let Some(t) = bpf_test() else { return };
+    // The stack maps allocate their elements from per-CPU caches that the kernel refills only
+    // with interrupts on; a switch-out stores two stacks with them off. Unless the profiler
+    // fills those caches before it attaches, the first switch-out on each CPU is lost, and a
+    // process that blocks once, as `sleep` does, has no off-CPU time at all. A sampling
+    // frequency of 1 Hz keeps samples from refilling the cache first.
+    let out = t.path("first.pb.gz");
+    let stderr = profiler_ok(&[
+        "record",
+        "-F",
+        "1",
+        "--off-cpu",
+        "--unwinder",
+        "fp",
+        "-o",
+        path_str(&out),
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert!(stderr.contains(" 0 lost"), "{stderr}");
+    let profile = load_pprof(&out);
+    let off_cpu = samples_of(&profile, "offcpu");
+    let seconds = total(&off_cpu) as f64 / 1e9;
+    assert!(
+        (0.95..=1.5).contains(&seconds),
+        "{seconds:.2}s off CPU; {stderr}"
+    );
+    assert!(chain_share(&off_cpu, &["schedule"]) >= 90.0, "{off_cpu:?}");
+}

@@ -430,6 +430,20 @@ impl Collector {
         let marks = take_mmapable_array(&mut ebpf, maps::PID_MARKS)?;
         let mut filter = Filter::new(take_map(&mut ebpf, maps::PID_FILTER)?, marks, pid_bytes)?;
         filter.set(std::process::id(), filter::EXCLUDE)?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
+        let mut generations = [
+            Generation {
+                counts: take_map(&mut ebpf, maps::COUNTS_0)?,
+                stacks: take_map(&mut ebpf, maps::STACKS_0)?,
+            },
+            Generation {
+                counts: take_map(&mut ebpf, maps::COUNTS_1)?,
+                stacks: take_map(&mut ebpf, maps::STACKS_1)?,
+            },
+        ];
+        // Before any program that stores stacks is attached.
+        warm_stack_caches(&mut generations, &cpus);
         if let Targets::Pids(pids) = &config.targets {
             for pid in pids {
                 filter.set(*pid, filter::INCLUDE)?;
@@ -454,16 +468,6 @@ impl Collector {
                 .with_context(|| format!("attaching to tracepoint {tracepoint}"))?;
         }
 
-        let generations = [
-            Generation {
-                counts: take_map(&mut ebpf, maps::COUNTS_0)?,
-                stacks: take_map(&mut ebpf, maps::STACKS_0)?,
-            },
-            Generation {
-                counts: take_map(&mut ebpf, maps::COUNTS_1)?,
-                stacks: take_map(&mut ebpf, maps::STACKS_1)?,
-            },
-        ];
         let generation = take_map(&mut ebpf, maps::GENERATION)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let events = take_map(&mut ebpf, maps::PROCESS_EVENTS)?;
@@ -508,8 +512,6 @@ impl Collector {
             .load()
             .map_err(explain)
             .context("loading the sampling program")?;
-        let cpus =
-            aya::util::online_cpus().map_err(|(path, err)| anyhow!("reading {path}: {err}"))?;
         let started = SystemTime::now();
         for cpu in cpus {
             program
@@ -920,6 +922,47 @@ fn attach_off_cpu(ebpf: &mut Ebpf, btf: &Btf, tables: bool, min_block_ns: u64) -
         .attach()
         .context("attaching to the BTF tracepoint sched_switch")?;
     Ok(off_cpu)
+}
+
+/// Stacks inserted on each CPU at start-up to fill its element cache: more than a switch-out
+/// or a sample stores (two stacks) before interrupts are back on.
+const WARM_STACKS: u64 = 4;
+
+/// Fills each CPU's cache of free elements for the stack maps before a program stores one.
+/// Maps that are not preallocated take elements from a per-CPU cache that the kernel refills
+/// only once interrupts are back on (`bpf_mem_alloc`, by irq_work), and a new map's cache holds
+/// one element of a stack's size: the first switch-out or sample on each CPU, which stores
+/// two stacks with interrupts off, found it empty (`map_insert_failed`, one per CPU, in every
+/// recording). Inserts from a thread on that CPU start the refill there, and removing them
+/// gives their elements back to that CPU's cache. Best effort: a CPU this process may not run
+/// on is skipped, and whatever is still lost is counted.
+fn warm_stack_caches(generations: &mut [Generation], cpus: &[u32]) {
+    let empty = Stack {
+        len: 0,
+        exact: [0; 2],
+        addrs: [0; profiler_common::MAX_STACK_DEPTH],
+    };
+    // A thread of its own: the pinning goes with it.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for &cpu in cpus {
+                let mut set = rustix::thread::CpuSet::new();
+                set.set(cpu as usize);
+                if rustix::thread::sched_setaffinity(None, &set).is_err() {
+                    continue;
+                }
+                for generation in generations.iter_mut() {
+                    // No program runs yet: these ids meet no stack of theirs.
+                    for id in 0..WARM_STACKS {
+                        let _ = generation.stacks.insert(id, empty, 0);
+                    }
+                    for id in 0..WARM_STACKS {
+                        let _ = generation.stacks.remove(&id);
+                    }
+                }
+            }
+        });
+    });
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
