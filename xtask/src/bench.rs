@@ -181,9 +181,10 @@ pub fn bench(args: &[std::ffi::OsString]) -> Result<()> {
     own_cost(&setup, &mut rows, &mut notes)?;
     sample_cost::sample_cost(&setup, &mut rows, &mut notes)?;
     churn::churn(&setup, setup.plan.churn_secs, &mut rows)?;
+    // Runs of 4 s, as in `--off-cpu` alone: bracketed by runs alone, longer ones add nothing.
     offcpu::offcpu(
         &setup,
-        (setup.plan.own_cost_secs / 3).clamp(1, 10),
+        (setup.plan.own_cost_secs / 15).clamp(1, 4),
         &mut rows,
     )?;
     offcpu::min_block(

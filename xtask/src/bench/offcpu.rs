@@ -7,11 +7,13 @@
 //! (on these VMs the ping-pong ran faster with a profiler attached).
 //!
 //! Two parts, in interleaved rounds:
-//! - slowdown: the storm alone and under `profiler record --off-cpu` with each unwinder at the
-//!   defaults, with the kernel's BPF statistics off (they cost two clock reads per run), at two
-//!   paces: as fast as it goes, and about 200,000 switches a second; and under libbpf-tools
-//!   `offcputime`, which records every switch-out. Each round's runs are compared with that
-//!   round's run alone, and the watchers run on the other CPUs;
+//! - slowdown: the storm under `profiler record --off-cpu` with each unwinder at the defaults,
+//!   under the profiler recording another process (what the switch program costs when it
+//!   records nothing: the floor under any program there), and under libbpf-tools `offcputime`,
+//!   which records every switch-out; with the kernel's BPF statistics off (they cost two clock
+//!   reads per run), at two paces: as fast as it goes, and about 200,000 switches a second.
+//!   Each watched run lies between two runs of the storm alone and is compared with their
+//!   mean, and the watchers run on the other CPUs;
 //! - BPF time per switch (`kernel.bpf_stats_enabled`): each of those configurations alone (and
 //!   that time as a share of the CPU, which the noise of the slowdown rounds cannot hide), and
 //!   our recorder with every switch-out recorded beside libbpf-tools `offcputime`
@@ -29,8 +31,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    bpf_prog_stats, compile_c, count_before, interrupt, row, set_bpf_stats, spawn_watcher, works,
-    Row, Setup,
+    bpf_prog_stats, compile_c, count_before, cpu_seconds, interrupt, row, set_bpf_stats,
+    spawn_watcher, works, Row, Setup,
 };
 use crate::profiler_bin;
 
@@ -39,6 +41,9 @@ use crate::profiler_bin;
 enum Watcher {
     /// `--unwinder`, and `--off-cpu-max-rate` when not the default (which samples a storm).
     Profiler(&'static str, Option<&'static str>),
+    /// The profiler recording another process (this one): its switch program runs on every
+    /// switch of the storm and records none. What any program there costs, and ours the least.
+    Elsewhere,
     Offcputime,
 }
 
@@ -50,6 +55,9 @@ impl Watcher {
             }
             Watcher::Profiler(unwinder, Some(rate)) => {
                 format!("profiler record --off-cpu --unwinder {unwinder} --off-cpu-max-rate {rate}")
+            }
+            Watcher::Elsewhere => {
+                "profiler record --off-cpu --unwinder fp, another process recorded".into()
             }
             Watcher::Offcputime => "libbpf-tools offcputime".into(),
         }
@@ -66,6 +74,13 @@ impl Watcher {
                 if let Some(rate) = rate {
                     c.args(["--off-cpu-max-rate", rate]);
                 }
+                c
+            }
+            Watcher::Elsewhere => {
+                let mut c = off_the_storm(profiler_bin());
+                c.args(["record", "--off-cpu", "--unwinder", "fp", "-o"])
+                    .arg(dir.join("offcpu-elsewhere.pb.gz"))
+                    .args(["--pid", &std::process::id().to_string()]);
                 c
             }
             Watcher::Offcputime => {
@@ -86,12 +101,25 @@ impl Watcher {
             }
             thread::sleep(Duration::from_millis(10));
         }
-        thread::sleep(Duration::from_millis(300));
+        // Attached is not settled: the profiler attaches its switch program before it loads its
+        // sampler, then reads the target's mappings (and builds its tables). By hand, a storm
+        // begun 0.3 s after the attach ran twice the steady slowdown, one begun after 3 s the
+        // steady one, which is what a running profiler costs.
+        loop {
+            let before = cpu_seconds(child.id());
+            thread::sleep(Duration::from_millis(500));
+            if cpu_seconds(child.id()) - before <= SETTLED_CPU_SECONDS {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{} never settled", self.label());
+            }
+        }
         Ok(child)
     }
 
     fn stop(self, mut child: Child) -> Result<()> {
-        let ours = matches!(self, Watcher::Profiler(..));
+        let ours = !matches!(self, Watcher::Offcputime);
         let err = interrupt(&mut child, &self.label(), ours)?;
         if ours {
             eprintln!("bench: {}", err.lines().last().unwrap_or(""));
@@ -99,6 +127,9 @@ impl Watcher {
         Ok(())
     }
 }
+
+/// At most this much CPU in half a second (2 %): a watcher done starting.
+const SETTLED_CPU_SECONDS: f64 = 0.01;
 
 /// (run_time_ns, run_cnt) of a process's BPF programs other than perf_event ones (samplers):
 /// its switch programs (`tp_btf` or raw tracepoint, whichever the tool uses), tail calls
@@ -223,21 +254,30 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
     let slowing: Vec<Watcher> = defaults
         .iter()
         .copied()
+        .chain([Watcher::Elsewhere])
         .chain(peer.then_some(Watcher::Offcputime))
         .collect();
     let empty = || vec![Vec::new(); defaults.len()];
     let mut alone: Vec<Vec<f64>> = vec![Vec::new(); PACES.len()];
     let mut watched: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); slowing.len()]; PACES.len()];
+    let mut slowdown = watched.clone();
     let (mut cost, mut share) = (empty(), empty());
     let (mut ours_every, mut theirs, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
     let full_speed = PACES[0];
     for round in 0..setup.plan.runs {
         eprintln!("bench: off-CPU storm round {}", round + 1);
         for (p, pace) in PACES.iter().enumerate() {
-            alone[p].push(storm(&workload, seconds, *pace, &[], false, dir)?.0);
+            // Each watched run between two runs alone, and compared with their mean: the host
+            // drifts over minutes by more than the cost, and nearly linearly over seconds.
+            let mut before = storm(&workload, seconds, *pace, &[], false, dir)?.0;
+            alone[p].push(before);
             for (i, watcher) in slowing.iter().enumerate() {
                 let switches = storm(&workload, seconds, *pace, &[*watcher], false, dir)?.0;
+                let after = storm(&workload, seconds, *pace, &[], false, dir)?.0;
                 watched[p][i].push(switches);
+                slowdown[p][i].push(100.0 * ((before + after) / 2.0 / switches - 1.0));
+                alone[p].push(after);
+                before = after;
             }
         }
         for (i, watcher) in defaults.iter().enumerate() {
@@ -271,14 +311,13 @@ pub(super) fn offcpu(setup: &Setup, seconds: u64, rows: &mut Vec<Row>) -> Result
         for (i, watcher) in slowing.iter().enumerate() {
             let label = format!("{}{}", watcher.label(), pace.label);
             rows.push(row(stage, label.clone(), "switches", "1/s", &watched[p][i]));
-            // Against the same round's storm alone, run just before: the host drifts over
-            // minutes by more than the cost.
-            let slowdown: Vec<f64> = alone[p]
-                .iter()
-                .zip(&watched[p][i])
-                .map(|(alone, r)| 100.0 * (alone / r - 1.0))
-                .collect();
-            rows.push(row(stage, label, "slowdown vs nothing", "%", &slowdown));
+            rows.push(row(
+                stage,
+                label,
+                "slowdown vs nothing",
+                "%",
+                &slowdown[p][i],
+            ));
         }
     }
     for (i, watcher) in defaults.iter().enumerate() {
