@@ -946,8 +946,13 @@ fn warm_stack_caches(generations: &mut [Generation], cpus: &[u32]) {
     std::thread::scope(|scope| {
         scope.spawn(|| {
             for &cpu in cpus {
+                let cpu = cpu as usize;
+                if cpu >= rustix::thread::CpuSet::MAX_CPU {
+                    // Past what this affinity mask can name: left cold, its losses counted.
+                    continue;
+                }
                 let mut set = rustix::thread::CpuSet::new();
-                set.set(cpu as usize);
+                set.set(cpu);
                 if rustix::thread::sched_setaffinity(None, &set).is_err() {
                     continue;
                 }
