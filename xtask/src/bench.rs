@@ -1100,15 +1100,20 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / clock_ticks()
 }
 
+/// Asked once: the off-CPU stage polls `cpu_seconds` every half second, and each `getconf`
+/// would be a child of the bench that a recorder following it sees.
 fn clock_ticks() -> f64 {
-    // getconf CLK_TCK is 100 on every Linux this runs on; ask to be sure.
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        // getconf CLK_TCK is 100 on every Linux this runs on; ask to be sure.
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// A process's resident memory in KiB, the BPF maps it mmapped apart: the unwind rows' array

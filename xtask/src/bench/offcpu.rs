@@ -65,24 +65,22 @@ impl Watcher {
 
     /// Starts watching `pid` and returns once its switch program runs.
     fn start(self, pid: u32, dir: &Path) -> Result<Child> {
+        let recorder = |unwinder: &str, target: u32, out: &str| {
+            let mut c = off_the_storm(profiler_bin());
+            c.args(["record", "--off-cpu", "--unwinder", unwinder, "-o"])
+                .arg(dir.join(out))
+                .args(["--pid", &target.to_string()]);
+            c
+        };
         let mut command = match self {
             Watcher::Profiler(unwinder, rate) => {
-                let mut c = off_the_storm(profiler_bin());
-                c.args(["record", "--off-cpu", "--unwinder", unwinder, "-o"])
-                    .arg(dir.join(format!("offcpu-{unwinder}.pb.gz")))
-                    .args(["--pid", &pid.to_string()]);
+                let mut c = recorder(unwinder, pid, &format!("offcpu-{unwinder}.pb.gz"));
                 if let Some(rate) = rate {
                     c.args(["--off-cpu-max-rate", rate]);
                 }
                 c
             }
-            Watcher::Elsewhere => {
-                let mut c = off_the_storm(profiler_bin());
-                c.args(["record", "--off-cpu", "--unwinder", "fp", "-o"])
-                    .arg(dir.join("offcpu-elsewhere.pb.gz"))
-                    .args(["--pid", &std::process::id().to_string()]);
-                c
-            }
+            Watcher::Elsewhere => recorder("fp", std::process::id(), "offcpu-elsewhere.pb.gz"),
             Watcher::Offcputime => {
                 let mut c = off_the_storm("offcputime".into());
                 c.args(["-p", &pid.to_string()]);
